@@ -1,0 +1,332 @@
+"""Settings: one pydantic model per section, loaded from defaults, a TOML file, env and CLI.
+
+Precedence, highest first: CLI overrides (``--set section.field=value``), environment
+variables ``STREAMLSTM_<SECTION>__<FIELD>``, the TOML file given with ``--config``,
+then the defaults below. Every field is validated at start-up; :func:`load_settings`
+raises :class:`ConfigError` with one line naming the field and what is allowed.
+
+>>> s = load_settings(overrides={"model.hidden_size": "32"})
+>>> s.model.hidden_size, s.model.num_layers, s.model.cell
+(32, 2, 'lstm')
+"""
+
+from __future__ import annotations
+
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the field."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(Section):
+    """Where events come from and where predictions go."""
+
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Comma-separated host:port list of Kafka brokers."
+    )
+    input_topic: str = Field("events", min_length=1, description="Topic the events are read from.")
+    output_topic: str = Field(
+        "predictions", min_length=1, description="Topic the prediction records are written to."
+    )
+    dead_letter_topic: str = Field(
+        "events.dlq", min_length=1, description="Topic for records that fail decoding/validation."
+    )
+    changelog_topic: str = Field(
+        "streamlstm.state", min_length=1, description="Compacted topic of per-key state snapshots."
+    )
+    group_id: str = Field("streamlstm", min_length=1, description="Consumer group id.")
+    client_id: str = Field("streamlstm", min_length=1, description="Client id sent to brokers.")
+    create_topics: bool = Field(True, description="Create missing topics at start-up.")
+    partitions: int = Field(3, ge=1, description="Partitions for topics created at start-up.")
+    replication_factor: int = Field(1, ge=1, description="Replication for created topics.")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer session timeout.")
+    heartbeat_interval_ms: int = Field(2_000, ge=100, description="Consumer heartbeat interval.")
+    poll_timeout_ms: int = Field(100, ge=0, description="Longest wait for records in one poll.")
+    commit_interval_ms: int = Field(1_000, ge=0, description="How often offsets are committed.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a new consumer group starts reading."
+    )
+    max_partition_fetch_bytes: int = Field(
+        1_048_576, ge=1024, description="Most bytes fetched per partition per request."
+    )
+    producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
+    producer_acks: Literal["all", "1", "0"] = Field(
+        "all", description="Acknowledgements the producer waits for."
+    )
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of produced batches."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Broker transport security."
+    )
+    ssl_cafile: Path | None = Field(None, description="CA bundle for TLS.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client private key for TLS.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(None, description="SASL mechanism, when security_protocol uses SASL.")
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password.")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection and security settings in kafka-python's keyword names."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",")],
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = str(value)
+        if self.sasl_mechanism is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            if self.sasl_password is not None:
+                kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return kwargs
+
+
+class ModelSettings(Section):
+    """The recurrent network."""
+
+    input_size: int | None = Field(
+        None, ge=1, le=4096, description="Width of `values`; replay infers it from the file."
+    )
+    hidden_size: int = Field(64, ge=1, le=4096, description="Units per recurrent layer.")
+    num_layers: int = Field(2, ge=1, le=16, description="Stacked recurrent layers.")
+    cell: Literal["lstm", "gru"] = Field("lstm", description="Recurrent cell type.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between layers (training).")
+    seed: int = Field(0, ge=0, description="Seed for weight initialisation.")
+    quantize: bool = Field(False, description="Int8 dynamic quantization for CPU inference.")
+
+
+class EngineSettings(Section):
+    """The micro-batch step."""
+
+    max_batch: int = Field(2048, ge=1, le=1_000_000, description="Most events per micro-batch.")
+    torch_threads: int = Field(1, ge=1, le=256, description="Intra-op threads for inference.")
+    input_clip: float = Field(
+        10.0, gt=0, description="Normalised inputs are clipped to +-this many standard deviations."
+    )
+    anomaly_threshold: float = Field(
+        0.99, ge=0.0, le=1.0, description="Anomaly score at or above which an event is counted."
+    )
+    max_message_bytes: int = Field(
+        1_048_576, ge=64, description="Larger messages are rejected as `too_large`."
+    )
+
+
+class StateSettings(Section):
+    """The keyed state store."""
+
+    max_keys: int = Field(1_000_000, ge=1, description="Keys kept; beyond it LRU keys go first.")
+    ttl_seconds: float = Field(
+        86_400.0, gt=0, description="Keys idle this long in event time are evicted."
+    )
+    initial_capacity: int = Field(1024, ge=1, description="Slots preallocated at start.")
+    scaler_window: int = Field(
+        10_000,
+        ge=2,
+        description="Per-key normalisation is exact over the first N events, then exponential.",
+    )
+    anomaly_short_alpha: float = Field(
+        0.5, gt=0, le=1, description="Smoothing of the short error window (anomaly score)."
+    )
+    anomaly_long_alpha: float = Field(
+        0.01, gt=0, le=1, description="Smoothing of the long error window (anomaly score)."
+    )
+    anomaly_min_events: int = Field(
+        20, ge=1, description="Errors a key needs before its anomaly score leaves 0."
+    )
+    state_dir: Path | None = Field(None, description="Local directory for state snapshots.")
+
+
+class TrainingSettings(Section):
+    """Fine-tuning while the stream runs."""
+
+    enabled: bool = Field(True, description="Fine-tune the model while events arrive.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where fine-tuning runs.")
+    interval_events: int = Field(20_000, ge=1, description="Fine-tune after this many events.")
+    interval_seconds: float = Field(60.0, gt=0, description="...or after this many seconds.")
+    replay_bytes: int = Field(64 * 2**20, ge=2**16, description="Memory budget of the buffer.")
+    window: int = Field(64, ge=2, description="Steps per replay window.")
+    burn_in: int = Field(8, ge=0, description="Steps run without gradient before a window.")
+    tbptt_steps: int = Field(32, ge=1, description="Truncated BPTT chunk length.")
+    batch_windows: int = Field(64, ge=1, description="Windows per training batch.")
+    steps_per_run: int = Field(50, ge=1, description="Optimiser steps per fine-tuning run.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
+    clip_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    lr_patience: int = Field(3, ge=0, description="Runs without improvement before LR backs off.")
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on plateau.")
+    min_learning_rate: float = Field(1e-5, gt=0, description="LR floor.")
+    early_stop_patience: int = Field(10, ge=1, description="Steps without improvement in a run.")
+    validation_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of recent windows held out for the validation gate."
+    )
+    checkpoint_dir: Path | None = Field(None, description="Where checkpoints are written/read.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept.")
+    seed: int = Field(0, ge=0, description="Seed for sampling and training.")
+
+
+class DriftSettings(Section):
+    """Detectors over the prediction-error stream."""
+
+    enabled: bool = Field(True, description="Run drift detectors.")
+    adwin_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence (global).")
+    ph_delta: float = Field(0.005, ge=0, description="Page-Hinkley magnitude (per key).")
+    ph_threshold: float = Field(50.0, gt=0, description="Page-Hinkley threshold (per key).")
+    ph_alpha: float = Field(0.9999, gt=0, le=1, description="Page-Hinkley forgetting factor.")
+    ph_min_instances: int = Field(30, ge=1, description="Events before a key can drift.")
+    finetune_on_drift: bool = Field(True, description="Start fine-tuning at once on drift.")
+
+
+class MetricsSettings(Section):
+    """The Prometheus endpoint."""
+
+    enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz.")
+    host: str = Field("0.0.0.0", description="Address the HTTP endpoint binds.")
+    port: int = Field(9400, ge=0, le=65535, description="Port of the HTTP endpoint (0: any).")
+
+
+class LogSettings(Section):
+    """Logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    json_format: bool = Field(False, description="One JSON object per log line.")
+
+
+class Settings(BaseSettings):
+    """All settings of streamlstm."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMLSTM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    model: ModelSettings = ModelSettings()
+    engine: EngineSettings = EngineSettings()
+    state: StateSettings = StateSettings()
+    training: TrainingSettings = TrainingSettings()
+    drift: DriftSettings = DriftSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.training.burn_in >= self.training.window:
+            raise ValueError("training.burn_in must be smaller than training.window")
+        if self.engine.max_batch > self.state.max_keys:
+            raise ValueError("engine.max_batch must not exceed state.max_keys")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI overrides (init) > environment > config file > defaults; no .env files.
+        return (init_settings, env_settings, _FileSource(settings_cls, _FILE_DATA.get()))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The parsed ``--config`` file as a settings source (below the environment)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+_FILE_DATA: ContextVar[dict[str, Any]] = ContextVar("streamlstm_config_file", default={})
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
+    try:
+        if path.suffix in {".yaml", ".yml"}:
+            import yaml  # optional: only for YAML files
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:
+        raise ConfigError(f"config file {path}: not valid TOML/YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a table of sections")
+    return data
+
+
+def _overrides_to_tree(overrides: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        section, _, field = dotted.partition(".")
+        if not field:
+            raise ConfigError(f"override {dotted!r}: expected SECTION.FIELD=VALUE")
+        tree.setdefault(section, {})[field] = value
+    return tree
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``section.field: what is wrong (got VALUE)``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (see `streamlstm config` for the valid names)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or err["type"] == "extra_forbidden" else f" (got {got!r})"
+        parts.append(f"{loc}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def load_settings(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build validated settings; raise :class:`ConfigError` naming the bad field."""
+    file_data = _read_file(Path(config_file)) if config_file else {}
+    token = _FILE_DATA.set(file_data)
+    try:
+        return Settings(**_overrides_to_tree(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        _FILE_DATA.reset(token)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``section.field=value`` from the command line."""
+    name, sep, value = text.partition("=")
+    if not sep or "." not in name:
+        raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. model.hidden_size=32")
+    return name.strip(), value.strip()
