@@ -41,13 +41,11 @@ class AnomalyStats:
     short: torch.Tensor  # [B] float32
     mean: torch.Tensor  # [B] float32
     var: torch.Tensor  # [B] float32
-    count: torch.Tensor  # [B] int64
+    count: torch.Tensor  # [B] float32 (exact up to 2**24)
 
     @staticmethod
     def zeros(batch: int) -> AnomalyStats:
-        return AnomalyStats(
-            torch.zeros(batch), torch.zeros(batch), torch.zeros(batch), torch.zeros(batch, dtype=torch.int64)
-        )
+        return AnomalyStats(*(torch.zeros(batch) for _ in range(4)))
 
 
 def update(
@@ -64,7 +62,7 @@ def update(
     score = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
     score = torch.where(stats.count >= min_events, score, torch.zeros_like(score))
     # Exact running mean/variance for the first 1/long_alpha errors, then exponential.
-    alpha = torch.clamp(1.0 / (stats.count + 1).to(error.dtype), min=long_alpha)
+    alpha = torch.clamp(1.0 / (stats.count + 1), min=long_alpha)
     delta = error - stats.mean
     stats.mean.add_(alpha * delta)
     stats.var.copy_((1.0 - alpha) * (stats.var + alpha * delta * delta))

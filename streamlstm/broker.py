@@ -105,6 +105,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def _port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -261,7 +270,11 @@ class EmbeddedBroker:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="streamlstm-broker-")
             self._log_path = Path(self._tmpdir.name) / "tansu.log"
 
+        if self._requested_port is not None and not _port_free(self.host, self._requested_port):
+            self._cleanup_tmp()
+            raise BrokerError(f"port {self._requested_port} on {self.host} is already in use")
         # A free port can be taken between probing and binding: retry on a fresh one.
+        # (Tansu exits with code 0 after a bind failure, so look at its output.)
         attempts = 1 if self._requested_port is not None else 3
         for attempt in range(1, attempts + 1):
             port = self._requested_port or free_port(self.host)
@@ -293,9 +306,10 @@ class EmbeddedBroker:
             "memory://tansu/",
         ]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
+        env["NO_COLOR"] = "1"  # plain text in the log file, no ANSI escapes
         assert self._log_path is not None
         t0 = time.monotonic()
-        with self._log_path.open("ab") as logfile:
+        with self._log_path.open("wb") as logfile:  # one attempt per log
             try:
                 self._proc = subprocess.Popen(
                     cmd,
@@ -327,8 +341,10 @@ class EmbeddedBroker:
                     f"tansu did not answer a Kafka request on {self.host}:{port} within "
                     f"{self.startup_timeout:.0f}s; output tail:\n{self.log_tail()}"
                 )
-            if _port_open(self.host, port) and _answers_kafka(
-                f"{self.host}:{port}", min(5.0, remaining)
+            if (
+                _port_open(self.host, port)
+                and _answers_kafka(f"{self.host}:{port}", min(2.0, remaining))
+                and self._proc.poll() is None  # not some other server on a stolen port
             ):
                 self.startup_seconds = time.monotonic() - t0
                 log.info("tansu ready on %s:%d in %.2fs", self.host, port, self.startup_seconds)

@@ -247,7 +247,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # CLI overrides (init) > environment > config file > defaults; no .env files.
-        return (init_settings, env_settings, _FileSource(settings_cls, _FILE_DATA.get()))
+        return (init_settings, env_settings, _FileSource(settings_cls, _FILE_DATA.get() or {}))
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -264,7 +264,7 @@ class _FileSource(PydanticBaseSettingsSource):
         return self._data
 
 
-_FILE_DATA: ContextVar[dict[str, Any]] = ContextVar("streamlstm_config_file", default={})
+_FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("streamlstm_config_file", default=None)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -305,7 +305,9 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (see `streamlstm config` for the valid names)"
         got = err.get("input")
-        shown = "" if isinstance(got, dict) or err["type"] == "extra_forbidden" else f" (got {got!r})"
+        shown = (
+            "" if isinstance(got, dict) or err["type"] == "extra_forbidden" else f" (got {got!r})"
+        )
         parts.append(f"{loc}: {msg}{shown}")
     return "; ".join(parts)
 
@@ -328,5 +330,7 @@ def parse_override(text: str) -> tuple[str, str]:
     """Split ``section.field=value`` from the command line."""
     name, sep, value = text.partition("=")
     if not sep or "." not in name:
-        raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. model.hidden_size=32")
+        raise ConfigError(
+            f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. model.hidden_size=32"
+        )
     return name.strip(), value.strip()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ class BatchOutput:
     ts: np.ndarray  # float64 [N]
     prediction: np.ndarray  # float32 [N, F], input units
     error: np.ndarray  # float32 [N], NaN where there was nothing to score
+    squared_error: np.ndarray  # float32 [N], mean over features, NaN like error
     anomaly_score: np.ndarray  # float32 [N], NaN where error is NaN
     model_version: int
     drift: np.ndarray | None = None  # bool [N], set by the drift detectors
@@ -78,17 +80,24 @@ class BatchOutput:
             yield record
 
 
-def occurrence_rank(slots: np.ndarray) -> np.ndarray:
-    """For each position, how many earlier positions hold the same slot (0, 1, 2, ...)."""
+def step_groups(slots: np.ndarray) -> list[np.ndarray]:
+    """Split batch positions into batched steps: group r holds every key's r-th event.
+
+    Within a group, positions are ordered by slot, so the gather and scatter walk the
+    state table in memory order.
+
+    >>> [g.tolist() for g in step_groups(np.array([7, 3, 7, 7, 1]))]
+    [[4, 1, 0], [2], [3]]
+    """
     order = np.argsort(slots, kind="stable")
     ordered = slots[order]
     starts = np.ones(len(slots), dtype=bool)
     starts[1:] = ordered[1:] != ordered[:-1]
     positions = np.arange(len(slots))
-    group_start = np.maximum.accumulate(np.where(starts, positions, 0))
-    rank = np.empty(len(slots), dtype=np.int64)
-    rank[order] = positions - group_start
-    return rank
+    rank = positions - np.maximum.accumulate(np.where(starts, positions, 0))
+    if len(rank) == 0:
+        return []
+    return [order[rank == r] for r in range(int(rank.max()) + 1)]
 
 
 class Engine:
@@ -152,6 +161,7 @@ class Engine:
         n, width = len(batch), self.model.input_size
         prediction = np.empty((n, width), dtype=np.float32)
         error = np.full(n, np.nan, dtype=np.float32)
+        squared = np.full(n, np.nan, dtype=np.float32)
         score = np.full(n, np.nan, dtype=np.float32)
         step = self.settings.engine.max_batch
         for start in range(0, n, step):
@@ -160,116 +170,113 @@ class Engine:
                 batch.take(rows) if n > step else batch,
                 None if partition is None else partition[rows],
                 None if offset is None else offset[rows],
-                prediction[rows],
-                error[rows],
-                score[rows],
+                (prediction[rows], error[rows], squared[rows], score[rows]),
             )
-        return BatchOutput(batch.keys, batch.ts, prediction, error, score, self.model_version)
+        return BatchOutput(
+            batch.keys, batch.ts, prediction, error, squared, score, self.model_version
+        )
 
     def _process_chunk(
         self,
         batch: EventBatch,
         partition: np.ndarray | None,
         offset: np.ndarray | None,
-        prediction: np.ndarray,
-        error: np.ndarray,
-        score: np.ndarray,
+        outputs: tuple[np.ndarray, ...],
     ) -> None:
+        """Run one chunk, writing prediction, error, squared error and score into ``outputs``."""
         slots = self.store.assign(batch.keys, batch.ts, partition)
-        rank = occurrence_rank(slots)
         values = torch.from_numpy(batch.values)
         target = None if batch.target is None else torch.from_numpy(batch.target)
         ts = torch.from_numpy(batch.ts)
-        out_pred, out_err, out_score = (torch.from_numpy(a) for a in (prediction, error, score))
-        groups = int(rank.max()) + 1 if len(rank) else 0
-        for r in range(groups):
-            # The common case, every key once: no gather of the batch columns at all.
-            rows = None if groups == 1 else torch.from_numpy(np.flatnonzero(rank == r))
+        columns = [torch.from_numpy(a) for a in outputs]
+        for group in step_groups(slots):
+            rows = torch.from_numpy(group)
 
-            def pick(t: torch.Tensor, rows: torch.Tensor | None = rows) -> torch.Tensor:
-                return t if rows is None else t[rows]
+            def pick(t: torch.Tensor, rows: torch.Tensor = rows) -> torch.Tensor:
+                return t.index_select(0, rows)
 
             s = pick(torch.from_numpy(slots))
-            pred, err, sc = self._step_group(s, pick(values), None if target is None else pick(target))
+            results = self._step_group(s, pick(values), None if target is None else pick(target))
             self.store.last_ts[s] = pick(ts)
             if offset is not None:
                 self.store.offset[s] = pick(torch.from_numpy(offset))
-            if rows is None:
-                out_pred.copy_(pred), out_err.copy_(err), out_score.copy_(sc)
-            else:
-                out_pred[rows], out_err[rows], out_score[rows] = pred, err, sc
+            for column, result in zip(columns, results, strict=True):
+                column.index_copy_(0, rows, result)
 
     def _step_group(
         self, s: torch.Tensor, x: torch.Tensor, target: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One event for each of B distinct keys (slots ``s``): score, normalise, step."""
-        st, cfg = self.store, self.settings
+    ) -> tuple[torch.Tensor, ...]:
+        """One event for each of B distinct keys (slots ``s``): score, normalise, step.
+
+        The keys' rows are gathered once, updated through field views, and written back
+        with one ``index_copy_``.
+        """
+        cfg = self.settings
         clip = cfg.engine.input_clip
-        mean, var, count = st.mean.index_select(0, s), st.var.index_select(0, s), st.count[s]
+        rows = self.store.table.index_select(0, s)
+        field = partial(self.store.layout.field, rows)
+        mean, var, count, has_pending = (
+            field("mean"),
+            field("var"),
+            field("count"),
+            field("has_pending"),
+        )
 
         # 1. Score the pending prediction, in input units and in the key's std units.
-        has_pending = st.has_pending[s]
-        abs_err = (x - st.pending.index_select(0, s)).abs()
-        err = torch.where(has_pending, abs_err.mean(1), torch.nan)
+        pending = has_pending > 0
+        diff = x - field("pending")
+        abs_err = diff.abs()
+        err = torch.where(pending, abs_err.mean(1), torch.nan)
+        squared = torch.where(pending, (diff * diff).mean(1), torch.nan)
         std_err = (abs_err / torch.sqrt(var + _VAR_EPS)).clamp(max=clip).mean(1)
-        score = self._score(s, std_err, has_pending)
+        score = self._score(field, std_err, pending)
 
         # 2. Online scaler: exact mean/variance for `scaler_window` events, then exponential.
-        count = count + 1
-        alpha = (1.0 / count.clamp(max=cfg.state.scaler_window).to(x.dtype)).unsqueeze(1)
+        count += 1
+        alpha = (1.0 / count.clamp(max=cfg.state.scaler_window)).unsqueeze(1)
         delta = x - mean
-        mean = mean + alpha * delta
-        var = (1.0 - alpha) * (var + alpha * delta * delta)
+        mean += alpha * delta
+        var.copy_((1.0 - alpha) * (var + alpha * delta * delta))
         std = torch.sqrt(var + _VAR_EPS)
         xn = ((x - mean) / std).clamp(-clip, clip)
 
         # 3. One batched recurrent step.
-        state = st.recurrent.index_select(0, s)
+        state = field("recurrent")
         if self.recorder is not None:
             self.recorder(s, xn, state)
         pred_n, new_state = self._inference_model.step(xn, state)
         pred = pred_n * std + mean
+        state.copy_(new_state)
+        field("pending").copy_(pred)
 
-        # 4. Write back; with an explicit target the prediction is scored at once.
-        st.recurrent.index_copy_(0, s, new_state)
-        st.mean.index_copy_(0, s, mean)
-        st.var.index_copy_(0, s, var)
-        st.pending.index_copy_(0, s, pred)
-        st.count[s] = count
+        # 4. With an explicit target the prediction is scored at once, not left pending.
         if target is None:
-            st.has_pending[s] = True
+            has_pending.fill_(1.0)
         else:
             labelled = ~torch.isnan(target).any(1)
-            st.has_pending[s] = ~labelled
-            target_err = (pred - target).abs()
+            has_pending.copy_((~labelled).float())
+            target_diff = pred - target
+            target_err = target_diff.abs()
             err = torch.where(labelled, target_err.mean(1), err)
+            squared = torch.where(labelled, (target_diff * target_diff).mean(1), squared)
             target_std_err = (target_err / std).clamp(max=clip).mean(1)
-            labelled_score = self._score(s, target_std_err, labelled)
-            score = torch.where(labelled, labelled_score, score)
-        st.dirty[s] = True
-        return pred, err, torch.where(torch.isnan(err), torch.nan, score)
+            score = torch.where(labelled, self._score(field, target_std_err, labelled), score)
+        self.store.table.index_copy_(0, s, rows)
+        self.store.dirty[s] = True
+        return pred, err, squared, torch.where(torch.isnan(err), torch.nan, score)
 
-    def _score(self, s: torch.Tensor, std_err: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        """Anomaly score for rows in ``scored``; statistics of other rows are left alone."""
-        st, cfg = self.store, self.settings.state
-        all_scored = bool(scored.all())
-        if not all_scored and not bool(scored.any()):
-            return torch.zeros_like(std_err)
-        rows = s if all_scored else s[scored]
-        stats = anomaly.AnomalyStats(
-            st.err_short[rows], st.err_mean[rows], st.err_var[rows], st.err_count[rows]
+    def _score(
+        self, field: Callable[[str], torch.Tensor], std_err: torch.Tensor, scored: torch.Tensor
+    ) -> torch.Tensor:
+        """Anomaly score for rows in ``scored``; other rows' statistics are left alone."""
+        cfg = self.settings.state
+        names = ("err_short", "err_mean", "err_var", "err_count")
+        before = anomaly.AnomalyStats(*(field(n).clone() for n in names))
+        after = anomaly.AnomalyStats(*(field(n) for n in names))
+        score = anomaly.update(
+            after, std_err, cfg.anomaly_short_alpha, cfg.anomaly_long_alpha, cfg.anomaly_min_events
         )
-        values = anomaly.update(
-            stats,
-            std_err if all_scored else std_err[scored],
-            cfg.anomaly_short_alpha,
-            cfg.anomaly_long_alpha,
-            cfg.anomaly_min_events,
-        )
-        st.err_short[rows], st.err_mean[rows] = stats.short, stats.mean
-        st.err_var[rows], st.err_count[rows] = stats.var, stats.count
-        if all_scored:
-            return values
-        score = torch.zeros_like(std_err)
-        score[scored] = values
-        return score
+        if not bool(scored.all()):
+            for name in names:
+                field(name).copy_(torch.where(scored, field(name), getattr(before, name[4:])))
+        return torch.where(scored, score, 0.0)

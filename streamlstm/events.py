@@ -93,7 +93,9 @@ class EventBatch:
         )
 
 
-class _Invalid(Exception):
+class InvalidEvent(Exception):
+    """Raised inside validation; callers turn it into a :class:`Rejection`."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
@@ -109,14 +111,14 @@ def parse_ts(raw: Any) -> float:
         try:
             moment = datetime.fromisoformat(raw)
         except ValueError:
-            raise _Invalid("bad_type", f"ts {raw[:40]!r} is not ISO-8601") from None
+            raise InvalidEvent("bad_type", f"ts {raw[:40]!r} is not ISO-8601") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         ts = moment.timestamp()
     else:
-        raise _Invalid("bad_type", "ts must be epoch seconds or an ISO-8601 string")
+        raise InvalidEvent("bad_type", "ts must be epoch seconds or an ISO-8601 string")
     if not math.isfinite(ts):
-        raise _Invalid("non_finite", "ts is not finite")
+        raise InvalidEvent("non_finite", "ts is not finite")
     return ts
 
 
@@ -125,13 +127,13 @@ def _numbers(raw: Any, width: int, name: str) -> list[float]:
         if width == 1 and type(raw) in (int, float):
             raw = [raw]
         else:
-            raise _Invalid("bad_type", f"{name} must be a list of numbers")
+            raise InvalidEvent("bad_type", f"{name} must be a list of numbers")
     if len(raw) != width:
-        raise _Invalid("wrong_width", f"{name} has {len(raw)} numbers, expected {width}")
+        raise InvalidEvent("wrong_width", f"{name} has {len(raw)} numbers, expected {width}")
     for v in raw:
         kind = type(v)
         if kind is not float and kind is not int:
-            raise _Invalid("bad_type", f"{name} holds a {kind.__name__}, expected numbers")
+            raise InvalidEvent("bad_type", f"{name} holds a {kind.__name__}, expected numbers")
     return raw
 
 
@@ -179,7 +181,7 @@ class Decoder:
             for obj, element in items:
                 try:
                     key, t, vals, target = self._validate(obj)
-                except _Invalid as bad:
+                except InvalidEvent as bad:
                     rejections.append(Rejection(m, element, bad.reason, bad.detail))
                     continue
                 keys.append(key)
@@ -195,17 +197,19 @@ class Decoder:
 
     def _validate(self, obj: Any) -> tuple[str, float, list[float], list[float] | None]:
         if type(obj) is not dict:
-            raise _Invalid("not_object", f"array element is a {type(obj).__name__}, not an object")
+            raise InvalidEvent(
+                "not_object", f"array element is a {type(obj).__name__}, not an object"
+            )
         try:
             key = obj["key"]
             raw_ts = obj["ts"]
             raw_values = obj["values"]
         except KeyError as missing:
-            raise _Invalid("missing_field", f"field {missing.args[0]!r} is missing") from None
+            raise InvalidEvent("missing_field", f"field {missing.args[0]!r} is missing") from None
         if type(key) is not str or not key:
-            raise _Invalid("bad_type", "key must be a non-empty string")
+            raise InvalidEvent("bad_type", "key must be a non-empty string")
         if len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES:
-            raise _Invalid("key_too_long", f"key is longer than {MAX_KEY_BYTES} bytes")
+            raise InvalidEvent("key_too_long", f"key is longer than {MAX_KEY_BYTES} bytes")
         t = parse_ts(raw_ts)
         vals = _numbers(raw_values, self.width, "values")
         raw_target = obj.get("target")

@@ -88,9 +88,7 @@ class RecurrentModel(nn.Module):
         out, new_state = self._run(x.unsqueeze(0), state)
         return x + self.head(out[0]), new_state
 
-    def forward(
-        self, seq: torch.Tensor, state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, seq: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run a sequence for training.
 
         seq: ``[T, B, F]`` normalised inputs; state: ``[B, layers, parts, hidden]``.

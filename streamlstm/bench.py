@@ -1,0 +1,164 @@
+"""``streamlstm bench engine``: the batched engine against the textbook loop, same run.
+
+The textbook way keeps a dict of per-key ``(h, c)`` and calls ``nn.LSTM`` once per
+event. The engine advances all keys of a micro-batch in one call. Both run the same
+model and the same per-event work (score, normalise, step, de-normalise) on the same
+synthetic events; both are timed here, in one process, as medians of several rounds,
+because this kind of machine is shared and noisy. The compute bound is a GEMM probe's
+FLOP/s divided by the FLOPs of one event.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from streamlstm.config import Settings, load_settings
+from streamlstm.engine import Engine
+from streamlstm.events import EventBatch
+from streamlstm.model import RecurrentModel, flops_per_event
+
+
+@dataclass
+class EngineBench:
+    events_per_s: float
+    naive_events_per_s: float
+    ratio: float
+    bytes_per_key: int
+    bound_events_per_s: float
+    fraction_of_bound: float
+    keys: int
+    batch: int
+    threads: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [
+            f"reference: {self.keys:,} keys, batch {self.batch}, {self.threads} thread(s)",
+            f"engine        {self.events_per_s:>12,.0f} events/s",
+            f"naive loop    {self.naive_events_per_s:>12,.0f} events/s",
+            f"ratio         {self.ratio:>12.1f} x",
+            f"compute bound {self.bound_events_per_s:>12,.0f} events/s "
+            f"(engine at {100 * self.fraction_of_bound:.0f}%)",
+            f"state         {self.bytes_per_key:>12,} bytes per key",
+        ]
+
+
+def reference_settings(keys: int, batch: int, threads: int) -> Settings:
+    return load_settings(
+        overrides={
+            "model.input_size": 8,
+            "model.hidden_size": 64,
+            "model.num_layers": 2,
+            "engine.max_batch": batch,
+            "engine.torch_threads": threads,
+            "state.max_keys": max(keys, batch),
+            "state.initial_capacity": keys,
+        }
+    )
+
+
+def _median_rate(run: callable, events: int, rounds: int) -> float:
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run()
+        rates.append(events / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def gemm_flops(threads: int, rows: int = 4096, inner: int = 128, cols: int = 256) -> float:
+    """Sustained FLOP/s of a float32 GEMM of the engine's shape (median of 20)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    for _ in range(3):
+        a @ b
+    return _median_rate(lambda: a @ b, 2 * rows * inner * cols, 20)
+
+
+class NaiveLoop:
+    """The textbook loop: a dict of per-key tensors, one ``nn.LSTM`` call per event."""
+
+    def __init__(self, model: RecurrentModel, settings: Settings) -> None:
+        self.model = model
+        self.window = settings.state.scaler_window
+        self.clip = settings.engine.input_clip
+        self.states: dict[str, tuple] = {}
+
+    @torch.inference_mode()
+    def process(self, keys: list[str], values: np.ndarray) -> None:
+        m = self.model
+        shape = (m.num_layers, 1, m.hidden_size)
+        for key, row in zip(keys, torch.from_numpy(values), strict=True):
+            h, c, mean, var, count, pending = self.states.get(key) or (
+                torch.zeros(shape), torch.zeros(shape), torch.zeros(m.input_size),
+                torch.zeros(m.input_size), 0, None,
+            )  # fmt: skip
+            if pending is not None:
+                _error = (row - pending).abs().mean()
+            count += 1
+            alpha = 1.0 / min(count, self.window)
+            delta = row - mean
+            mean = mean + alpha * delta
+            var = (1 - alpha) * (var + alpha * delta * delta)
+            std = torch.sqrt(var + 1e-8)
+            xn = ((row - mean) / std).clamp(-self.clip, self.clip)
+            out, (h, c) = m.rnn(xn.view(1, 1, -1), (h, c))
+            pending = (xn + m.head(out[0, 0])) * std + mean
+            self.states[key] = (h, c, mean, var, count, pending)
+
+
+def bench_engine(
+    keys: int = 100_000, batch: int = 4096, threads: int = 1, rounds: int = 5, seed: int = 0
+) -> EngineBench:
+    """Measure the engine and the naive loop on the same events, in this process."""
+    settings = reference_settings(keys, batch, threads)
+    engine = Engine.from_settings(settings)
+    rng = np.random.default_rng(seed)
+    names = [f"sensor-{i:06d}" for i in range(keys)]
+
+    def events(n: int, ts: float) -> EventBatch:
+        picks = rng.integers(0, keys, n)
+        values = rng.normal(size=(n, 8)).astype(np.float32)
+        return EventBatch.from_arrays([names[i] for i in picks], np.full(n, ts), values)
+
+    # Warm-up: every key gets its slot before timing starts.
+    for start in range(0, keys, batch):
+        chunk = names[start : start + batch]
+        engine.process(
+            EventBatch.from_arrays(chunk, np.zeros(len(chunk)), np.zeros((len(chunk), 8)))
+        )
+    per_round = 10
+    batches = [events(batch, 1.0 + i) for i in range(per_round)]
+
+    def run_engine() -> None:
+        for b in batches:
+            engine.process(b)
+
+    engine_rate = _median_rate(run_engine, per_round * batch, rounds)
+
+    naive = NaiveLoop(engine.model, settings)
+    naive_events = events(1000, 1.0)
+    naive.process(naive_events.keys[:50], naive_events.values[:50])  # warm up
+    naive_rate = _median_rate(
+        lambda: naive.process(naive_events.keys, naive_events.values), 1000, 3
+    )
+    flops = flops_per_event(8, 64, 2, "lstm")
+    bound = gemm_flops(threads) / flops
+    return EngineBench(
+        events_per_s=engine_rate,
+        naive_events_per_s=naive_rate,
+        ratio=engine_rate / naive_rate,
+        bytes_per_key=engine.store.bytes_per_key(),
+        bound_events_per_s=bound,
+        fraction_of_bound=engine_rate / bound,
+        keys=keys,
+        batch=batch,
+        threads=threads,
+    )

@@ -1,0 +1,218 @@
+"""Every Prometheus metric of streamlstm, in one place, and the HTTP endpoint that serves them.
+
+Names follow Prometheus conventions: base units in the name (``_seconds``, ``_bytes``),
+``_total`` on counters. Labels are bounded (topic, partition, reason, cause, detector,
+result); a stream key is never a label, since keys are unbounded.
+
+Each :class:`Metrics` owns its own registry, so several daemons (or tests) can live in
+one process. The endpoint serves ``/metrics``, ``/healthz`` (the process is alive) and
+``/readyz`` (partitions assigned and the broker reachable, as set by the daemon).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from streamlstm import __version__
+
+# Batches of a few to tens of thousands of events; latencies from 100 µs to a minute.
+disable_created_metrics()  # `_created` series double the exposition and nobody graphs them
+
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+_FAST_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_LATENCY_BUCKETS = (1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_FINETUNE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """All metrics of one daemon, registered in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.build_info = Info("streamlstm_build", "Version of streamlstm.", registry=r)
+        self.build_info.info({"version": __version__})
+
+        # Input and output.
+        self.events = Counter(
+            "streamlstm_events", "Events decoded from the input topic.", ["topic"], registry=r
+        )
+        self.events_rejected = Counter(
+            "streamlstm_events_rejected",
+            "Events that failed decoding or validation, sent to the dead-letter topic.",
+            ["reason"],
+            registry=r,
+        )
+        self.predictions = Counter(
+            "streamlstm_predictions", "Prediction records acknowledged by the broker.", registry=r
+        )
+        self.anomalies = Counter(
+            "streamlstm_anomalies",
+            "Events whose anomaly score reached engine.anomaly_threshold.",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "streamlstm_dead_letters",
+            "Records written to the dead-letter topic.",
+            ["reason"],
+            registry=r,
+        )
+
+        # The engine.
+        self.batch_size = Histogram(
+            "streamlstm_batch_size", "Events per micro-batch.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "streamlstm_inference_seconds",
+            "Engine time per micro-batch (score, normalise, step).",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.event_latency_seconds = Histogram(
+            "streamlstm_event_latency_seconds",
+            "From the event's ts to its prediction acknowledged by the broker.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.processing_latency_seconds = Histogram(
+            "streamlstm_processing_latency_seconds",
+            "From the record being polled to its prediction acknowledged by the broker.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "streamlstm_consumer_lag",
+            "Records between the committed position and the partition's high watermark.",
+            ["partition"],
+            registry=r,
+        )
+        self.keys = Gauge("streamlstm_keys", "Stream keys held in the state store.", registry=r)
+        self.state_bytes = Gauge(
+            "streamlstm_state_bytes", "Memory of the keyed state store.", registry=r
+        )
+        self.state_evictions = Counter(
+            "streamlstm_state_evictions",
+            "Keys evicted from the state store.",
+            ["cause"],
+            registry=r,
+        )
+        self.commits = Counter(
+            "streamlstm_commits", "Offset commits that the broker accepted.", registry=r
+        )
+        self.commit_failures = Counter(
+            "streamlstm_commit_failures", "Offset commits that failed.", registry=r
+        )
+        self.broker_errors = Counter(
+            "streamlstm_broker_errors",
+            "Errors talking to the broker (the daemon retries with backoff).",
+            ["operation"],
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "streamlstm_model_version", "Version of the weights serving predictions.", registry=r
+        )
+        self.ready = Gauge(
+            "streamlstm_ready",
+            "1 when partitions are assigned and the broker reachable.",
+            registry=r,
+        )
+
+        # Learning and drift.
+        self.finetune_runs = Counter(
+            "streamlstm_finetune_runs",
+            "Fine-tuning runs by outcome (adopted, rejected by the validation gate, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.finetune_seconds = Histogram(
+            "streamlstm_finetune_seconds",
+            "Duration of fine-tuning runs.",
+            buckets=_FINETUNE_BUCKETS,
+            registry=r,
+        )
+        self.finetune_loss = Gauge(
+            "streamlstm_finetune_loss", "Training loss of the last fine-tuning run.", registry=r
+        )
+        self.validation_loss = Gauge(
+            "streamlstm_validation_loss",
+            "Held-out loss of the serving weights at the last validation.",
+            registry=r,
+        )
+        self.replay_bytes = Gauge(
+            "streamlstm_replay_bytes", "Memory held by the replay buffer.", registry=r
+        )
+        self.drift = Counter("streamlstm_drift", "Drift detections.", ["detector"], registry=r)
+        self.last_model_update = Gauge(
+            "streamlstm_last_model_update_timestamp_seconds",
+            "Unix time the serving weights last changed.",
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        """The text format of all metrics, as served on /metrics."""
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """HTTP endpoint: /metrics, /healthz, /readyz. Runs in a daemon thread."""
+
+    def __init__(
+        self, metrics: Metrics, host: str, port: int, ready: Callable[[], bool] | None = None
+    ) -> None:
+        self.metrics = metrics
+        self.ready = ready or (lambda: True)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, server.metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._reply(200, b"ok\n")
+                elif path == "/readyz":
+                    ok = server.ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _reply(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes every few seconds would drown the daemon's log
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
