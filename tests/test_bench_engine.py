@@ -1,0 +1,45 @@
+"""`streamlstm bench engine` runs and reports every figure (speed itself is not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamlstm.bench import NaiveLoop, bench_engine, reference_settings
+from streamlstm.cli import main
+from streamlstm.engine import Engine
+from streamlstm.events import EventBatch
+
+
+def test_naive_loop_computes_what_the_engine_computes() -> None:
+    """The baseline must do the same work, or the ratio means nothing."""
+    import numpy as np
+    import torch
+
+    settings = reference_settings(keys=10, batch=16, threads=1)
+    engine = Engine.from_settings(settings)
+    with torch.no_grad():
+        engine.model.head.weight.normal_()
+    rng = np.random.default_rng(0)
+    keys = [f"k{i % 3}" for i in range(30)]
+    values = rng.normal(size=(30, 8)).astype(np.float32)
+    out = engine.process(EventBatch.from_arrays(keys, np.zeros(30), values))
+    naive = NaiveLoop(engine.model, settings)
+    naive.process(keys, values)
+    for key in ("k0", "k1", "k2"):
+        last = max(i for i, k in enumerate(keys) if k == key)
+        np.testing.assert_allclose(naive.states[key][-1].numpy(), out.prediction[last], atol=1e-4)
+
+
+def test_bench_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "engine", "--keys", "2000", "--batch", "256", "--rounds", "1", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    for name in ("events_per_s", "naive_events_per_s", "bytes_per_key", "bound_events_per_s"):
+        assert figures[name] > 0
+    assert figures["ratio"] == pytest.approx(figures["events_per_s"] / figures["naive_events_per_s"])
+
+
+def test_bench_engine_reports_state_size() -> None:
+    result = bench_engine(keys=1000, batch=128, rounds=1)
+    assert 1024 < result.bytes_per_key < 2048  # h and c of 2x64 units, float32, plus stats

@@ -1,0 +1,88 @@
+"""Settings: defaults, precedence (file < env < --set), and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamlstm.cli import main
+from streamlstm.config import ConfigError, load_settings
+
+
+def test_defaults_are_the_documented_contract() -> None:
+    s = load_settings()
+    assert s.model.input_size is None
+    assert (s.model.hidden_size, s.model.num_layers, s.model.cell) == (64, 2, "lstm")
+    assert s.engine.torch_threads == 1
+    assert s.training.enabled is True
+    for section in ("kafka", "model", "engine", "state", "training", "drift", "metrics"):
+        assert hasattr(s, section)
+
+
+def test_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text("[model]\nhidden_size = 16\nnum_layers = 3\n[engine]\nmax_batch = 7\n")
+    monkeypatch.setenv("STREAMLSTM_MODEL__HIDDEN_SIZE", "20")
+    monkeypatch.setenv("STREAMLSTM_ENGINE__MAX_BATCH", "9")
+    s = load_settings(config, {"engine.max_batch": "11"})
+    assert s.model.num_layers == 3  # file
+    assert s.model.hidden_size == 20  # env beats file
+    assert s.engine.max_batch == 11  # --set beats env
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"model.hidden_size": "-3"}, "model.hidden_size"),
+        ({"model.num_layers": "two"}, "model.num_layers"),
+        ({"model.cell": "rnn"}, "model.cell"),
+        ({"engine.torch_threads": "0"}, "engine.torch_threads"),
+        ({"state.max_keys": "1.5"}, "state.max_keys"),
+        ({"model.hiden_size": "3"}, "model.hiden_size"),
+    ],
+)
+def test_bad_value_names_the_field(override: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=override)
+    message = str(info.value)
+    assert message.startswith(field + ":")
+    assert "\n" not in message
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "s.toml"
+    config.write_text("[model]\nhidden = 3\n")
+    with pytest.raises(ConfigError, match=r"^model\.hidden: unknown setting"):
+        load_settings(config)
+    config.write_text("[modle]\nhidden_size = 3\n")
+    with pytest.raises(ConfigError, match=r"^modle: unknown setting"):
+        load_settings(config)
+
+
+def test_unknown_env_variable_in_a_section_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMLSTM_MODEL__HIDEN_SIZE", "3")
+    with pytest.raises(ConfigError, match="model.hiden_size"):
+        load_settings()
+
+
+def test_cli_bad_config_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--set", "model.hidden_size=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "model.hidden_size" in err[0] and "greater than or equal to 1" in err[0]
+
+
+def test_process_exit_code_is_2_for_a_bad_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[engine]\nmax_batch = "lots"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "streamlstm.cli", "config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "engine.max_batch" in done.stderr
