@@ -1,0 +1,303 @@
+"""``streamlstm bench e2e``: the daemon against a bare kafka-python consumer, same run.
+
+1. N synthetic events are produced to a fresh topic (one event per message, or
+   ``batch`` per JSON-array message).
+2. A bare consumer (kafka-python, same fetch settings) reads the topic and decodes
+   every message with the same decoder: the most any Python daemon built on this client
+   could do.
+3. The daemon reads the same topic in its own group and runs its whole job: decode,
+   engine, prediction records produced and acknowledged, dead letters, offsets
+   committed. Its rate runs from its first event to the last prediction acknowledged.
+4. A second baseline: a bare consume -> decode -> produce pipe (no engine), which is
+   what the client costs when every event also yields an output record.
+5. Event latency (ts to prediction acknowledged) at a fixed offered rate.
+
+Both sides talk to the same broker on the same machine, one after the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from kafka import KafkaConsumer
+
+from streamlstm.config import Settings, load_settings
+from streamlstm.events import Decoder
+from streamlstm.produce import Producer, chunks_for_rate, make_producer, synthetic_events
+from streamlstm.synthetic import SyntheticStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Throughput:
+    batch: int  # events per message
+    events: int
+    bare_events_per_s: float
+    pipe_events_per_s: float
+    daemon_events_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.daemon_events_per_s / self.bare_events_per_s
+
+    @property
+    def pipe_ratio(self) -> float:
+        return self.daemon_events_per_s / self.pipe_events_per_s
+
+
+@dataclass
+class E2EResult:
+    throughput: list[Throughput] = field(default_factory=list)
+    latency_rate: float = 0.0
+    latency_events: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        rows = []
+        for t in self.throughput:
+            row = asdict(t)
+            row.update(ratio=round(t.ratio, 3), pipe_ratio=round(t.pipe_ratio, 3))
+            rows.append(row)
+        return {
+            "throughput": rows,
+            "latency": {
+                "offered_events_per_s": self.latency_rate,
+                "events": self.latency_events,
+                **{k: round(v, 2) for k, v in self.latency_ms.items()},
+            },
+            "settings": self.settings,
+        }
+
+    def lines(self) -> list[str]:
+        out = []
+        for t in self.throughput:
+            kind = "1 event per message" if t.batch == 1 else f"{t.batch} events per message"
+            out += [
+                f"{kind}, {t.events:,} events:",
+                f"  bare consumer + decode    {t.bare_events_per_s:10,.0f} events/s",
+                f"  bare consume+decode+produce {t.pipe_events_per_s:8,.0f} events/s",
+                f"  daemon (end to end)       {t.daemon_events_per_s:10,.0f} events/s",
+                f"  daemon / bare consumer    {t.ratio:10.2f}",
+                f"  daemon / bare pipe        {t.pipe_ratio:10.2f}",
+            ]
+        lat = self.latency_ms
+        if lat:
+            out.append(
+                f"event latency at {self.latency_rate:,.0f} events/s offered "
+                f"({self.latency_events:,} events): p50 {lat['p50']:.1f} ms  "
+                f"p90 {lat['p90']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms"
+            )
+        s = self.settings
+        out.append(
+            f"settings: {s.get('keys')} keys, width {s.get('width')}, hidden {s.get('hidden')}, "
+            f"{s.get('layers')} layers, max_batch {s.get('max_batch')}, broker {s.get('broker')}"
+        )
+        return out
+
+
+def _settings(bootstrap: str, topic: str, width: int, hidden: int, max_batch: int) -> Settings:
+    return load_settings(
+        overrides={
+            "kafka.bootstrap_servers": bootstrap,
+            "kafka.input_topic": f"{topic}-in",
+            "kafka.output_topic": f"{topic}-out",
+            "kafka.dead_letter_topic": f"{topic}-dlq",
+            "kafka.group_id": f"{topic}-daemon",
+            "kafka.session_timeout_ms": "6000",
+            "kafka.heartbeat_interval_ms": "1000",
+            "kafka.partitions": "3",
+            "model.input_size": str(width),
+            "model.hidden_size": str(hidden),
+            "engine.max_batch": str(max_batch),
+            "training.enabled": "false",
+            "metrics.enabled": "false",
+        }
+    )
+
+
+def _produce(settings: Settings, events: Iterator[list[dict]], batch: int, rate: float = 0) -> None:
+    producer = make_producer(settings.kafka)
+    try:
+        Producer(producer, settings.kafka.input_topic, rate=rate, batch=batch).run(
+            events, progress=False
+        )
+    finally:
+        producer.close(timeout=5)
+
+
+def _consumer(settings: Settings, group: str) -> KafkaConsumer:
+    k = settings.kafka
+    consumer = KafkaConsumer(
+        **k.client_kwargs(),
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=k.session_timeout_ms,
+        heartbeat_interval_ms=k.heartbeat_interval_ms,
+        max_poll_records=settings.engine.max_batch,
+        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
+        metrics_enabled=False,
+    )
+    consumer.subscribe([k.input_topic])
+    return consumer
+
+
+def bare_consume(settings: Settings, events: int, produce_outputs: bool = False) -> float:
+    """Events/s of poll + decode (+ one produced record per event), first to last record."""
+    consumer = _consumer(settings, f"{settings.kafka.group_id}-bare-{uuid.uuid4().hex[:6]}")
+    producer = make_producer(settings.kafka) if produce_outputs else None
+    decoder = Decoder(settings.model.input_size or 1, settings.engine.max_message_bytes)
+    out_topic = settings.kafka.output_topic + "-pipe"
+    seen = 0
+    first = None
+    deadline = time.monotonic() + 300
+    try:
+        while seen < events and time.monotonic() < deadline:
+            result = consumer.poll(timeout_ms=200)
+            if not result:
+                continue
+            if first is None:
+                first = time.perf_counter()
+            for recs in result.values():
+                batch, _ = decoder.decode([r.value for r in recs])
+                seen += len(batch)
+                if producer is not None:  # one small JSON record per event, as the daemon
+                    send, dumps = producer.send, orjson.dumps
+                    values = batch.values.tolist()
+                    for key, ts, v in zip(batch.keys, batch.ts.tolist(), values, strict=True):
+                        send(
+                            out_topic, value=dumps({"key": key, "ts": ts, "p": v}), key=key.encode()
+                        )
+        if producer is not None:
+            producer.flush(timeout=60)
+        elapsed = time.perf_counter() - (first or time.perf_counter())
+    finally:
+        consumer.close(autocommit=False)
+        if producer is not None:
+            producer.close(timeout=5)
+    if seen < events:
+        raise RuntimeError(f"bare consumer saw {seen} of {events} events")
+    return seen / elapsed
+
+
+def _start_daemon(settings: Settings) -> tuple[Any, threading.Thread]:
+    from streamlstm.daemon import Daemon
+
+    daemon = Daemon(settings)
+    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+    thread.start()
+    return daemon, thread
+
+
+def daemon_throughput(settings: Settings, events: int) -> float:
+    """Events/s of the daemon from its first event to its last prediction acknowledged."""
+    daemon, thread = _start_daemon(settings)
+    live = daemon.live
+    deadline = time.monotonic() + 600
+    try:
+        while live.predictions < events and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.01)
+    finally:
+        daemon.request_stop()
+        thread.join(timeout=15)
+    if live.predictions < events or live.first_event_at is None or live.last_ack_at is None:
+        raise RuntimeError(f"daemon predicted {live.predictions} of {events} events")
+    return events / (live.last_ack_at - live.first_event_at)
+
+
+def latency(settings: Settings, keys: int, width: int, rate: float, seconds: float) -> np.ndarray:
+    """Event latencies (s) of a daemon fed at ``rate`` events/s for ``seconds``."""
+    daemon, thread = _start_daemon(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while not daemon.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemon.live.take()
+        count = int(rate * seconds)
+        stream = SyntheticStream(keys, width, seed=1)
+        producer = make_producer(settings.kafka)
+        try:
+            Producer(producer, settings.kafka.input_topic, rate=rate, stamp_now=True).run(
+                chunks_for_rate(synthetic_events(stream, count), rate), progress=False
+            )
+        finally:
+            producer.close(timeout=5)
+        deadline = time.monotonic() + 30
+        while daemon.live.predictions < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return daemon.live.take().latencies
+    finally:
+        daemon.request_stop()
+        thread.join(timeout=15)
+
+
+def bench_e2e(
+    events: int = 100_000,
+    keys: int = 1000,
+    width: int = 8,
+    hidden: int = 64,
+    batch: int = 1,
+    rate: float = 2000.0,
+    latency_seconds: float = 10.0,
+    max_batch: int = 2048,
+    bootstrap: str | None = None,
+) -> E2EResult:
+    """Run the benchmark (an embedded broker unless ``bootstrap`` is given)."""
+    from streamlstm.broker import EmbeddedBroker
+    from streamlstm.io import ensure_topics
+
+    with contextlib.ExitStack() as stack:
+        if bootstrap is None:
+            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            where = "embedded Tansu"
+        else:
+            where = bootstrap
+        result = E2EResult(
+            settings={
+                "events": events,
+                "keys": keys,
+                "width": width,
+                "hidden": hidden,
+                "layers": 2,
+                "max_batch": max_batch,
+                "broker": where,
+            }
+        )
+        for per_message in sorted({1, batch}):
+            topic = f"bench-{uuid.uuid4().hex[:8]}"
+            s = _settings(bootstrap, topic, width, hidden, max_batch)
+            ensure_topics(s.kafka)
+            stream = SyntheticStream(keys, width, seed=0)
+            _produce(s, synthetic_events(stream, events), per_message)
+            bare = bare_consume(s, events)
+            pipe = bare_consume(s, events, produce_outputs=True)
+            ours = daemon_throughput(s, events)
+            result.throughput.append(Throughput(per_message, events, bare, pipe, ours))
+        if latency_seconds > 0:
+            topic = f"bench-{uuid.uuid4().hex[:8]}"
+            s = _settings(bootstrap, topic, width, hidden, max_batch)
+            ensure_topics(s.kafka)
+            lat = latency(s, keys, width, rate, latency_seconds) * 1000
+            result.latency_rate = rate
+            result.latency_events = len(lat)
+            if len(lat):
+                p50, p90, p99 = np.percentile(lat, [50, 90, 99])
+                result.latency_ms = {
+                    "p50": float(p50),
+                    "p90": float(p90),
+                    "p99": float(p99),
+                    "max": float(lat.max()),
+                }
+    return result

@@ -1,0 +1,153 @@
+"""The commit protocol: an offset is committed only once every output before it is acknowledged.
+
+Each poll becomes a :class:`Ticket`: the next offset of every partition it covers, and the
+producer futures of everything it sent (predictions and dead letters). Tickets finish in
+poll order; a partition's committable offset advances over the longest prefix of finished
+tickets. So after a crash the group resumes at a record whose outputs may be missing,
+never past one: predictions are at-least-once, nothing is lost.
+
+Completion is checked by looking at the futures from the main loop (``is_done`` is a
+plain attribute read), not by callbacks on the producer's I/O thread: no locks on the hot
+path, and a future is visited once.
+
+>>> from kafka import TopicPartition
+>>> from kafka.future import Future
+>>> tracker = OffsetTracker()
+>>> tp = TopicPartition("events", 0)
+>>> a, b = Future(), Future()
+>>> tracker.add(Ticket({tp: 10}, [a], [("out", b"k", b"v", None)], polled_at=0.0))
+>>> tracker.add(Ticket({tp: 20}, [b], [("out", b"k", b"v", None)], polled_at=0.0))
+>>> _ = b.success(None)
+>>> [t.ends for t in tracker.collect()], tracker.uncommitted()   # b waits for a
+([], {})
+>>> _ = a.success(None)
+>>> len(tracker.collect()), tracker.uncommitted()
+(2, {TopicPartition(topic='events', partition=0): 20})
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kafka import TopicPartition
+
+# (topic, key, value, headers) of one produced record, kept until acknowledged so a
+# failed send can be repeated.
+Send = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """Everything one poll produced, and the offsets it lets us commit once acknowledged."""
+
+    ends: dict[TopicPartition, int]  # next offset to consume, per partition of this poll
+    futures: list[Any]  # producer futures, one per entry of ``sends``
+    sends: list[Send]
+    polled_at: float  # time.time() when the records were polled
+    event_ts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # ts of predicted events
+    predictions: int = 0  # futures[:predictions] are predictions, the rest dead letters
+    anomalies: int = 0
+    dead_letter_reasons: list[str] = field(default_factory=list)
+    attempts: int = 0  # times failed sends were repeated
+    retry_at: float = 0.0  # monotonic time before which no repeat is tried
+    _checked: int = 0  # futures[:_checked] are known to be done
+
+    def done(self) -> bool:
+        """True when every future has completed (successfully or not)."""
+        futures = self.futures
+        i = self._checked
+        while i < len(futures) and futures[i].is_done:
+            i += 1
+        self._checked = i
+        return i == len(futures)
+
+    def failed(self) -> list[int]:
+        """Indices of futures that completed with an error (call after :meth:`done`)."""
+        return [i for i, f in enumerate(self.futures) if f.is_done and f.failed()]
+
+
+class OffsetTracker:
+    """Tickets in poll order, acknowledged offsets, and what has been committed."""
+
+    def __init__(self) -> None:
+        self._tickets: deque[Ticket] = deque()
+        self._acked: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._lock = threading.Lock()  # the rebalance listener runs on kafka's I/O thread
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    @property
+    def pending_sends(self) -> int:
+        """Records sent but not yet known to be acknowledged."""
+        return sum(len(t.futures) - t._checked for t in self._tickets)
+
+    def add(self, ticket: Ticket) -> None:
+        with self._lock:
+            self._tickets.append(ticket)
+
+    def head(self) -> Ticket | None:
+        """The oldest unfinished ticket."""
+        with self._lock:
+            return self._tickets[0] if self._tickets else None
+
+    def collect(self) -> list[Ticket]:
+        """Pop finished, fully successful tickets from the front; advance acked offsets.
+
+        Stops at the first ticket that is unfinished or has a failed send: the caller
+        repeats its failed sends (see :meth:`retry`) before anything behind it counts.
+        """
+        finished = []
+        with self._lock:
+            while self._tickets and self._tickets[0].done():
+                ticket = self._tickets[0]
+                if ticket.failed():
+                    break
+                self._tickets.popleft()
+                self._acked.update(ticket.ends)
+                finished.append(ticket)
+        return finished
+
+    def failed_head(self) -> Ticket | None:
+        """The front ticket when it finished with failed sends, else None."""
+        with self._lock:
+            head = self._tickets[0] if self._tickets else None
+            if head is not None and head.done() and head.failed():
+                return head
+            return None
+
+    def uncommitted(self, partitions: Iterable[TopicPartition] | None = None) -> dict:
+        """Acknowledged offsets not committed yet (optionally only for ``partitions``)."""
+        with self._lock:
+            wanted = self._acked if partitions is None else set(partitions)
+            return {
+                tp: off
+                for tp, off in self._acked.items()
+                if tp in wanted and self._committed.get(tp, -1) < off
+            }
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        with self._lock:
+            for tp, off in offsets.items():
+                if self._committed.get(tp, -1) < off:
+                    self._committed[tp] = off
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop all knowledge of ``partitions`` (revoked or lost): never commit them again.
+
+        Tickets keep their futures, so the outputs of other partitions still count.
+        """
+        gone = set(partitions)
+        with self._lock:
+            for tp in gone:
+                self._acked.pop(tp, None)
+                self._committed.pop(tp, None)
+            for ticket in self._tickets:
+                for tp in gone & ticket.ends.keys():
+                    del ticket.ends[tp]

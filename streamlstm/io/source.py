@@ -1,0 +1,195 @@
+"""The input side: a group consumer that never auto-commits, polled into flat columns.
+
+Offsets are committed by the daemon through :class:`~streamlstm.io.offsets.OffsetTracker`
+(never by kafka-python's auto-commit), and the rebalance listener hands revoked
+partitions to the daemon's callbacks. kafka-python 3 runs the listener on its I/O thread
+while the main thread waits inside ``poll()`` or ``close()``, so when it fires no batch
+is half-processed; it must only stay short, and it may not call blocking consumer APIs,
+which is why the listener is async and awaits ``commit_async``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.structs import MemberState
+
+from streamlstm.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Polled:
+    """One poll's records, flattened in partition order (order within a partition kept)."""
+
+    topic: str
+    records: list[Any]  # kafka ConsumerRecord, for dead letters (key, headers, offset)
+    payloads: list[bytes | None]
+    partition: np.ndarray  # int64 [M]
+    offset: np.ndarray  # int64 [M]
+    ends: dict[TopicPartition, int]  # next offset per partition
+    polled_at: float  # time.time()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    """Forwards rebalances to the daemon; commits what the daemon says is safe on revoke."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        source = self.source
+        if not revoked:
+            return
+        offsets = source.on_revoke(set(revoked)) if source.on_revoke else {}
+        if offsets:
+            try:
+                await source.consumer.commit_async(source.to_commit(offsets))
+                if source.on_committed:
+                    source.on_committed(offsets)
+                log.info("committed %s before giving up partitions", _fmt(offsets))
+            except Exception as exc:  # the new owner re-reads from the last commit
+                log.warning("commit on revoke failed (%s); those records will be re-read", exc)
+        source.assigned -= set(revoked)
+        log.info("partitions revoked: %s", _fmt_tps(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.source.assigned |= set(assigned)
+        log.info("partitions assigned: %s", _fmt_tps(assigned) or "none")
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        # Membership was lost: committing would fail, and the new owner re-reads anyway.
+        if self.source.on_lost:
+            self.source.on_lost(set(lost))
+        self.source.assigned -= set(lost)
+        log.warning("partitions lost (group membership expired): %s", _fmt_tps(lost))
+
+
+def _fmt_tps(tps: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
+
+
+def _fmt(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]@{off}" for tp, off in sorted(offsets.items()))
+
+
+class Source:
+    """A kafka-python consumer on ``kafka.input_topic`` in group ``kafka.group_id``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_revoke: Callable[[set[TopicPartition]], dict[TopicPartition, int]] | None = None,
+        on_lost: Callable[[set[TopicPartition]], None] | None = None,
+        on_committed: Callable[[dict[TopicPartition, int]], None] | None = None,
+        bootstrap_timeout_ms: int = 5000,
+    ) -> None:
+        k = settings.kafka
+        self.topic = k.input_topic
+        self.on_revoke = on_revoke
+        self.on_lost = on_lost
+        self.on_committed = on_committed
+        self.assigned: set[TopicPartition] = set()
+        self.consumer = KafkaConsumer(
+            **k.client_kwargs(),
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=k.auto_offset_reset,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_records=settings.engine.max_batch,
+            max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
+            bootstrap_timeout_ms=bootstrap_timeout_ms,
+            metrics_enabled=False,
+        )
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+
+    def poll(self, timeout_ms: int) -> Polled | None:
+        """Up to ``engine.max_batch`` records, or None when nothing arrived in time."""
+        result = self.consumer.poll(timeout_ms=timeout_ms)
+        if not result:
+            return None
+        polled_at = time.time()
+        records: list[Any] = []
+        parts: list[np.ndarray] = []
+        ends: dict[TopicPartition, int] = {}
+        for tp, recs in result.items():
+            if not recs:
+                continue
+            records.extend(recs)
+            parts.append(np.full(len(recs), tp.partition, dtype=np.int64))
+            ends[tp] = recs[-1].offset + 1
+        if not records:
+            return None
+        return Polled(
+            topic=self.topic,
+            records=records,
+            payloads=[r.value for r in records],
+            partition=np.concatenate(parts),
+            offset=np.fromiter((r.offset for r in records), np.int64, len(records)),
+            ends=ends,
+            polled_at=polled_at,
+        )
+
+    @staticmethod
+    def to_commit(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+        return {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+
+    def commit_async(
+        self, offsets: dict[TopicPartition, int], callback: Callable[[Any, Any], None]
+    ) -> None:
+        """Commit without waiting; ``callback(offsets, response_or_exception)`` runs in poll."""
+        self.consumer.commit_async(self.to_commit(offsets), callback=callback)
+
+    def commit(self, offsets: dict[TopicPartition, int], timeout_ms: int) -> None:
+        """Commit and wait (shutdown); raises on failure."""
+        self.consumer.commit(self.to_commit(offsets), timeout_ms=timeout_ms)
+
+    def stable(self) -> bool:
+        """Joined the group with an assignment (heartbeats flowing)."""
+        state = self.consumer.group_metadata().state
+        return state == MemberState.STABLE and bool(self.assigned)
+
+    def last_heartbeat(self) -> float | None:
+        """Monotonic time of the last heartbeat the group coordinator answered.
+
+        kafka-python keeps no public record of it, and its group state stays "stable"
+        while the broker is away, so this reads the heartbeat bookkeeping (None if that
+        ever moves).
+        """
+        heartbeat = getattr(getattr(self.consumer, "_coordinator", None), "heartbeat", None)
+        value = getattr(heartbeat, "last_receive", None)
+        return value if isinstance(value, float) and value > 0 else None
+
+    def lag(self) -> dict[int, int]:
+        """Records between the consumer's position and the high watermark, per partition."""
+        out = {}
+        for tp in list(self.assigned):
+            try:
+                high = self.consumer.highwater(tp)
+                pos = self.consumer.position(tp, timeout_ms=0) if high is not None else None
+            except Exception:  # partition revoked meanwhile, or no position yet
+                continue
+            if high is not None and pos is not None:
+                out[tp.partition] = max(0, high - pos)
+        return out
+
+    def pause(self) -> None:
+        self.consumer.pause(*self.consumer.assignment())
+
+    def resume(self) -> None:
+        self.consumer.resume(*self.consumer.paused())
+
+    def close(self, timeout_ms: int = 3000) -> None:
+        self.consumer.close(autocommit=False, timeout_ms=timeout_ms)

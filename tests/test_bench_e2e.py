@@ -1,0 +1,47 @@
+"""``streamlstm bench e2e`` runs end to end on tiny numbers (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import KafkaTools
+
+from streamlstm.bench_e2e import bench_e2e
+from streamlstm.cli import build_parser
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
+    result = bench_e2e(
+        events=600,
+        keys=20,
+        width=3,
+        hidden=8,
+        batch=10,
+        rate=300,
+        latency_seconds=1.0,
+        bootstrap=kafka_tools.bootstrap,
+    )
+    doc = result.as_dict()
+    json.dumps(doc)  # the --json output is plain JSON
+    assert [row["batch"] for row in doc["throughput"]] == [1, 10]
+    for row in doc["throughput"]:
+        assert row["events"] == 600
+        assert row["bare_events_per_s"] > 0 and row["daemon_events_per_s"] > 0
+        assert row["ratio"] == pytest.approx(
+            row["daemon_events_per_s"] / row["bare_events_per_s"], rel=1e-2
+        )
+    assert doc["latency"]["events"] == 300
+    assert 0 < doc["latency"]["p50"] <= doc["latency"]["p99"]
+    text = "\n".join(result.lines())
+    assert "daemon / bare consumer" in text and "event latency at 300 events/s" in text
+
+
+def test_bench_e2e_cli_options() -> None:
+    args = build_parser().parse_args(
+        ["bench", "e2e", "--json", "--batch", "20", "--bootstrap", "h:1"]
+    )
+    assert (args.json, args.batch, args.bootstrap) == (True, 20, "h:1")
+    assert args.handler.__name__ == "_run_bench_e2e"

@@ -1,0 +1,55 @@
+"""Daemon pieces that need no broker: settings checks, live figures, JSON logs."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import orjson
+import pytest
+
+from streamlstm.config import ConfigError, load_settings
+from streamlstm.daemon import Daemon, LiveStats
+from streamlstm.demo import live_line
+from streamlstm.logs import setup_logging
+
+
+def test_daemon_needs_the_input_width() -> None:
+    with pytest.raises(ConfigError, match=r"model\.input_size"):
+        Daemon(load_settings(overrides={"training.enabled": "false"}))
+
+
+def test_live_stats_windows() -> None:
+    stats = LiveStats()
+    stats.take()
+    stats.add_events(10)
+    stats.add(8, 1, 2, np.array([0.01, 0.03]))
+    window = stats.take()
+    assert (window.events, window.predictions, window.anomalies, window.dead_letters) == (
+        10,
+        8,
+        1,
+        2,
+    )
+    assert window.latencies.tolist() == [0.01, 0.03]
+    assert stats.take().predictions == 0 and stats.predictions == 8
+    line = live_line(5.0, window, keys=3, model_version=2)
+    assert "keys 3" in line and "dead letters 2" in line and "p50    20 ms" in line
+
+
+def test_json_logs_and_quiet_kafka() -> None:
+    stream = io.StringIO()
+    setup_logging("INFO", json_format=True, stream=stream)
+    try:
+        logging.getLogger("streamlstm.daemon").warning("cannot reach %s", "x", extra={"n": 1})
+        logging.getLogger("kafka.conn").error("connection refused")  # kafka's noise is muted
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 1
+        doc = orjson.loads(lines[0])
+        assert (doc["level"], doc["message"], doc["n"]) == ("WARNING", "cannot reach x", 1)
+        setup_logging("INFO", json_format=False, stream=stream)
+        logging.getLogger("streamlstm.daemon").info("hello")
+        assert stream.getvalue().splitlines()[-1].endswith("INFO  daemon: hello")
+    finally:
+        setup_logging("WARNING")
