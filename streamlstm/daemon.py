@@ -1,14 +1,17 @@
 """The daemon: Kafka in, engine, Kafka out, metrics, commits, graceful shutdown.
 
-One main thread runs the loop; kafka-python's I/O threads move the bytes::
+One main thread runs the loop; kafka-python's I/O threads move the bytes, and the
+producer runs in a child process (``streamlstm.io.producer``)::
 
-    poll -> decode -> engine -> send predictions + dead letters (no waiting) -> ticket
+    poll -> decode -> engine -> encode -> ticket -> one frame to the producer (no waiting)
     ... next turns ...
-    ticket acknowledged -> metrics (latency, counts) -> offsets committable -> commit
+    producer reports the frame acknowledged -> metrics (latency, counts)
+        -> offsets committable -> commit
 
-The engine never waits for the network: outputs of batch k are in flight while batch
-k+1 is decoded and predicted. An offset is committed only when every output of every
-record before it was acknowledged (``streamlstm.io.offsets``): at-least-once.
+The engine never waits for the network, nor for the producer's per-record work: outputs
+of batch k are produced in the child while batch k+1 is polled, decoded and predicted.
+An offset is committed only when every output of every record before it was
+acknowledged (``streamlstm.io.offsets``): at-least-once.
 
 Robustness: the broker may be down at start or go away; the daemon retries with
 backoff, says so in the log and on ``/readyz``, and carries on when it is back. On
@@ -28,12 +31,12 @@ from typing import Any
 
 import numpy as np
 from kafka import TopicPartition
-from kafka.future import Future
 
 from streamlstm.config import ConfigError, Settings
 from streamlstm.engine import Engine
 from streamlstm.events import Decoder
 from streamlstm.io import OffsetTracker, Polled, Sink, Source, Ticket, dead_letters, ensure_topics
+from streamlstm.io.sink import SinkError, prediction_group, send_groups
 from streamlstm.metrics import Metrics, MetricsServer, observe_many
 
 log = logging.getLogger(__name__)
@@ -246,7 +249,10 @@ class Daemon:
 
     def _turn(self) -> None:
         assert self.source is not None and self.sink is not None
-        self._check_acks()
+        try:
+            self._check_acks()
+        except SinkError as exc:
+            raise _Fatal("the producer process failed") from exc
         self._apply_backpressure()
         busy = len(self.tracker) > 0
         timeout = self.settings.kafka.poll_timeout_ms
@@ -300,9 +306,8 @@ class Daemon:
         assert self.sink is not None
         m = self.metrics
         batch, rejections = self.decoder.decode(polled.payloads)
-        futures: list[Any] = []
-        sends: list[Any] = []
-        anomalies = 0
+        ticket = Ticket(ends=polled.ends, polled_at=polled.polled_at, event_ts=batch.ts)
+        groups = []
         if len(batch):
             rows = batch.source
             started = time.perf_counter()
@@ -312,36 +317,30 @@ class Daemon:
             m.inference_seconds.observe(time.perf_counter() - started)
             if self.trainer is not None:
                 self.trainer.notify(output)
-            futures, sends = self.sink.send_predictions(output)
+            groups.append(prediction_group(self.sink.output_topic, output))
             scores = output.anomaly_score
-            anomalies = int(np.count_nonzero(scores >= self.settings.engine.anomaly_threshold))
+            ticket.predictions = len(batch)
+            ticket.anomalies = int(
+                np.count_nonzero(scores >= self.settings.engine.anomaly_threshold)
+            )
             m.events.labels(polled.topic).inc(len(batch))
             m.batch_size.observe(len(batch))
             self.live.add_events(len(batch))
-        reasons: list[str] = []
         if rejections:
             dl_sends, reasons = dead_letters(
                 polled.topic, self.settings.kafka.dead_letter_topic, polled.records, rejections
             )
-            futures.extend(self.sink.send_records(dl_sends))
-            sends.extend(dl_sends)
+            groups.extend(send_groups(dl_sends))
+            ticket.dead_letter_reasons = reasons
             for reason in reasons:
                 m.events_rejected.labels(reason).inc()
-        self.tracker.add(
-            Ticket(
-                ends=polled.ends,
-                futures=futures,
-                sends=sends,
-                polled_at=polled.polled_at,
-                event_ts=batch.ts,
-                predictions=len(batch),
-                anomalies=anomalies,
-                dead_letter_reasons=reasons,
-            )
-        )
+        self.tracker.add(ticket)
+        self.sink.send(ticket, groups)
 
     def _check_acks(self) -> None:
         """Account finished tickets; resend what failed at the head."""
+        if self.sink is not None:
+            self.sink.poll_acks()
         finished = self.tracker.collect()
         if finished:
             self._last_contact = time.monotonic()
@@ -369,32 +368,21 @@ class Daemon:
         now = time.monotonic()
         if now < ticket.retry_at:
             return
-        idx = ticket.failed()
+        sends, errors, retriable = ticket.take_failed()
         ticket.attempts = attempts = ticket.attempts + 1
         ticket.retry_at = now + min(0.5 * attempts, MAX_BACKOFF_SECONDS)
-        errors = {_short(ticket.futures[i].exception) for i in idx[:3]}
-        retriable = all(ticket.futures[i].retriable() for i in idx)
+        shown = "; ".join(sorted(set(errors))[:3])
         self.metrics.broker_errors.labels("produce").inc()
         if not retriable and attempts >= SEND_ATTEMPTS:
-            log.error(
-                "giving up on %d records after %d attempts (%s)",
-                len(idx),
-                attempts,
-                "; ".join(sorted(errors)),
-            )
-            for i in idx:
-                ticket.futures[i] = Future().success(None)
+            log.error("giving up on %d records after %d attempts (%s)", len(sends), attempts, shown)
         else:
             log.warning(
                 "%d records were not acknowledged (%s); sending them again (attempt %d)",
-                len(idx),
-                "; ".join(sorted(errors)),
+                len(sends),
+                shown,
                 attempts + 1,
             )
-            again = self.sink.send_records([ticket.sends[i] for i in idx])
-            for i, future in zip(idx, again, strict=True):
-                ticket.futures[i] = future
-        ticket._checked = min(idx)
+            self.sink.send_records(ticket, sends)
 
     def _apply_backpressure(self) -> None:
         """Stop fetching while too many records wait for acknowledgement (broker slow/away)."""
@@ -450,6 +438,8 @@ class Daemon:
 
     def _check_acks_quietly(self) -> None:
         try:
+            if self.sink is not None:
+                self.sink.poll_acks()
             finished = self.tracker.collect()
             for t in finished:
                 self.metrics.predictions.inc(t.predictions)
@@ -516,7 +506,10 @@ class Daemon:
         if self.sink is not None and self.source is not None:
             log.info("stopping: flushing %d in-flight records", self.tracker.pending_sends)
             self.sink.flush(left(4.0))
-            self._check_acks()
+            try:
+                self._check_acks()
+            except SinkError as exc:
+                log.warning("producer: %s", exc)
             offsets = self.tracker.uncommitted(self.source.assigned)
             if offsets:
                 try:

@@ -29,15 +29,19 @@ def test_naive_loop_computes_what_the_engine_computes() -> None:
     naive.process(keys, values)
     for key in ("k0", "k1", "k2"):
         last = max(i for i, k in enumerate(keys) if k == key)
-        np.testing.assert_allclose(naive.states[key][-1].numpy(), out.prediction[last], atol=1e-4)
+        naive_prediction = naive.states[key][-1].numpy()
+        np.testing.assert_allclose(naive_prediction, out.prediction[last], atol=1e-4)
 
 
 def test_bench_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "engine", "--keys", "2000", "--batch", "256", "--rounds", "1", "--json"]) == 0
+    args = ["bench", "engine", "--keys", "2000", "--batch", "256", "--rounds", "1", "--json"]
+    assert main(args) == 0
     figures = json.loads(capsys.readouterr().out)
     for name in ("events_per_s", "naive_events_per_s", "bytes_per_key", "bound_events_per_s"):
         assert figures[name] > 0
-    assert figures["ratio"] == pytest.approx(figures["events_per_s"] / figures["naive_events_per_s"])
+    assert figures["ratio"] == pytest.approx(
+        figures["events_per_s"] / figures["naive_events_per_s"]
+    )
 
 
 def test_bench_engine_reports_state_size() -> None:

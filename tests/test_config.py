@@ -64,7 +64,7 @@ def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
 
 def test_unknown_env_variable_in_a_section_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMLSTM_MODEL__HIDEN_SIZE", "3")
-    with pytest.raises(ConfigError, match="model.hiden_size"):
+    with pytest.raises(ConfigError, match=r"model\.hiden_size"):
         load_settings()
 
 

@@ -1,26 +1,25 @@
 """The commit protocol: an offset is committed only once every output before it is acknowledged.
 
-Each poll becomes a :class:`Ticket`: the next offset of every partition it covers, and the
-producer futures of everything it sent (predictions and dead letters). Tickets finish in
-poll order; a partition's committable offset advances over the longest prefix of finished
-tickets. So after a crash the group resumes at a record whose outputs may be missing,
-never past one: predictions are at-least-once, nothing is lost.
+Each poll becomes a :class:`Ticket`: the next offset of every partition it covers, and a
+count of the send frames (predictions and dead letters) still awaiting the producer's
+report. Tickets finish in poll order; a partition's committable offset advances over
+the longest prefix of finished tickets. So after a crash the group resumes at a record
+whose outputs may be missing, never past one: predictions are at-least-once, nothing
+is lost.
 
-Completion is checked by looking at the futures from the main loop (``is_done`` is a
-plain attribute read), not by callbacks on the producer's I/O thread: no locks on the hot
-path, and a future is visited once.
+The reports are applied by :meth:`streamlstm.io.sink.Sink.poll_acks` from the daemon's
+loop (or by ``flush`` from the rebalance listener while the loop waits in ``poll``).
 
 >>> from kafka import TopicPartition
->>> from kafka.future import Future
 >>> tracker = OffsetTracker()
 >>> tp = TopicPartition("events", 0)
->>> a, b = Future(), Future()
->>> tracker.add(Ticket({tp: 10}, [a], [("out", b"k", b"v", None)], polled_at=0.0))
->>> tracker.add(Ticket({tp: 20}, [b], [("out", b"k", b"v", None)], polled_at=0.0))
->>> _ = b.success(None)
->>> [t.ends for t in tracker.collect()], tracker.uncommitted()   # b waits for a
+>>> a, b = Ticket({tp: 10}, polled_at=0.0), Ticket({tp: 20}, polled_at=0.0)
+>>> a.outstanding = b.outstanding = 1
+>>> tracker.add(a); tracker.add(b)
+>>> b.outstanding = 0                  # b acknowledged: it waits for a
+>>> [t.ends for t in tracker.collect()], tracker.uncommitted()
 ([], {})
->>> _ = a.success(None)
+>>> a.outstanding = 0
 >>> len(tracker.collect()), tracker.uncommitted()
 (2, {TopicPartition(topic='events', partition=0): 20})
 """
@@ -31,7 +30,6 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from kafka import TopicPartition
@@ -46,29 +44,28 @@ class Ticket:
     """Everything one poll produced, and the offsets it lets us commit once acknowledged."""
 
     ends: dict[TopicPartition, int]  # next offset to consume, per partition of this poll
-    futures: list[Any]  # producer futures, one per entry of ``sends``
-    sends: list[Send]
     polled_at: float  # time.time() when the records were polled
     event_ts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # ts of predicted events
-    predictions: int = 0  # futures[:predictions] are predictions, the rest dead letters
+    predictions: int = 0
     anomalies: int = 0
     dead_letter_reasons: list[str] = field(default_factory=list)
+    outstanding: int = 0  # send frames the producer has not reported on yet
+    pending: int = 0  # records in those frames
+    failed: list[Send] = field(default_factory=list)  # reported failed, to be sent again
+    errors: list[str] = field(default_factory=list)  # why, one per entry of ``failed``
+    retriable: bool = True  # every failure in ``failed`` is retriable
     attempts: int = 0  # times failed sends were repeated
     retry_at: float = 0.0  # monotonic time before which no repeat is tried
-    _checked: int = 0  # futures[:_checked] are known to be done
 
     def done(self) -> bool:
-        """True when every future has completed (successfully or not)."""
-        futures = self.futures
-        i = self._checked
-        while i < len(futures) and futures[i].is_done:
-            i += 1
-        self._checked = i
-        return i == len(futures)
+        """True when the producer reported on every record (successfully or not)."""
+        return self.outstanding == 0
 
-    def failed(self) -> list[int]:
-        """Indices of futures that completed with an error (call after :meth:`done`)."""
-        return [i for i, f in enumerate(self.futures) if f.is_done and f.failed()]
+    def take_failed(self) -> tuple[list[Send], list[str], bool]:
+        """The failed records, their errors, and whether all are retriable; clears them."""
+        out = (self.failed, self.errors, self.retriable)
+        self.failed, self.errors, self.retriable = [], [], True
+        return out
 
 
 class OffsetTracker:
@@ -86,7 +83,7 @@ class OffsetTracker:
     @property
     def pending_sends(self) -> int:
         """Records sent but not yet known to be acknowledged."""
-        return sum(len(t.futures) - t._checked for t in self._tickets)
+        return sum(t.pending + len(t.failed) for t in self._tickets)
 
     def add(self, ticket: Ticket) -> None:
         with self._lock:
@@ -101,13 +98,13 @@ class OffsetTracker:
         """Pop finished, fully successful tickets from the front; advance acked offsets.
 
         Stops at the first ticket that is unfinished or has a failed send: the caller
-        repeats its failed sends (see :meth:`retry`) before anything behind it counts.
+        repeats its failed sends (:meth:`failed_head`) before anything behind it counts.
         """
         finished = []
         with self._lock:
             while self._tickets and self._tickets[0].done():
                 ticket = self._tickets[0]
-                if ticket.failed():
+                if ticket.failed:
                     break
                 self._tickets.popleft()
                 self._acked.update(ticket.ends)
@@ -118,7 +115,7 @@ class OffsetTracker:
         """The front ticket when it finished with failed sends, else None."""
         with self._lock:
             head = self._tickets[0] if self._tickets else None
-            if head is not None and head.done() and head.failed():
+            if head is not None and head.done() and head.failed:
                 return head
             return None
 
@@ -141,7 +138,7 @@ class OffsetTracker:
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop all knowledge of ``partitions`` (revoked or lost): never commit them again.
 
-        Tickets keep their futures, so the outputs of other partitions still count.
+        Tickets stay, so the outputs of other partitions still count.
         """
         gone = set(partitions)
         with self._lock:
