@@ -4,6 +4,11 @@ The same decoding, engine and output records as ``streamlstm run``, so a backtes
 says what the daemon would have said. Each event yields one JSON line
 (``key, ts, prediction, error, anomaly_score, model_version``); the summary gives
 MAE and MSE of next-step predictions in input units.
+
+With an :class:`~streamlstm.trainer.InlineTrainer` the replay keeps learning: batches
+are cut so fine-tuning runs after exactly every ``training.interval_events`` events
+(and at once after a batch with drift), in line, so the same file, config and seed
+give the same outputs on every run, whatever ``engine.max_batch`` is.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import orjson
@@ -21,6 +26,9 @@ from tqdm import tqdm
 
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.files import FileEvents
+
+if TYPE_CHECKING:
+    from streamlstm.trainer import InlineTrainer
 
 
 @dataclass
@@ -35,6 +43,7 @@ class ReplaySummary:
     mse: float = float("nan")
     seconds: float = 0.0
     model_version: int = 0
+    finetune: Counter[str] = field(default_factory=Counter)  # run results, in-line training
 
     @property
     def events_per_s(self) -> float:
@@ -47,6 +56,11 @@ class ReplaySummary:
             f"next-step error over {self.scored:,} scored events (input units): "
             f"MAE {self.mae:.4f}   MSE {self.mse:.4f}",
             f"throughput: {self.events_per_s:,.0f} events/s   model_version: {self.model_version}",
+            *(
+                [f"fine-tuning runs: {', '.join(f'{k}={v}' for k, v in sorted(runs.items()))}"]
+                if (runs := self.finetune)
+                else []
+            ),
         ]
 
 
@@ -56,10 +70,11 @@ def replay(
     out: IO[bytes] | None = None,
     on_batch: Callable[[BatchOutput], None] | None = None,
     progress: bool | None = None,
+    trainer: InlineTrainer | None = None,
 ) -> ReplaySummary:
     """Run ``data`` through ``engine`` in file order, writing JSON lines to ``out``.
 
-    ``on_batch`` sees every output batch (the in-line trainer hooks in here).
+    ``on_batch`` sees every output batch; ``trainer`` fine-tunes in line (see above).
     ``progress`` None shows a bar only on a terminal.
     """
     batch = data.batch
@@ -70,8 +85,13 @@ def replay(
     started = time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=total, unit="ev", disable=not show, desc="replay") as bar:
-        for start in range(0, total, step):
-            output = engine.process(batch.take(slice(start, start + step)))
+        start = 0
+        while start < total:
+            size = step if trainer is None else min(step, trainer.events_until_run())
+            output = engine.process(batch.take(slice(start, start + size)))
+            start += size
+            if trainer is not None:
+                trainer.on_batch(output)
             if on_batch is not None:
                 on_batch(output)
             known = ~np.isnan(output.error)
@@ -90,4 +110,5 @@ def replay(
         mse=sq_sum / scored if scored else float("nan"),
         seconds=time.perf_counter() - started,
         model_version=engine.model_version,
+        finetune=trainer.counts() if trainer is not None else Counter(),
     )

@@ -76,7 +76,11 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
         "Backtest a JSONL or CSV file through the engine, in file order.",
         "  streamlstm replay sensors.jsonl --output predictions.jsonl\n"
         "  streamlstm replay ETTh2.csv --ts-column date --output out.jsonl\n"
-        "  streamlstm replay trades.csv --key-column ticker --set model.cell=gru\n\n"
+        "  streamlstm replay trades.csv --key-column ticker --set model.cell=gru\n"
+        "  streamlstm replay ETTh2.csv --ts-column date --checkpoint-dir ckpt --no-training\n\n"
+        "The model resumes from the newest valid checkpoint in --checkpoint-dir (or\n"
+        "training.checkpoint_dir) and, unless training.enabled=false, keeps learning in\n"
+        "line every training.interval_events events, so reruns give the same output.\n"
         "Each event yields one JSON line: key, ts, prediction (the key's next values),\n"
         "error and anomaly_score of the previous prediction (null on a key's first\n"
         "event) and model_version. A summary with MAE/MSE goes to stderr.",
@@ -88,8 +92,31 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     keys.add_argument("--key-column", help="CSV: column holding the stream key")
     keys.add_argument("--key", help="CSV: one constant key (default: the file's stem)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_learning_args(p)
     _settings_args(p)
     p.set_defaults(handler=_run_replay)
+
+
+def _add_learning_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("learning while replaying")
+    group.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="resume from the newest valid checkpoint here (default: training.checkpoint_dir)",
+    )
+    group.add_argument(
+        "--save-checkpoints",
+        action="store_true",
+        help="write fine-tuned checkpoints to the checkpoint directory (off: reruns stay equal)",
+    )
+    group.add_argument(
+        "--until-row", type=int, metavar="N", help="use only the file's first N valid events"
+    )
+    group.add_argument(
+        "--no-training",
+        action="store_true",
+        help="inference only (same as --set training.enabled=false)",
+    )
 
 
 def _run_replay(args: argparse.Namespace) -> int:
@@ -97,7 +124,13 @@ def _run_replay(args: argparse.Namespace) -> int:
     from streamlstm.engine import Engine
     from streamlstm.files import read_events
 
-    settings = settings_from_args(args)
+    settings = settings_from_args(
+        args,
+        **{
+            "training.checkpoint_dir": args.checkpoint_dir,
+            "training.enabled": "false" if args.no_training else None,
+        },
+    )
     data = read_events(
         args.input,
         width=settings.model.input_size,
@@ -106,16 +139,102 @@ def _run_replay(args: argparse.Namespace) -> int:
         key=args.key,
         max_message_bytes=settings.engine.max_message_bytes,
     )
+    if args.until_row is not None:
+        data.batch = data.batch.take(slice(0, args.until_row))
     if settings.model.input_size is None:
         settings.model.input_size = data.batch.values.shape[1]
-    engine = Engine.from_settings(settings)
+    engine = Engine.from_settings(settings)  # resumes from training.checkpoint_dir
+    trainer = None
+    if settings.training.enabled:
+        from streamlstm.trainer import InlineTrainer
+
+        trainer = InlineTrainer(engine, settings, write_checkpoints=args.save_checkpoints)
     out = args.output.open("wb") if args.output else sys.stdout.buffer
     try:
-        summary = replay(engine, data, out, progress=False if args.no_progress else None)
+        summary = replay(
+            engine, data, out, progress=False if args.no_progress else None, trainer=trainer
+        )
     finally:
         if args.output:
             out.close()
     for line in summary.lines():
+        print(line, file=sys.stderr)
+    return 0
+
+
+# -- pretrain --------------------------------------------------------------------
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "pretrain",
+        "Warm-start a model offline on a JSONL or CSV file; write a checkpoint.",
+        "  streamlstm pretrain history.jsonl --checkpoint-dir ckpt\n"
+        "  streamlstm pretrain ETTh2.csv --ts-column date --until-row 3600 \\\n"
+        "      --validation-from 2880 --checkpoint-dir ckpt --plot loss.png\n\n"
+        "Events go through the engine's per-key scaler, so the model learns on the inputs\n"
+        "it will see live. Rows from --validation-from on (or the last --validation-fraction)\n"
+        "are held out for early stopping. `run` and `replay` resume from the checkpoint.",
+    )
+    p.add_argument("input", type=Path, help="events: .jsonl (one message per line) or .csv")
+    p.add_argument(
+        "--checkpoint-dir", type=Path, help="where to write it (default: training.checkpoint_dir)"
+    )
+    p.add_argument("--epochs", type=int, default=50, help="most epochs")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument(
+        "--validation-from", type=int, metavar="ROW", help="first held-out event (0-based)"
+    )
+    split.add_argument(
+        "--validation-fraction", type=float, default=0.2, help="held-out share at the end"
+    )
+    p.add_argument("--patience", type=int, default=5, help="epochs without improvement to stop")
+    p.add_argument(
+        "--until-row", type=int, metavar="N", help="use only the file's first N valid events"
+    )
+    p.add_argument("--plot", type=Path, metavar="PNG", help="write a loss-per-epoch plot")
+    p.add_argument("--ts-column", help="CSV: timestamp column (default: the first column)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key-column", help="CSV: column holding the stream key")
+    keys.add_argument("--key", help="CSV: one constant key (default: the file's stem)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _settings_args(p)
+    p.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from streamlstm.files import read_events
+    from streamlstm.pretrain import plot_losses, pretrain
+
+    settings = settings_from_args(args, **{"training.checkpoint_dir": args.checkpoint_dir})
+    if settings.training.checkpoint_dir is None:
+        raise ValueError("pretrain needs --checkpoint-dir (or training.checkpoint_dir)")
+    data = read_events(
+        args.input,
+        width=settings.model.input_size,
+        ts_column=args.ts_column,
+        key_column=args.key_column,
+        key=args.key,
+        max_message_bytes=settings.engine.max_message_bytes,
+    )
+    if args.until_row is not None:
+        data.batch = data.batch.take(slice(0, args.until_row))
+    if settings.model.input_size is None:
+        settings.model.input_size = data.batch.values.shape[1]
+    result = pretrain(
+        data.batch,
+        settings,
+        settings.training.checkpoint_dir,
+        epochs=args.epochs,
+        validation_from=args.validation_from,
+        validation_fraction=args.validation_fraction,
+        patience=args.patience,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    if args.plot:
+        plot_losses(result, args.plot)
+    for line in result.lines():
         print(line, file=sys.stderr)
     return 0
 
@@ -129,7 +248,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         "Measure throughput against a baseline run in the same process.",
         "  streamlstm bench engine            batched engine vs the textbook loop\n"
-        "  streamlstm bench engine --json     one JSON object, for scripts",
+        "  streamlstm bench engine --json     one JSON object, for scripts\n"
+        "  streamlstm bench training          inference speed while fine-tuning, vs off\n"
+        "  streamlstm bench e2e --batch 50    the daemon vs a bare Kafka consumer, end to end",
     )
     which = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     engine = which.add_parser(
@@ -144,6 +265,74 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--rounds", type=int, default=5, help="timed rounds (median is kept)")
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     engine.set_defaults(handler=_run_bench_engine)
+    training = which.add_parser(
+        "training",
+        help="inference events/s while fine-tuning runs nonstop, vs training off",
+        description="Alternating off/on slices in one process; reference model, 1 inference "
+        "thread; both executors (child process, thread) unless --executor is given.",
+        formatter_class=_Formatter,
+    )
+    training.add_argument(
+        "--executor",
+        choices=["process", "thread"],
+        action="append",
+        help="measure only this executor (repeatable; default: both)",
+    )
+    training.add_argument("--keys", type=int, default=2000, help="distinct stream keys")
+    training.add_argument("--batch", type=int, default=1024, help="events per micro-batch")
+    training.add_argument("--seconds", type=float, default=3.0, help="length of one slice")
+    training.add_argument("--slices", type=int, default=5, help="off/on slice pairs")
+    training.add_argument("--json", action="store_true", help="print one JSON object per line")
+    training.set_defaults(handler=_run_bench_training)
+    e2e = which.add_parser(
+        "e2e",
+        help="the daemon end to end vs a bare kafka-python consumer, same run",
+        description="Produces N events to the embedded broker (or --bootstrap), then reads\n"
+        "them with a bare consumer + decoder, with a bare consume->produce pipe, and with\n"
+        "the daemon; prints events/s of each and the ratios, then event latency at a\n"
+        "fixed offered rate. --batch N also measures N-event JSON-array messages.",
+        formatter_class=_Formatter,
+    )
+    e2e.add_argument("--events", type=int, default=100_000, help="events per throughput run")
+    e2e.add_argument("--keys", type=int, default=1000, help="distinct stream keys")
+    e2e.add_argument("--width", type=int, default=8, help="values per event")
+    e2e.add_argument("--batch", type=int, default=1, help="also measure N events per message")
+    e2e.add_argument("--rate", type=float, default=2000, help="offered events/s for latency")
+    e2e.add_argument("--latency-seconds", type=float, default=10, help="0 skips latency")
+    e2e.add_argument("--bootstrap", help="use this Kafka instead of an embedded broker")
+    e2e.add_argument("--json", action="store_true", help="print one JSON object")
+    e2e.set_defaults(handler=_run_bench_e2e)
+
+
+def _run_bench_e2e(args: argparse.Namespace) -> int:
+    import json
+
+    from streamlstm.bench_e2e import bench_e2e
+    from streamlstm.logs import setup_logging
+
+    setup_logging("WARNING")
+    result = bench_e2e(
+        events=args.events,
+        keys=args.keys,
+        width=args.width,
+        batch=args.batch,
+        rate=args.rate,
+        latency_seconds=args.latency_seconds,
+        bootstrap=args.bootstrap,
+    )
+    print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
+    return 0
+
+
+def _run_bench_training(args: argparse.Namespace) -> int:
+    import json
+
+    from streamlstm.bench_training import bench_training
+
+    for executor in args.executor or ["process", "thread"]:
+        result = bench_training(executor, args.keys, args.batch, args.seconds, args.slices)
+        print(json.dumps(result.as_dict()) if args.json else result.line(), flush=True)
+    return 0
 
 
 def _run_bench_engine(args: argparse.Namespace) -> int:
@@ -164,13 +353,24 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
         sub,
         "config",
         "Show every setting with its current value and environment variable.",
-        "  streamlstm config\n  streamlstm config --config my.toml --set engine.max_batch=512",
+        "  streamlstm config\n  streamlstm config --config my.toml --set engine.max_batch=512\n"
+        "  streamlstm config --markdown > docs/configuration.md",
+    )
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the reference of every setting (defaults, types, env vars) as Markdown",
     )
     _settings_args(p)
     p.set_defaults(handler=_run_config)
 
 
 def _run_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from streamlstm.docgen import render_configuration
+
+        sys.stdout.write(render_configuration())
+        return 0
     settings = settings_from_args(args)
     for section_name in Settings.model_fields:
         section = getattr(settings, section_name)
@@ -183,12 +383,223 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- run -------------------------------------------------------------------------
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "run",
+        "The daemon: consume events, predict per key, produce predictions, serve metrics.",
+        "  streamlstm run --config my.toml\n"
+        "  streamlstm run --bootstrap kafka:9092 --set model.input_size=3\n"
+        "  STREAMLSTM_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 streamlstm run --log-json\n\n"
+        "Offsets are committed only after the predictions (and dead letters) of the\n"
+        "records before them were acknowledged: at-least-once. SIGTERM/SIGINT: finish the\n"
+        "batch, flush, commit, exit 0. Metrics on metrics.port: /metrics /healthz /readyz.",
+    )
+    p.add_argument("--bootstrap", help="shortcut for --set kafka.bootstrap_servers=...")
+    _log_args(p)
+    _settings_args(p)
+    p.set_defaults(handler=_run_daemon)
+
+
+def _daemon_settings(args: argparse.Namespace) -> Settings:
+    return settings_from_args(
+        args,
+        **{
+            "kafka.bootstrap_servers": args.bootstrap,
+            "log.json_format": "true" if args.log_json else None,
+            "log.level": args.log_level,
+        },
+    )
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from streamlstm.daemon import Daemon, install_signal_handlers
+    from streamlstm.logs import setup_logging
+
+    settings = _daemon_settings(args)
+    setup_logging(settings.log.level, settings.log.json_format)
+    daemon = Daemon(settings)
+    install_signal_handlers(daemon)
+    return daemon.run()
+
+
+# -- demo ------------------------------------------------------------------------
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "demo",
+        "Embedded broker + synthetic producer + daemon + /metrics, with live figures.",
+        "  streamlstm demo\n  streamlstm demo --duration 30 --keys 1000 --rate 5000\n"
+        "  streamlstm demo --batch 20        20 events per JSON-array message",
+    )
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--keys", type=int, default=200, help="distinct stream keys")
+    p.add_argument("--rate", type=float, default=2000, help="events/s offered")
+    p.add_argument("--batch", type=int, default=1, help="events per message")
+    p.add_argument("--width", type=int, default=4, help="values per event")
+    p.add_argument("--every", type=float, default=5, help="seconds between live lines")
+    p.add_argument("--bad-every", type=int, default=1000, help="one malformed message per N")
+    p.add_argument("--metrics-port", type=int, help="default 9400 if free, else any")
+    _log_args(p)
+    _settings_args(p)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from streamlstm.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        duration=args.duration,
+        keys=args.keys,
+        rate=args.rate,
+        batch=args.batch,
+        width=args.width,
+        every=args.every,
+        bad_every=args.bad_every,
+        metrics_port=args.metrics_port,
+        log_level=args.log_level or "WARNING",
+        log_json=args.log_json,
+    )
+    overrides = dict(parse_override(item) for item in args.set)
+    return run_demo(opts, overrides)
+
+
+# -- broker ----------------------------------------------------------------------
+
+
+def _add_broker(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "broker",
+        "Run the embedded Kafka-compatible broker (Tansu, memory storage) in the foreground.",
+        "  streamlstm broker --port 9092\n"
+        "  streamlstm run --bootstrap 127.0.0.1:9092 --set model.input_size=4",
+    )
+    p.add_argument("--port", type=int, help="listen on this port (default: a free one)")
+    p.set_defaults(handler=_run_broker)
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    from streamlstm.broker import run_foreground
+    from streamlstm.logs import setup_logging
+
+    setup_logging("INFO")
+    run_foreground(args.port)
+    return 0
+
+
+# -- produce ---------------------------------------------------------------------
+
+
+def _add_produce(sub: argparse._SubParsersAction) -> None:
+    p = _command(
+        sub,
+        "produce",
+        "Write events to a topic at a given rate: a synthetic stream or a JSONL/CSV file.",
+        "  streamlstm produce --bootstrap 127.0.0.1:9092 --keys 100 --rate 1000 --duration 60\n"
+        "  streamlstm produce --count 100000 --batch 50      50 events per JSON-array message\n"
+        "  streamlstm produce sensors.jsonl --rate 0         a file, as fast as possible\n\n"
+        "Synthetic keys are seasonal signals with noise, spikes and level shifts (--seed);\n"
+        "their ts is the send time. Topic: kafka.input_topic unless --topic.",
+    )
+    p.add_argument("input", nargs="?", type=Path, help="JSONL or CSV file (default: synthetic)")
+    p.add_argument("--bootstrap", help="shortcut for --set kafka.bootstrap_servers=...")
+    p.add_argument("--topic", help="topic to write (default: kafka.input_topic)")
+    p.add_argument("--keys", type=int, default=100, help="synthetic: distinct keys")
+    p.add_argument("--width", type=int, help="synthetic: values per event (model.input_size or 4)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    p.add_argument("--rate", type=float, default=1000, help="events/s (0: as fast as possible)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--count", type=int, help="stop after N events")
+    stop.add_argument("--duration", type=float, help="stop after S seconds")
+    p.add_argument("--batch", type=int, default=1, help="events per JSON-array message")
+    p.add_argument("--bad-every", type=int, default=0, help="one malformed message per N")
+    p.add_argument("--ts-column", help="CSV: timestamp column (default: the first column)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key-column", help="CSV: column holding the stream key")
+    keys.add_argument("--key", help="CSV: one constant key (default: the file's stem)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _settings_args(p)
+    p.set_defaults(handler=_run_produce)
+
+
+def _run_produce(args: argparse.Namespace) -> int:
+    import threading
+
+    from streamlstm.logs import setup_logging
+    from streamlstm.produce import (
+        Producer,
+        chunks_for_rate,
+        file_events,
+        make_producer,
+        synthetic_events,
+    )
+    from streamlstm.synthetic import SyntheticStream
+
+    settings = settings_from_args(args, **{"kafka.bootstrap_servers": args.bootstrap})
+    setup_logging(settings.log.level, settings.log.json_format)
+    topic = args.topic or settings.kafka.input_topic
+    if args.input is not None:
+        chunks = file_events(
+            args.input,
+            width=settings.model.input_size,
+            ts_column=args.ts_column,
+            key_column=args.key_column,
+            key=args.key,
+        )
+        total = args.count
+    else:
+        width = args.width or settings.model.input_size or 4
+        stream = SyntheticStream(args.keys, width, args.seed)
+        chunks = synthetic_events(stream, args.count)
+        total = args.count
+    stop = threading.Event()
+    producer = Producer(
+        make_producer(settings.kafka),
+        topic,
+        rate=args.rate,
+        batch=args.batch,
+        bad_every=args.bad_every,
+        stop=stop,
+        stamp_now=args.input is None,
+    )
+    try:
+        summary = producer.run(
+            chunks_for_rate(chunks, args.rate),
+            duration=args.duration,
+            progress=False if args.no_progress else None,
+            total=total,
+        )
+    except KeyboardInterrupt:
+        stop.set()
+        summary = producer.summary
+    finally:
+        producer.producer.close(timeout=10)
+    print(summary.line(), file=sys.stderr)
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_replay,
     _add_bench,
     _add_config,
+    _add_pretrain,
+    _add_run,
+    _add_demo,
+    _add_broker,
+    _add_produce,
 ]
 
 

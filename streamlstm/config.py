@@ -55,6 +55,9 @@ class KafkaSettings(Section):
     session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer session timeout.")
     heartbeat_interval_ms: int = Field(2_000, ge=100, description="Consumer heartbeat interval.")
     poll_timeout_ms: int = Field(100, ge=0, description="Longest wait for records in one poll.")
+    fetch_max_wait_ms: int = Field(
+        25, ge=0, description="Longest a fetch waits on the broker for data (bounds latency)."
+    )
     commit_interval_ms: int = Field(1_000, ge=0, description="How often offsets are committed.")
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a new consumer group starts reading."
@@ -110,6 +113,11 @@ class ModelSettings(Section):
     num_layers: int = Field(2, ge=1, le=16, description="Stacked recurrent layers.")
     cell: Literal["lstm", "gru"] = Field("lstm", description="Recurrent cell type.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between layers (training).")
+    inputs: Literal["level", "change"] = Field(
+        "level",
+        description="What the network sees: normalised values, or their change since the "
+        "key's last event (robust when levels drift).",
+    )
     seed: int = Field(0, ge=0, description="Seed for weight initialisation.")
     quantize: bool = Field(False, description="Int8 dynamic quantization for CPU inference.")
 
@@ -121,6 +129,12 @@ class EngineSettings(Section):
     torch_threads: int = Field(1, ge=1, le=256, description="Intra-op threads for inference.")
     input_clip: float = Field(
         10.0, gt=0, description="Normalised inputs are clipped to +-this many standard deviations."
+    )
+    max_step: float | None = Field(
+        None,
+        gt=0,
+        description="Cap on how far a prediction moves from the key's last values, in "
+        "multiples of its typical step-to-step change (None: no cap).",
     )
     anomaly_threshold: float = Field(
         0.99, ge=0.0, le=1.0, description="Anomaly score at or above which an event is counted."
@@ -156,27 +170,46 @@ class StateSettings(Section):
 
 
 class TrainingSettings(Section):
-    """Fine-tuning while the stream runs."""
+    """Fine-tuning while the stream runs (see ``streamlstm.trainer``)."""
 
     enabled: bool = Field(True, description="Fine-tune the model while events arrive.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where fine-tuning runs.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where fine-tuning runs (auto: cuda when present)."
+    )
+    executor: Literal["process", "thread"] = Field(
+        "process", description="Daemon: fine-tune in a child process (no GIL contention) or thread."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads for training (None: cores - inference)."
+    )
     interval_events: int = Field(20_000, ge=1, description="Fine-tune after this many events.")
     interval_seconds: float = Field(60.0, gt=0, description="...or after this many seconds.")
     replay_bytes: int = Field(64 * 2**20, ge=2**16, description="Memory budget of the buffer.")
-    window: int = Field(64, ge=2, description="Steps per replay window.")
+    window: int = Field(64, ge=2, description="Steps per replay window (burn-in included).")
     burn_in: int = Field(8, ge=0, description="Steps run without gradient before a window.")
     tbptt_steps: int = Field(32, ge=1, description="Truncated BPTT chunk length.")
     batch_windows: int = Field(64, ge=1, description="Windows per training batch.")
-    steps_per_run: int = Field(50, ge=1, description="Optimiser steps per fine-tuning run.")
+    steps_per_run: int = Field(
+        50, ge=1, description="Optimiser steps (one per TBPTT chunk) per fine-tuning run."
+    )
+    recency_half_life: float = Field(
+        0.25, gt=0, description="Sampling weight halves every this share of the buffer's rows."
+    )
     learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
     clip_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
-    lr_patience: int = Field(3, ge=0, description="Runs without improvement before LR backs off.")
+    lr_patience: int = Field(
+        3, ge=0, description="Rejected runs in a row before the learning rate backs off."
+    )
     lr_factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on plateau.")
     min_learning_rate: float = Field(1e-5, gt=0, description="LR floor.")
-    early_stop_patience: int = Field(10, ge=1, description="Steps without improvement in a run.")
-    validation_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of recent windows held out for the validation gate."
+    early_stop_patience: int = Field(
+        10, ge=1, description="Steps without a better smoothed training loss before a run stops."
+    )
+    validation_windows: int = Field(
+        64,
+        ge=1,
+        description="Most windows the validation gate scores (rows newer than the candidate).",
     )
     checkpoint_dir: Path | None = Field(None, description="Where checkpoints are written/read.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept.")
@@ -184,14 +217,20 @@ class TrainingSettings(Section):
 
 
 class DriftSettings(Section):
-    """Detectors over the prediction-error stream."""
+    """Detectors over the prediction-error stream (see ``streamlstm.drift``)."""
 
     enabled: bool = Field(True, description="Run drift detectors.")
     adwin_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence (global).")
+    adwin_block: int = Field(
+        256, ge=1, description="Scored events per ADWIN sample (their mean std-unit error)."
+    )
     ph_delta: float = Field(0.005, ge=0, description="Page-Hinkley magnitude (per key).")
     ph_threshold: float = Field(50.0, gt=0, description="Page-Hinkley threshold (per key).")
     ph_alpha: float = Field(0.9999, gt=0, le=1, description="Page-Hinkley forgetting factor.")
     ph_min_instances: int = Field(30, ge=1, description="Events before a key can drift.")
+    ph_mode: Literal["up", "down", "both"] = Field(
+        "up", description="Page-Hinkley direction: rising errors (up), falling, or both."
+    )
     finetune_on_drift: bool = Field(True, description="Start fine-tuning at once on drift.")
 
 

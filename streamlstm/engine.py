@@ -5,8 +5,21 @@ For each event, in the key's arrival order:
 1. score the key's pending prediction against the new values (``error``: mean absolute
    error over features, input units) and turn it into an ``anomaly_score``;
 2. update the key's online scaler and normalise the values;
-3. advance the key's recurrent state one step and predict its next values;
+3. advance the key's recurrent state one step and predict its next values: the
+   network sees the normalised values (``model.inputs = "level"``) or their change
+   since the key's last event (``"change"``, robust when levels drift), clipped to
+   ``engine.input_clip``; its output minus its input is a correction, in the key's
+   standard deviations, added to the current values (so an untrained network is the
+   persistence forecast, and an outlier is never "predicted" as the clip value);
+   ``engine.max_step`` optionally caps that move at a multiple of the key's typical
+   step-to-step change, a trust region against extrapolating from inputs unlike any
+   the network was trained on (a sudden level shift read as a spike to revert);
 4. de-normalise the prediction and keep it pending for the key's next event.
+
+Hooks beside the step: a :class:`~streamlstm.replay.ReplayBuffer` (``attach_replay``)
+records each batched step for fine-tuning, and :class:`~streamlstm.drift.DriftMonitor`
+runs the per-key Page-Hinkley test inside the step and ADWIN over blocks of errors;
+drift marks the output (``BatchOutput.drift``).
 
 All keys of a batch advance together: the k-th events of all keys present form one
 batched step, so a batch costs ``max events per key`` model calls, not one per event.
@@ -23,7 +36,7 @@ batched step, so a batch costs ``max events per key`` model calls, not one per e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -32,11 +45,26 @@ import torch
 
 from streamlstm import anomaly
 from streamlstm.config import Settings
+from streamlstm.drift import DriftMonitor
 from streamlstm.events import EventBatch
 from streamlstm.model import RecurrentModel, quantize_for_inference
+from streamlstm.replay import ReplayBuffer
 from streamlstm.state import KeyedState
 
-_VAR_EPS = 1e-8
+# The scaler's floor is relative to the key's level: differences below float32's resolution
+# of the level are noise, whatever the unit (an absolute floor would treat millivolts and
+# kilopascals differently). The tiny absolute term only keeps an all-zero key finite.
+_VAR_REL_EPS = 1e-14
+_VAR_ABS_EPS = 1e-30
+
+
+# The typical step size is exact over a key's first changes, then exponential over ~100.
+_STEP_WINDOW = 100
+
+
+def _std(var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(var + _VAR_REL_EPS * mean * mean + _VAR_ABS_EPS)
+
 
 # (slots, normalised inputs [B, F], recurrent state before the step [B, L, P, H])
 StepRecorder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -54,6 +82,8 @@ class BatchOutput:
     anomaly_score: np.ndarray  # float32 [N], NaN where error is NaN
     model_version: int
     drift: np.ndarray | None = None  # bool [N], set by the drift detectors
+    scaled_error: np.ndarray | None = None  # float32 [N], error in the key's std units
+    detections: dict[str, int] = field(default_factory=dict)  # detector -> drifts this batch
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -117,16 +147,38 @@ class Engine:
             initial_capacity=settings.state.initial_capacity,
         )
         self.recorder: StepRecorder | None = None
+        self.replay: ReplayBuffer | None = None
+        self._level_inputs = settings.model.inputs == "level"
+        self.drift = DriftMonitor(settings.drift)
         self._offered: tuple[dict[str, torch.Tensor], int] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, model_version: int = 0) -> Engine:
-        """An engine with a freshly initialised model (seeded by ``model.seed``)."""
+    def from_settings(
+        cls, settings: Settings, model_version: int = 0, resume: bool = True
+    ) -> Engine:
+        """An engine with a freshly initialised model (seeded by ``model.seed``), or, with
+        ``resume`` and ``training.checkpoint_dir`` set, the newest valid checkpoint there
+        (raises :class:`~streamlstm.checkpoint.CheckpointError` on an architecture mismatch).
+        """
         m = settings.model
         if m.input_size is None:
             raise ValueError("model.input_size is not set")
         model = RecurrentModel(m.input_size, m.hidden_size, m.num_layers, m.cell, m.dropout, m.seed)
+        if resume and settings.training.checkpoint_dir is not None:
+            from streamlstm.checkpoint import architecture, latest_checkpoint
+
+            expect = architecture(model, settings)
+            ckpt = latest_checkpoint(settings.training.checkpoint_dir, expect)
+            if ckpt is not None:
+                model.load_state_dict(ckpt.state_dict)
+                model_version = ckpt.version
         return cls(model, settings, model_version)
+
+    def attach_replay(self, buffer: ReplayBuffer | None) -> None:
+        """Record every batched step into ``buffer`` (None detaches)."""
+        if buffer is not None:
+            buffer.ensure_slots(self.store.capacity)
+        self.replay = buffer
 
     def _prepare(self, model: RecurrentModel) -> RecurrentModel:
         return quantize_for_inference(model) if self.settings.model.quantize else model
@@ -163,6 +215,8 @@ class Engine:
         error = np.full(n, np.nan, dtype=np.float32)
         squared = np.full(n, np.nan, dtype=np.float32)
         score = np.full(n, np.nan, dtype=np.float32)
+        scaled = np.full(n, np.nan, dtype=np.float32)
+        flags = np.zeros(n, dtype=np.float32)
         step = self.settings.engine.max_batch
         for start in range(0, n, step):
             rows = slice(start, min(n, start + step))
@@ -170,11 +224,24 @@ class Engine:
                 batch.take(rows) if n > step else batch,
                 None if partition is None else partition[rows],
                 None if offset is None else offset[rows],
-                (prediction[rows], error[rows], squared[rows], score[rows]),
+                (prediction[rows], error[rows], squared[rows], score[rows], scaled[rows]),
+                flags[rows],
             )
-        return BatchOutput(
+        output = BatchOutput(
             batch.keys, batch.ts, prediction, error, squared, score, self.model_version
         )
+        output.scaled_error = scaled
+        if self.drift.enabled:
+            self._detect_drift(output, flags > 0)
+        return output
+
+    def _detect_drift(self, output: BatchOutput, per_key: np.ndarray) -> None:
+        """Per-key flags from the step, plus ADWIN over blocks of std-unit errors; a global
+        drift marks the event that closed the block."""
+        hits = self.drift.global_errors(output.scaled_error)
+        output.drift = per_key.copy()
+        output.drift[hits] = True
+        output.detections = {"adwin": len(hits), "page_hinkley": int(per_key.sum())}
 
     def _process_chunk(
         self,
@@ -182,13 +249,18 @@ class Engine:
         partition: np.ndarray | None,
         offset: np.ndarray | None,
         outputs: tuple[np.ndarray, ...],
+        flags: np.ndarray,
     ) -> None:
-        """Run one chunk, writing prediction, error, squared error and score into ``outputs``."""
+        """Run one chunk, writing prediction, error, squared error, score and std-unit error
+        into ``outputs`` and per-key drift flags into ``flags``."""
         slots = self.store.assign(batch.keys, batch.ts, partition)
+        if self.replay is not None:
+            self.replay.ensure_slots(self.store.capacity)
+            self.replay.begin(len(batch))
         values = torch.from_numpy(batch.values)
         target = None if batch.target is None else torch.from_numpy(batch.target)
         ts = torch.from_numpy(batch.ts)
-        columns = [torch.from_numpy(a) for a in outputs]
+        columns = [torch.from_numpy(a) for a in (*outputs, flags)]
         for group in step_groups(slots):
             rows = torch.from_numpy(group)
 
@@ -196,20 +268,30 @@ class Engine:
                 return t.index_select(0, rows)
 
             s = pick(torch.from_numpy(slots))
-            results = self._step_group(s, pick(values), None if target is None else pick(target))
+            results = self._step_group(
+                s, pick(values), None if target is None else pick(target), rows
+            )
             self.store.last_ts[s] = pick(ts)
             if offset is not None:
                 self.store.offset[s] = pick(torch.from_numpy(offset))
             for column, result in zip(columns, results, strict=True):
                 column.index_copy_(0, rows, result)
+        if self.replay is not None:
+            self.replay.end()
 
     def _step_group(
-        self, s: torch.Tensor, x: torch.Tensor, target: torch.Tensor | None
+        self,
+        s: torch.Tensor,
+        x: torch.Tensor,
+        target: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
-        """One event for each of B distinct keys (slots ``s``): score, normalise, step.
+        """One event for each of B distinct keys (slots ``s``, at ``positions`` of the
+        chunk): score, normalise, step.
 
         The keys' rows are gathered once, updated through field views, and written back
-        with one ``index_copy_``.
+        with one ``index_copy_``. Returns prediction, error, squared error, anomaly score,
+        std-unit error and per-key drift flags (float 0/1).
         """
         cfg = self.settings
         clip = cfg.engine.input_clip
@@ -228,8 +310,19 @@ class Engine:
         abs_err = diff.abs()
         err = torch.where(pending, abs_err.mean(1), torch.nan)
         squared = torch.where(pending, (diff * diff).mean(1), torch.nan)
-        std_err = (abs_err / torch.sqrt(var + _VAR_EPS)).clamp(max=clip).mean(1)
+        std_before = _std(var, mean)
+        std_err = (abs_err / std_before).clamp(max=clip).mean(1)
         score = self._score(field, std_err, pending)
+        # The change since the key's last event, in the units its last prediction was made
+        # in: the correction that prediction should have made (its training target), and
+        # the network's input when model.inputs is "change".
+        last, step = field("last"), field("step")
+        seen = count > 0
+        moved = x - last
+        change = torch.where(seen.unsqueeze(1), moved / std_before, 0.0)
+        rate = (seen / count.clamp(min=1, max=_STEP_WINDOW)).unsqueeze(1)  # 0 on a first event
+        step.add_(rate * (moved.abs() - step))
+        last.copy_(x)
 
         # 2. Online scaler: exact mean/variance for `scaler_window` events, then exponential.
         count += 1
@@ -237,19 +330,29 @@ class Engine:
         delta = x - mean
         mean += alpha * delta
         var.copy_((1.0 - alpha) * (var + alpha * delta * delta))
-        std = torch.sqrt(var + _VAR_EPS)
-        xn = ((x - mean) / std).clamp(-clip, clip)
+        std = _std(var, mean)
+        raw_input = (x - mean) / std if self._level_inputs else change
+        model_input = raw_input.clamp(-clip, clip)
 
-        # 3. One batched recurrent step.
+        # 3. One batched recurrent step (recorded for replay with the state before it). The
+        # network's output minus its input is the correction, in the key's std units.
         state = field("recurrent")
         if self.recorder is not None:
-            self.recorder(s, xn, state)
-        pred_n, new_state = self._inference_model.step(xn, state)
-        pred = pred_n * std + mean
+            self.recorder(s, model_input, state)
+        if self.replay is not None:
+            own = None if target is None else (target - x) / std
+            self.replay.record(s, raw_input, change, count, state, own, positions)
+        out, new_state = self._inference_model.step(model_input, state)
+        move = (out - model_input) * std
+        if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw
+            limit = cfg.engine.max_step * step
+            move = torch.maximum(torch.minimum(move, limit), -limit)
+        pred = x + move
         state.copy_(new_state)
         field("pending").copy_(pred)
 
         # 4. With an explicit target the prediction is scored at once, not left pending.
+        scored = pending
         if target is None:
             has_pending.fill_(1.0)
         else:
@@ -261,9 +364,26 @@ class Engine:
             squared = torch.where(labelled, (target_diff * target_diff).mean(1), squared)
             target_std_err = (target_err / std).clamp(max=clip).mean(1)
             score = torch.where(labelled, self._score(field, target_std_err, labelled), score)
+            std_err = torch.where(labelled, target_std_err, std_err)
+            scored = pending | labelled
+
+        # 5. Per-key drift on the std-unit error stream.
+        if self.drift.enabled:
+            block = self.store.layout.block(rows, "ph_mean", "ph_drift")
+            flags = self.drift.per_key(block, std_err, scored).float()
+        else:
+            flags = torch.zeros_like(std_err)
         self.store.table.index_copy_(0, s, rows)
         self.store.dirty[s] = True
-        return pred, err, squared, torch.where(torch.isnan(err), torch.nan, score)
+        unscored = torch.isnan(err)
+        return (
+            pred,
+            err,
+            squared,
+            torch.where(unscored, torch.nan, score),
+            torch.where(unscored, torch.nan, std_err),
+            flags,
+        )
 
     def _score(
         self, field: Callable[[str], torch.Tensor], std_err: torch.Tensor, scored: torch.Tensor

@@ -16,7 +16,7 @@ partition, so one partition's keys can be snapshotted, dropped and restored toge
 >>> store.assign(["a", "b", "a"], ts=np.array([0.0, 1.0, 2.0])).tolist()
 [0, 1, 0]
 >>> len(store), store.layout.width, store.bytes_per_row
-(2, 47, 217)
+(2, 60, 269)
 """
 
 from __future__ import annotations
@@ -35,14 +35,24 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 23)
+    (slice(8, 11, None), 36)
     """
 
-    SCALARS = ("count", "has_pending", "err_short", "err_mean", "err_var", "err_count")
+    # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
+    # so they are gathered with the row and travel with the key's snapshot.
+    PH = ("ph_mean", "ph_n", "ph_inc", "ph_dec", "ph_min", "ph_max", "ph_drift")
+    SCALARS = ("count", "has_pending", "err_short", "err_mean", "err_var", "err_count", *PH)
 
     def __init__(self, state_shape: tuple[int, int, int], width: int) -> None:
         self.state_shape = state_shape
-        sizes = {"recurrent": math.prod(state_shape), "mean": width, "var": width, "pending": width}
+        sizes = {
+            "recurrent": math.prod(state_shape),
+            "mean": width,
+            "var": width,
+            "pending": width,
+            "last": width,  # the key's previous values (for change inputs and labels)
+            "step": width,  # its typical absolute step-to-step change (engine.max_step)
+        }
         sizes.update(dict.fromkeys(self.SCALARS, 1))
         self.columns: dict[str, slice] = {}
         start = 0
@@ -50,6 +60,10 @@ class RowLayout:
             self.columns[name] = slice(start, start + size)
             start += size
         self.width = start
+
+    def block(self, rows: torch.Tensor, first: str, last: str) -> torch.Tensor:
+        """A ``[B, n]`` view of consecutive scalar columns ``first`` .. ``last``."""
+        return rows[:, self.columns[first].start : self.columns[last].stop]
 
     def field(self, rows: torch.Tensor, name: str) -> torch.Tensor:
         """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``."""

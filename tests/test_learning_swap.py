@@ -1,0 +1,87 @@
+"""Weight swaps happen between batches, never inside one, also when offered from a thread."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from streamlstm.config import load_settings
+from streamlstm.engine import Engine
+from streamlstm.events import EventBatch
+
+
+def _settings():
+    return load_settings(overrides={"model.input_size": "2", "model.hidden_size": "8"})
+
+
+def _weights(engine: Engine, scale: float) -> dict[str, torch.Tensor]:
+    weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    weights["head.bias"] = torch.full_like(weights["head.bias"], scale)
+    return weights
+
+
+def _batches(n: int, seed: int = 0) -> list[EventBatch]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(n):
+        keys = [f"k{i}" for i in rng.integers(0, 4, 12)]  # repeats: several steps per batch
+        ts = np.arange(12) + 100.0 * b
+        out.append(EventBatch.from_arrays(keys, ts, rng.normal(size=(12, 2))))
+    return out
+
+
+def test_offer_inside_a_batch_takes_effect_at_the_next_batch() -> None:
+    batches = _batches(2)
+    engine, reference = Engine.from_settings(_settings()), Engine.from_settings(_settings())
+    new = _weights(engine, 0.5)
+    calls = []
+
+    def offer_midway(*_: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # after the first batched step of the batch
+            engine.offer_weights(new, 7)
+
+    engine.recorder = offer_midway
+    first = engine.process(batches[0])
+    assert len(calls) > 2  # the batch really had several steps after the offer
+    expected = reference.process(batches[0])
+    assert first.model_version == 0
+    np.testing.assert_array_equal(first.prediction, expected.prediction)
+
+    engine.recorder = None
+    second = engine.process(batches[1])
+    reference.offer_weights(new, 7)
+    expected = reference.process(batches[1])
+    assert second.model_version == 7
+    np.testing.assert_array_equal(second.prediction, expected.prediction)
+
+
+def test_offers_from_another_thread_swap_only_between_batches() -> None:
+    batches = _batches(60, seed=1)
+    engine = Engine.from_settings(_settings())
+    base = _weights(engine, 0.0)
+    offered: dict[int, dict[str, torch.Tensor]] = {}
+    stop = threading.Event()
+
+    def offer_forever() -> None:
+        v = 0
+        while not stop.wait(0.0002):
+            v += 1
+            offered[v] = {**base, "head.bias": torch.full_like(base["head.bias"], 0.01 * v)}
+            engine.offer_weights(offered[v], v)
+
+    thread = threading.Thread(target=offer_forever)
+    thread.start()
+    runs = [engine.process(b) for b in batches]
+    stop.set()
+    thread.join()
+    assert len({o.model_version for o in runs}) > 2  # swaps did happen during the run
+    # Replay, swapping each batch's reported weights in synchronously before it: if any
+    # batch had mixed weights inside, its predictions would differ from this.
+    reference = Engine.from_settings(_settings())
+    for b, out in zip(batches, runs, strict=True):
+        if out.model_version:
+            reference.offer_weights(offered[out.model_version], out.model_version)
+        np.testing.assert_array_equal(out.prediction, reference.process(b).prediction)

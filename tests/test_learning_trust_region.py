@@ -1,0 +1,36 @@
+"""engine.max_step: predictions move at most k typical steps away from the last values."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from streamlstm.config import load_settings
+from streamlstm.engine import Engine
+from streamlstm.events import EventBatch
+
+
+def _run(max_step: str | None) -> tuple[np.ndarray, np.ndarray]:
+    overrides = {"model.input_size": "2", "model.hidden_size": "8", "model.inputs": "change"}
+    if max_step is not None:
+        overrides["engine.max_step"] = max_step
+    engine = Engine.from_settings(load_settings(overrides=overrides))
+    torch.nn.init.normal_(engine.model.head.weight, std=3.0)  # a net that wants to move a lot
+    rng = np.random.default_rng(0)
+    values = np.cumsum(rng.normal(0, 1, (300, 2)), axis=0)
+    values[200:] += 40.0  # a level shift the net has never seen
+    preds = [engine.process(EventBatch.from_arrays(["k"], [t], values[t : t + 1])).prediction[0]
+             for t in range(300)]  # fmt: skip
+    return values, np.array(preds)
+
+
+def test_predictions_stay_within_k_typical_steps_of_the_last_values() -> None:
+    values, capped = _run("2")
+    _, free = _run(None)
+    steps = np.abs(np.diff(values, axis=0))
+    for t in range(1, 299):
+        typical = steps[:t].mean(0) if t <= 100 else None  # exact over the first 100 changes
+        if typical is not None:
+            assert np.all(np.abs(capped[t] - values[t]) <= 2 * typical + 1e-3)
+    assert np.abs(free - values).max() > 2 * np.abs(capped - values).max()  # it did bind
+    assert np.abs(capped[0] - values[0]).max() < 1e-6  # no change seen yet: persistence
