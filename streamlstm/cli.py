@@ -11,9 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamlstm import __version__
 from streamlstm.config import ConfigError, Settings, load_settings, parse_override
+
+if TYPE_CHECKING:
+    from streamlstm.files import FileEvents
 
 EXIT_USAGE = 2
 
@@ -66,6 +70,37 @@ def _command(
     )
 
 
+# -- files: replay, pretrain and produce read them alike ---------------------------
+
+
+def _file_args(p: argparse.ArgumentParser) -> None:
+    csv = p.add_argument_group("CSV files")
+    csv.add_argument("--ts-column", help="timestamp column (default: the first column)")
+    keys = csv.add_mutually_exclusive_group()
+    keys.add_argument("--key-column", help="column holding the stream key")
+    keys.add_argument("--key", help="one constant key (default: the file's stem)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _read_input(args: argparse.Namespace, settings: Settings) -> FileEvents:
+    """The events of ``args.input`` (first ``--until-row``); sets a missing input_size."""
+    from streamlstm.files import read_events
+
+    data = read_events(
+        args.input,
+        width=settings.model.input_size,
+        ts_column=args.ts_column,
+        key_column=args.key_column,
+        key=args.key,
+        max_message_bytes=settings.engine.max_message_bytes,
+    )
+    if args.until_row is not None:
+        data.batch = data.batch.take(slice(0, args.until_row))
+    if settings.model.input_size is None:
+        settings.model.input_size = data.batch.values.shape[1]
+    return data
+
+
 # -- replay ----------------------------------------------------------------------
 
 
@@ -87,11 +122,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, help="events: .jsonl (one message per line) or .csv")
     p.add_argument("--output", "-o", type=Path, help="JSONL output file (default: stdout)")
-    p.add_argument("--ts-column", help="CSV: timestamp column (default: the first column)")
-    keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--key-column", help="CSV: column holding the stream key")
-    keys.add_argument("--key", help="CSV: one constant key (default: the file's stem)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _file_args(p)
     _add_learning_args(p)
     _settings_args(p)
     p.set_defaults(handler=_run_replay)
@@ -122,7 +153,6 @@ def _add_learning_args(p: argparse.ArgumentParser) -> None:
 def _run_replay(args: argparse.Namespace) -> int:
     from streamlstm.backtest import replay
     from streamlstm.engine import Engine
-    from streamlstm.files import read_events
 
     settings = settings_from_args(
         args,
@@ -131,18 +161,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             "training.enabled": "false" if args.no_training else None,
         },
     )
-    data = read_events(
-        args.input,
-        width=settings.model.input_size,
-        ts_column=args.ts_column,
-        key_column=args.key_column,
-        key=args.key,
-        max_message_bytes=settings.engine.max_message_bytes,
-    )
-    if args.until_row is not None:
-        data.batch = data.batch.take(slice(0, args.until_row))
-    if settings.model.input_size is None:
-        settings.model.input_size = data.batch.values.shape[1]
+    data = _read_input(args, settings)
     engine = Engine.from_settings(settings)  # resumes from training.checkpoint_dir
     trainer = None
     if settings.training.enabled:
@@ -194,34 +213,18 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "--until-row", type=int, metavar="N", help="use only the file's first N valid events"
     )
     p.add_argument("--plot", type=Path, metavar="PNG", help="write a loss-per-epoch plot")
-    p.add_argument("--ts-column", help="CSV: timestamp column (default: the first column)")
-    keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--key-column", help="CSV: column holding the stream key")
-    keys.add_argument("--key", help="CSV: one constant key (default: the file's stem)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _file_args(p)
     _settings_args(p)
     p.set_defaults(handler=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from streamlstm.files import read_events
     from streamlstm.pretrain import plot_losses, pretrain
 
     settings = settings_from_args(args, **{"training.checkpoint_dir": args.checkpoint_dir})
     if settings.training.checkpoint_dir is None:
         raise ValueError("pretrain needs --checkpoint-dir (or training.checkpoint_dir)")
-    data = read_events(
-        args.input,
-        width=settings.model.input_size,
-        ts_column=args.ts_column,
-        key_column=args.key_column,
-        key=args.key,
-        max_message_bytes=settings.engine.max_message_bytes,
-    )
-    if args.until_row is not None:
-        data.batch = data.batch.take(slice(0, args.until_row))
-    if settings.model.input_size is None:
-        settings.model.input_size = data.batch.values.shape[1]
+    data = _read_input(args, settings)
     result = pretrain(
         data.batch,
         settings,
@@ -524,11 +527,7 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
     stop.add_argument("--duration", type=float, help="stop after S seconds")
     p.add_argument("--batch", type=int, default=1, help="events per JSON-array message")
     p.add_argument("--bad-every", type=int, default=0, help="one malformed message per N")
-    p.add_argument("--ts-column", help="CSV: timestamp column (default: the first column)")
-    keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--key-column", help="CSV: column holding the stream key")
-    keys.add_argument("--key", help="CSV: one constant key (default: the file's stem)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _file_args(p)
     _settings_args(p)
     p.set_defaults(handler=_run_produce)
 
