@@ -37,7 +37,12 @@ Start here:
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the examples' layout and show defaults."""
+    """Keep the examples' layout; show defaults, except empty ones (None, False, [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
