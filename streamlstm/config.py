@@ -44,9 +44,6 @@ class KafkaSettings(Section):
     dead_letter_topic: str = Field(
         "events.dlq", min_length=1, description="Topic for records that fail decoding/validation."
     )
-    changelog_topic: str = Field(
-        "streamlstm.state", min_length=1, description="Compacted topic of per-key state snapshots."
-    )
     group_id: str = Field("streamlstm", min_length=1, description="Consumer group id.")
     client_id: str = Field("streamlstm", min_length=1, description="Client id sent to brokers.")
     create_topics: bool = Field(True, description="Create missing topics at start-up.")
@@ -166,7 +163,6 @@ class StateSettings(Section):
     anomaly_min_events: int = Field(
         20, ge=1, description="Errors a key needs before its anomaly score leaves 0."
     )
-    state_dir: Path | None = Field(None, description="Local directory for state snapshots.")
 
 
 class TrainingSettings(Section):

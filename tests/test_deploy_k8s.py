@@ -143,13 +143,15 @@ def test_scraping_targets_the_metrics_port(settings: Settings) -> None:
     assert resource("StatefulSet")["spec"]["serviceName"] == service["metadata"]["name"]
 
 
-def test_checkpoints_and_state_are_persistent_volumes(settings: Settings) -> None:
+def test_checkpoints_are_a_persistent_volume(settings: Settings) -> None:
     sts = resource("StatefulSet")["spec"]
     claims = {t["metadata"]["name"] for t in sts.get("volumeClaimTemplates", [])}
     mounts = {m["mountPath"]: m["name"] for m in container()["volumeMounts"]}
-    for path in (settings.training.checkpoint_dir, settings.state.state_dir):
-        assert path is not None and str(path) in mounts, f"{path} is not mounted"
-        assert mounts[str(path)] in claims, f"{path} is not on a persistent volume claim"
+    path = settings.training.checkpoint_dir
+    assert path is not None and str(path) in mounts, f"{path} is not mounted"
+    assert mounts[str(path)] in claims, f"{path} is not on a persistent volume claim"
+    unused = claims - set(mounts.values())
+    assert not unused, f"volume claims no container mounts: {sorted(unused)}"
 
 
 def test_replicas_share_one_group_and_fit_the_partitions(settings: Settings) -> None:
