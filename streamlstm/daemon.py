@@ -21,6 +21,7 @@ SIGTERM/SIGINT it stops polling, finishes the batch at hand, flushes, commits an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -142,6 +143,7 @@ class Daemon:
         self._last_status = time.monotonic()
         self._status_mark = (0, time.monotonic())
         self._evictions_seen: dict[str, int] = {}
+        self._owned_partitions: set[int] = set()
         self._connected_at: float | None = None
         self.metrics.ready.set(0)
         self.metrics.model_version.set(self.engine.model_version)
@@ -463,6 +465,7 @@ class Daemon:
                 self._evictions_seen[cause] = count
         m.model_version.set(self.engine.model_version)
         if self.source is not None:
+            self._forget_moved_partitions()
             try:
                 for partition, lag in self.source.lag().items():
                     m.consumer_lag.labels(str(partition)).set(lag)
@@ -470,6 +473,25 @@ class Daemon:
                 log.debug("lag: %s", exc)
             self._check_contact()
         m.ready.set(1 if self.ready() else 0)
+
+    def _forget_moved_partitions(self) -> None:
+        """Drop the key state and lag series of partitions another member now owns.
+
+        Checked on the loop, after polls: a partition revoked and given straight back in
+        the same rebalance keeps its keys; one that moved on would otherwise keep stale
+        state here (its new owner starts those keys afresh).
+        """
+        assert self.source is not None
+        try:
+            owned = {tp.partition for tp in set(self.source.assigned)}
+        except RuntimeError:  # the heartbeat thread changed the set meanwhile: next second
+            return
+        for partition in self._owned_partitions - owned:
+            dropped = self.engine.store.drop_partition(partition)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(str(partition))
+            log.info("partition %d moved away: forgot %d keys", partition, len(dropped))
+        self._owned_partitions = owned
 
     def _log_status(self, now: float) -> None:
         events, since = self._status_mark

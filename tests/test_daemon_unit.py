@@ -1,17 +1,20 @@
-"""Daemon pieces that need no broker: settings checks, live figures, JSON logs."""
+"""Daemon pieces that need no broker: settings, live figures, JSON logs, moved partitions."""
 
 from __future__ import annotations
 
 import io
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import orjson
 import pytest
+from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, load_settings
 from streamlstm.daemon import Daemon, LiveStats
 from streamlstm.demo import live_line
+from streamlstm.events import EventBatch
 from streamlstm.logs import setup_logging
 
 
@@ -53,3 +56,23 @@ def test_json_logs_and_quiet_kafka() -> None:
         assert stream.getvalue().splitlines()[-1].endswith("INFO  daemon: hello")
     finally:
         setup_logging("WARNING")
+
+
+def test_keys_of_a_partition_that_moved_away_are_forgotten() -> None:
+    settings = load_settings(
+        overrides={"model.input_size": "2", "model.hidden_size": "4", "training.enabled": "false"}
+    )
+    daemon = Daemon(settings)
+    batch = EventBatch.from_arrays(["a", "b", "c"], np.zeros(3), np.ones((3, 2)))
+    daemon.engine.process(batch, partition=np.array([0, 1, 1]), offset=np.array([5, 6, 7]))
+    source = SimpleNamespace(assigned={TopicPartition("in", 0), TopicPartition("in", 1)})
+    daemon.source = source  # type: ignore[assignment]
+    daemon.metrics.consumer_lag.labels("1").set(3)
+    daemon._forget_moved_partitions()
+    assert sorted(daemon.engine.store.keys()) == ["a", "b", "c"]
+
+    source.assigned = {TopicPartition("in", 0)}  # partition 1 went to another member
+    daemon._forget_moved_partitions()
+    assert daemon.engine.store.keys() == ["a"]
+    exposition = daemon.metrics.exposition().decode()
+    assert 'streamlstm_consumer_lag{partition="1"}' not in exposition
