@@ -35,10 +35,11 @@ from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, Settings
 from streamlstm.engine import Engine
-from streamlstm.events import Decoder
+from streamlstm.events import REASONS, Decoder
 from streamlstm.io import OffsetTracker, Polled, Sink, Source, Ticket, dead_letters, ensure_topics
 from streamlstm.io.sink import SinkError, prediction_group, send_groups
 from streamlstm.metrics import Metrics, MetricsServer, observe_many
+from streamlstm.state import EVICTION_CAUSES
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,12 @@ class Daemon:
         self._connected_at: float | None = None
         self.metrics.ready.set(0)
         self.metrics.model_version.set(self.engine.model_version)
+        # Labelled series exist at 0 from the start, so alerts on increase() see the first.
+        for reason in REASONS:
+            self.metrics.events_rejected.labels(reason)
+            self.metrics.dead_letters.labels(reason)
+        for cause in EVICTION_CAUSES:
+            self.metrics.state_evictions.labels(cause)
 
     # -- control ---------------------------------------------------------------------
 

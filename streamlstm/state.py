@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+EVICTION_CAUSES = ("ttl", "capacity")
+
 
 class RowLayout:
     """Named column ranges of a key's float32 row.

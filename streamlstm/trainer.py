@@ -49,6 +49,7 @@ import torch
 
 from streamlstm.checkpoint import architecture, save_checkpoint
 from streamlstm.config import Settings
+from streamlstm.drift import DETECTORS
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.model import RecurrentModel
 from streamlstm.replay import ReplayBuffer, ReplayReader, Windows
@@ -472,6 +473,11 @@ class BackgroundTrainer:
         self._stopping = threading.Event()
         if metrics is not None:
             metrics.model_version.set(engine.model_version)
+            # Series exist at 0 from the start, so the first failure shows in increase().
+            for result in RESULTS:
+                metrics.finetune_runs.labels(result=result)
+            for detector in DETECTORS:
+                metrics.drift.labels(detector=detector)
         if not self.enabled:
             return
         width, shape = engine.model.input_size, engine.model.state_shape

@@ -16,6 +16,7 @@ from conftest import KafkaTools, http_get, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamlstm.daemon import Daemon
+from streamlstm.events import REASONS
 from streamlstm.io.deadletter import header
 
 pytestmark = pytest.mark.integration
@@ -179,6 +180,7 @@ def test_metrics_counters_match_what_was_sent(scenario: Scenario) -> None:
         if name == "streamlstm_dead_letters_total"
     }
     expected = Counter(reason for _, reason in MALFORMED) + Counter({"missing_field": 1})
+    expected.update(dict.fromkeys(REASONS, 0))  # every reason's series exists from the start
     assert rejected == expected
     assert dead == expected
     assert samples[("streamlstm_event_latency_seconds_count", ())] == scenario.good
