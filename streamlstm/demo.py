@@ -60,6 +60,8 @@ def demo_settings(bootstrap: str, opts: DemoOptions, overrides: dict | None = No
         "kafka.heartbeat_interval_ms": "1000",
         "model.input_size": str(opts.width),
         "model.hidden_size": "32",
+        # Fine-tune often, so the model version visibly climbs within a minute.
+        "training.interval_seconds": "10",
         "metrics.host": "127.0.0.1",
         "metrics.port": str(port),
         "log.level": opts.log_level,

@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import threading
 import time
 from collections import Counter
@@ -420,6 +421,10 @@ class _WorkerSpec:
 
 def _worker_main(spec: _WorkerSpec, commands: Any, results: Any) -> None:
     """Worker loop (thread or child process): one run per command until ``None``."""
+    if threading.current_thread() is threading.main_thread():
+        # A child process: Ctrl-C reaches the whole process group, but the parent decides
+        # when fine-tuning stops (it sends None), so an interrupt must not kill a run.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
     a = spec.architecture
     model = RecurrentModel(a["input_size"], a["hidden_size"], a["num_layers"], a["cell"])
