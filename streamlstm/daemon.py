@@ -47,7 +47,7 @@ SHUTDOWN_SECONDS = 8.0  # budget for flush + commit + leaving the group (SIGTERM
 MAX_BACKOFF_SECONDS = 5.0
 GAUGE_SECONDS = 1.0  # how often lag, keys, evictions and readiness are refreshed
 STATUS_SECONDS = 60.0  # how often a one-line status goes to the log
-SEND_ATTEMPTS = 5  # a record failing with a non-retriable error this often is given up
+SEND_ATTEMPTS = 5  # a record refused this often for good stops the daemon (no commit past it)
 
 
 @dataclass
@@ -372,26 +372,35 @@ class Daemon:
             self._resend(failed)
 
     def _resend(self, ticket: Ticket) -> None:
-        """Send a ticket's failed records again (the producer gave up on them)."""
+        """Send a ticket's failed records again (the producer gave up on them).
+
+        Retriable failures (the broker away, timeouts) are repeated with backoff for as
+        long as it takes. A record refused SEND_ATTEMPTS times for good stops the daemon
+        (exit 1) before anything at or after its input offset is committed: nothing is
+        lost, and the restart tries again with a fresh producer.
+        """
         assert self.sink is not None
         now = time.monotonic()
         if now < ticket.retry_at:
             return
-        sends, errors, retriable = ticket.take_failed()
-        ticket.attempts = attempts = ticket.attempts + 1
-        ticket.retry_at = now + min(0.5 * attempts, MAX_BACKOFF_SECONDS)
-        shown = "; ".join(sorted(set(errors))[:3])
+        attempts = ticket.attempts + 1
+        shown = "; ".join(sorted(set(ticket.errors))[:3])
         self.metrics.broker_errors.labels("produce").inc()
-        if not retriable and attempts >= SEND_ATTEMPTS:
-            log.error("giving up on %d records after %d attempts (%s)", len(sends), attempts, shown)
-        else:
-            log.warning(
-                "%d records were not acknowledged (%s); sending them again (attempt %d)",
-                len(sends),
-                shown,
-                attempts + 1,
+        if not ticket.retriable and attempts >= SEND_ATTEMPTS:
+            raise _Fatal(
+                f"{len(ticket.failed)} records were refused {attempts} times ({shown}); "
+                "stopping without committing past them, so a restart produces them again"
             )
-            self.sink.send_records(ticket, sends)
+        sends, _, _ = ticket.take_failed()
+        ticket.attempts = attempts
+        ticket.retry_at = now + min(0.5 * attempts, MAX_BACKOFF_SECONDS)
+        log.warning(
+            "%d records were not acknowledged (%s); sending them again (attempt %d)",
+            len(sends),
+            shown,
+            attempts + 1,
+        )
+        self.sink.send_records(ticket, sends)
 
     def _apply_backpressure(self) -> None:
         """Stop fetching while too many records wait for acknowledgement (broker slow/away)."""
@@ -537,7 +546,7 @@ class Daemon:
             self.sink.flush(left(4.0))
             try:
                 self._check_acks()
-            except SinkError as exc:
+            except (SinkError, _Fatal) as exc:
                 log.warning("producer: %s", exc)
             offsets = self.tracker.uncommitted(self.source.assigned)
             if offsets:

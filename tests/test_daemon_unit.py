@@ -12,9 +12,10 @@ import pytest
 from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, load_settings
-from streamlstm.daemon import Daemon, LiveStats
+from streamlstm.daemon import SEND_ATTEMPTS, Daemon, LiveStats, _Fatal
 from streamlstm.demo import live_line
 from streamlstm.events import EventBatch
+from streamlstm.io import Ticket
 from streamlstm.logs import setup_logging
 
 
@@ -76,3 +77,31 @@ def test_keys_of_a_partition_that_moved_away_are_forgotten() -> None:
     assert daemon.engine.store.keys() == ["a"]
     exposition = daemon.metrics.exposition().decode()
     assert 'streamlstm_consumer_lag{partition="1"}' not in exposition
+
+
+def test_a_record_refused_for_good_stops_the_daemon_before_its_offset_is_committed() -> None:
+    settings = load_settings(
+        overrides={"model.input_size": "2", "model.hidden_size": "4", "training.enabled": "false"}
+    )
+    daemon = Daemon(settings)
+    resent: list[list] = []
+    sink = SimpleNamespace(send_records=lambda ticket, sends: resent.append(sends))
+    daemon.sink = sink  # type: ignore[assignment]
+    ticket = Ticket(ends={TopicPartition("in", 0): 10}, polled_at=0.0)
+    daemon.tracker.add(ticket)
+
+    def refused() -> None:
+        ticket.failed = [("out", b"k", b"v", None)]
+        ticket.errors = ["MessageSizeTooLargeError"]
+        ticket.retriable = False
+        ticket.retry_at = 0.0
+
+    for _ in range(SEND_ATTEMPTS - 1):
+        refused()
+        daemon._resend(ticket)
+    assert len(resent) == SEND_ATTEMPTS - 1
+    refused()
+    with pytest.raises(_Fatal, match="without committing past them"):
+        daemon._resend(ticket)
+    assert daemon.tracker.collect() == []  # the ticket still blocks its offsets
+    assert daemon.tracker.uncommitted() == {}
