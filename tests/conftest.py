@@ -51,6 +51,26 @@ def require_binary(name: str) -> str:
     return path
 
 
+def daemon_overrides(prefix: str, metrics_port: int = 0) -> dict[str, str]:
+    """Small, fast daemon settings on topics ``<prefix>-in/-out/-dlq`` (no training)."""
+    return {
+        "kafka.input_topic": f"{prefix}-in",
+        "kafka.output_topic": f"{prefix}-out",
+        "kafka.dead_letter_topic": f"{prefix}-dlq",
+        "kafka.group_id": f"{prefix}-group",
+        "kafka.partitions": "2",
+        "kafka.session_timeout_ms": "6000",
+        "kafka.heartbeat_interval_ms": "1000",
+        "kafka.commit_interval_ms": "200",
+        "model.input_size": "2",
+        "model.hidden_size": "8",
+        "model.num_layers": "1",
+        "training.enabled": "false",
+        "metrics.host": "127.0.0.1",
+        "metrics.port": str(metrics_port),
+    }
+
+
 class KafkaTools:
     """Produce, read back and run daemons against one broker (integration tests)."""
 
@@ -118,23 +138,8 @@ class KafkaTools:
         """Daemon settings on topics ``<prefix>-in/-out/-dlq``, fast group joins, no training."""
         from streamlstm.config import load_settings
 
-        base = {
-            "kafka.bootstrap_servers": self.bootstrap,
-            "kafka.input_topic": f"{prefix}-in",
-            "kafka.output_topic": f"{prefix}-out",
-            "kafka.dead_letter_topic": f"{prefix}-dlq",
-            "kafka.group_id": f"{prefix}-group",
-            "kafka.partitions": "2",
-            "kafka.session_timeout_ms": "6000",
-            "kafka.heartbeat_interval_ms": "1000",
-            "kafka.commit_interval_ms": "200",
-            "model.input_size": "2",
-            "model.hidden_size": "8",
-            "model.num_layers": "1",
-            "training.enabled": "false",
-            "metrics.host": "127.0.0.1",
-            "metrics.port": "0",
-        }
+        base = daemon_overrides(prefix)
+        base["kafka.bootstrap_servers"] = self.bootstrap
         base.update(overrides)
         return load_settings(overrides=base)
 

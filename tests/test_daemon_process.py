@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import KafkaTools, http_get, wait_for
+from conftest import KafkaTools, daemon_overrides, http_get, wait_for
 
 from streamlstm.broker import BrokerError, EmbeddedBroker, find_tansu, free_port
 
@@ -20,22 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def _daemon(bootstrap: str, prefix: str, metrics_port: int, log: Path) -> subprocess.Popen:
-    settings = {
-        "kafka.input_topic": f"{prefix}-in",
-        "kafka.output_topic": f"{prefix}-out",
-        "kafka.dead_letter_topic": f"{prefix}-dlq",
-        "kafka.group_id": f"{prefix}-group",
-        "kafka.partitions": "2",
-        "kafka.session_timeout_ms": "6000",
-        "kafka.heartbeat_interval_ms": "1000",
-        "kafka.commit_interval_ms": "200",
-        "model.input_size": "2",
-        "model.hidden_size": "8",
-        "model.num_layers": "1",
-        "training.enabled": "false",
-        "metrics.host": "127.0.0.1",
-        "metrics.port": str(metrics_port),
-    }
+    settings = daemon_overrides(prefix, metrics_port)
     cmd = [sys.executable, "-m", "streamlstm.cli", "run", "--bootstrap", bootstrap, "--log-json"]
     for name, value in settings.items():
         cmd += ["--set", f"{name}={value}"]
