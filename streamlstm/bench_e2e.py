@@ -32,6 +32,7 @@ from kafka import KafkaConsumer
 
 from streamlstm.config import Settings, load_settings
 from streamlstm.events import Decoder
+from streamlstm.io.source import consumer_kwargs
 from streamlstm.produce import Producer, chunks_for_rate, make_producer, synthetic_events
 from streamlstm.synthetic import SyntheticStream
 
@@ -137,20 +138,10 @@ def _produce(settings: Settings, events: Iterator[list[dict]], batch: int, rate:
 
 
 def _consumer(settings: Settings, group: str) -> KafkaConsumer:
-    k = settings.kafka
-    consumer = KafkaConsumer(
-        **k.client_kwargs(),
-        group_id=group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=k.session_timeout_ms,
-        heartbeat_interval_ms=k.heartbeat_interval_ms,
-        max_poll_records=settings.engine.max_batch,
-        max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-        fetch_max_wait_ms=k.fetch_max_wait_ms,
-        metrics_enabled=False,
-    )
-    consumer.subscribe([k.input_topic])
+    # The daemon's own consumer settings, so the baseline differs only in what it skips.
+    kwargs = {**consumer_kwargs(settings, group), "auto_offset_reset": "earliest"}
+    consumer = KafkaConsumer(**kwargs)
+    consumer.subscribe([settings.kafka.input_topic])
     return consumer
 
 

@@ -175,3 +175,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def live_exposition() -> str:
+    """The text of a real /metrics scrape of a fresh metrics endpoint."""
+    from streamlstm.metrics import Metrics, MetricsServer
+
+    server = MetricsServer(Metrics(), "127.0.0.1", 0).start()
+    try:
+        status, body = http_get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+        assert status == 200, f"/metrics answered {status}"
+        return body.decode()
+    finally:
+        server.stop()

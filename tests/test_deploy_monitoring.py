@@ -12,17 +12,16 @@ import os
 import re
 import shutil
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import live_exposition
 
 yaml = pytest.importorskip("yaml")
 
 from streamlstm.docgen import metrics_reference  # noqa: E402
-from streamlstm.metrics import Metrics, MetricsServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -62,13 +61,7 @@ def run_promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def exported() -> dict[str, set[str]]:
     """Series names of a live /metrics scrape -> their label names."""
-    server = MetricsServer(Metrics(), "127.0.0.1", 0).start()
-    try:
-        url = f"http://127.0.0.1:{server.port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = response.read().decode()
-    finally:
-        server.stop()
+    body = live_exposition()
     labels = {m.name: set(m.labels) for m in metrics_reference()}
     out: dict[str, set[str]] = {}
     for line in body.splitlines():

@@ -5,16 +5,15 @@ from __future__ import annotations
 import io
 import os
 import re
-import urllib.request
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from conftest import live_exposition
 
 from streamlstm import docgen
 from streamlstm.cli import main
 from streamlstm.config import Settings
-from streamlstm.metrics import Metrics, MetricsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -100,13 +99,7 @@ def test_docgen_check_detects_stale_files(tmp_path: Path) -> None:
 
 
 def test_metrics_reference_lists_every_exported_series() -> None:
-    server = MetricsServer(Metrics(), "127.0.0.1", 0).start()
-    try:
-        url = f"http://127.0.0.1:{server.port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = response.read().decode()
-    finally:
-        server.stop()
+    body = live_exposition()
     families = re.findall(r"^# TYPE (\S+) (\S+)$", body, re.M)
     assert len(families) > 20
     text = (DOCS / "metrics.md").read_text()

@@ -83,6 +83,23 @@ def _fmt(offsets: dict[TopicPartition, int]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]@{off}" for tp, off in sorted(offsets.items()))
 
 
+def consumer_kwargs(settings: Settings, group_id: str | None = None) -> dict[str, Any]:
+    """kafka-python consumer settings of the daemon (also the benchmark's baseline)."""
+    k = settings.kafka
+    return {
+        **k.client_kwargs(),
+        "group_id": group_id or k.group_id,
+        "enable_auto_commit": False,  # the daemon commits what was acknowledged
+        "auto_offset_reset": k.auto_offset_reset,
+        "session_timeout_ms": k.session_timeout_ms,
+        "heartbeat_interval_ms": k.heartbeat_interval_ms,
+        "max_poll_records": settings.engine.max_batch,
+        "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
+        "fetch_max_wait_ms": k.fetch_max_wait_ms,
+        "metrics_enabled": False,
+    }
+
+
 class Source:
     """A kafka-python consumer on ``kafka.input_topic`` in group ``kafka.group_id``."""
 
@@ -101,17 +118,7 @@ class Source:
         self.on_committed = on_committed
         self.assigned: set[TopicPartition] = set()
         self.consumer = KafkaConsumer(
-            **k.client_kwargs(),
-            group_id=k.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=k.auto_offset_reset,
-            session_timeout_ms=k.session_timeout_ms,
-            heartbeat_interval_ms=k.heartbeat_interval_ms,
-            max_poll_records=settings.engine.max_batch,
-            max_partition_fetch_bytes=k.max_partition_fetch_bytes,
-            fetch_max_wait_ms=k.fetch_max_wait_ms,
-            bootstrap_timeout_ms=bootstrap_timeout_ms,
-            metrics_enabled=False,
+            **consumer_kwargs(settings), bootstrap_timeout_ms=bootstrap_timeout_ms
         )
         self.consumer.subscribe([self.topic], listener=_Listener(self))
 
