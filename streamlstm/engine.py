@@ -16,7 +16,7 @@ For each event, in the key's arrival order:
    the network was trained on (a sudden level shift read as a spike to revert);
 4. de-normalise the prediction and keep it pending for the key's next event.
 
-Hooks beside the step: a :class:`~streamlstm.replay.ReplayBuffer` (``attach_replay``)
+Hooks beside the step: a :class:`~streamlstm.learning.buffer.ReplayBuffer` (``attach_replay``)
 records each batched step for fine-tuning, and :class:`~streamlstm.drift.DriftMonitor`
 runs the per-key Page-Hinkley test inside the step and ADWIN over blocks of errors;
 drift marks the output (``BatchOutput.drift``).
@@ -47,8 +47,8 @@ from streamlstm import anomaly
 from streamlstm.config import Settings
 from streamlstm.drift import DriftMonitor
 from streamlstm.events import EventBatch
+from streamlstm.learning.buffer import ReplayBuffer
 from streamlstm.model import RecurrentModel, quantize_for_inference
-from streamlstm.replay import ReplayBuffer
 from streamlstm.state import KeyedState
 
 # The scaler's floor is relative to the key's level: differences below float32's resolution
@@ -158,14 +158,15 @@ class Engine:
     ) -> Engine:
         """An engine with a freshly initialised model (seeded by ``model.seed``), or, with
         ``resume`` and ``training.checkpoint_dir`` set, the newest valid checkpoint there
-        (raises :class:`~streamlstm.checkpoint.CheckpointError` on an architecture mismatch).
+        (raises :class:`~streamlstm.learning.checkpoint.CheckpointError` on an architecture
+        mismatch).
         """
         m = settings.model
         if m.input_size is None:
             raise ValueError("model.input_size is not set")
         model = RecurrentModel(m.input_size, m.hidden_size, m.num_layers, m.cell, m.dropout, m.seed)
         if resume and settings.training.checkpoint_dir is not None:
-            from streamlstm.checkpoint import architecture, latest_checkpoint
+            from streamlstm.learning.checkpoint import architecture, latest_checkpoint
 
             expect = architecture(model, settings)
             ckpt = latest_checkpoint(settings.training.checkpoint_dir, expect)

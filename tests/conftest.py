@@ -20,7 +20,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    from streamlstm.broker import EmbeddedBroker
+    from streamlstm.devtools.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap
@@ -78,7 +78,7 @@ class KafkaTools:
         self.bootstrap = bootstrap
 
     def create(self, topics: dict[str, int]) -> None:
-        from streamlstm.broker import create_topics
+        from streamlstm.io.admin import create_topics
 
         create_topics(self.bootstrap, topics)
 

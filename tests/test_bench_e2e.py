@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import KafkaTools
 
-from streamlstm.bench_e2e import bench_e2e
 from streamlstm.cli import build_parser
+from streamlstm.devtools.bench_e2e import bench_e2e
 
 pytestmark = pytest.mark.integration
 

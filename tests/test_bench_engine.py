@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from streamlstm.bench import NaiveLoop, bench_engine, reference_settings
 from streamlstm.cli import main
+from streamlstm.devtools.bench_engine import NaiveLoop, bench_engine, reference_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from streamlstm import broker as broker_mod
-from streamlstm.broker import BrokerError, EmbeddedBroker, create_topics, find_tansu
+from streamlstm.devtools import broker as broker_mod
+from streamlstm.devtools.broker import BrokerError, EmbeddedBroker, find_tansu
+from streamlstm.io.admin import create_topics
 
 
 def _tansu_available() -> bool:

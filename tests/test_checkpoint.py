@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamlstm.checkpoint import (
+from streamlstm.cli import main
+from streamlstm.config import load_settings
+from streamlstm.engine import Engine
+from streamlstm.learning.checkpoint import (
     CheckpointError,
     architecture,
     latest_checkpoint,
@@ -16,9 +19,6 @@ from streamlstm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from streamlstm.cli import main
-from streamlstm.config import load_settings
-from streamlstm.engine import Engine
 from streamlstm.model import RecurrentModel
 
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from conftest import KafkaTools, daemon_overrides, http_get, wait_for
 
-from streamlstm.broker import BrokerError, EmbeddedBroker, find_tansu, free_port
+from streamlstm.devtools.broker import BrokerError, EmbeddedBroker, find_tansu, free_port
 
 pytestmark = pytest.mark.integration
 

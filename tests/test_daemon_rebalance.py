@@ -271,7 +271,7 @@ def _produce(bootstrap: str, topic: str, events: list[tuple[int, bytes, bytes]])
 
 
 def test_daemon_survives_a_broker_restart(tmp_path) -> None:
-    from streamlstm.broker import BrokerError, EmbeddedBroker, find_tansu, free_port
+    from streamlstm.devtools.broker import BrokerError, EmbeddedBroker, find_tansu, free_port
 
     try:
         find_tansu()

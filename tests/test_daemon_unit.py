@@ -12,8 +12,8 @@ import pytest
 from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, load_settings
-from streamlstm.daemon import SEND_ATTEMPTS, Daemon, LiveStats, _Fatal
-from streamlstm.demo import live_line
+from streamlstm.daemon.loop import SEND_ATTEMPTS, Daemon, LiveStats, _Fatal
+from streamlstm.devtools.demo import live_line
 from streamlstm.events import EventBatch
 from streamlstm.io import Ticket
 from streamlstm.logs import setup_logging

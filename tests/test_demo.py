@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from streamlstm.broker import BrokerError, find_tansu
+from streamlstm.devtools.broker import BrokerError, find_tansu
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from conftest import live_exposition
 
 yaml = pytest.importorskip("yaml")
 
-from streamlstm.docgen import metrics_reference  # noqa: E402
+from streamlstm.devtools.docgen import metrics_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -259,7 +259,7 @@ def test_provisioned_data_source_matches_the_dashboard() -> None:
 
 
 def test_rule_label_values_are_ones_the_code_uses() -> None:
-    trainer = pytest.importorskip("streamlstm.trainer")
+    trainer = pytest.importorskip("streamlstm.learning.trainer")
     drift = pytest.importorskip("streamlstm.drift")
     from streamlstm.events import REASONS
 

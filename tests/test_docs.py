@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import live_exposition
 
-from streamlstm import docgen
 from streamlstm.cli import main
 from streamlstm.config import Settings
+from streamlstm.devtools import docgen
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-REGENERATE = "run `python -m streamlstm.docgen` (or `streamlstm config --markdown > {}`)"
+REGENERATE = "run `python -m streamlstm.devtools.docgen` (or `streamlstm config --markdown > {}`)"
 # Hand-written pages of this project's docs (docs/ett* belong to the ETT study).
 WRITTEN = ["README.md", "architecture.md", "deployment.md", "runbook.md", "benchmarks.md"]
 
@@ -48,7 +48,7 @@ def test_configuration_reference_is_current() -> None:
 def test_metrics_reference_is_current() -> None:
     path = DOCS / "metrics.md"
     assert path.exists() and path.read_text() == docgen.render_metrics(), (
-        "docs/metrics.md is stale: run `python -m streamlstm.docgen`"
+        "docs/metrics.md is stale: run `python -m streamlstm.devtools.docgen`"
     )
 
 
@@ -174,7 +174,7 @@ def test_readme_links_the_docs() -> None:
 
 def test_documented_label_values_match_the_code() -> None:
     text = (DOCS / "metrics.md").read_text()
-    trainer = pytest.importorskip("streamlstm.trainer")
+    trainer = pytest.importorskip("streamlstm.learning.trainer")
     drift = pytest.importorskip("streamlstm.drift")
     for value in (*trainer.RESULTS, *drift.DETECTORS):
         assert f"`{value}`" in text, f"metrics.md does not explain the label value {value!r}"

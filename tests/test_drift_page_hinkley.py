@@ -13,8 +13,8 @@ from streamlstm.config import load_settings
 from streamlstm.drift import VectorPageHinkley
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
+from streamlstm.learning.trainer import BackgroundTrainer
 from streamlstm.metrics import Metrics
-from streamlstm.trainer import BackgroundTrainer
 
 
 def _streams(keys: int, steps: int, seed: int) -> np.ndarray:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamlstm.backtest import replay
 from streamlstm.config import load_settings
+from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.events import EventBatch
-from streamlstm.files import FileEvents
-from streamlstm.synthetic import SyntheticStream
-from streamlstm.trainer import InlineTrainer
+from streamlstm.learning.trainer import InlineTrainer
+from streamlstm.offline.backtest import replay
+from streamlstm.offline.eventfiles import FileEvents
 
 KEYS, STEPS = 16, 500
 

@@ -12,8 +12,8 @@ import torch
 from streamlstm.cli import main
 from streamlstm.config import load_settings
 from streamlstm.events import EventBatch
-from streamlstm.files import read_events
-from streamlstm.pretrain import normalised_sequences, pretrain
+from streamlstm.learning.pretrain import normalised_sequences, pretrain
+from streamlstm.offline.eventfiles import read_events
 
 
 def _csv(path: Path, rows: int = 400) -> Path:

@@ -13,8 +13,8 @@ from conftest import KafkaTools
 
 from streamlstm.cli import main
 from streamlstm.config import load_settings
-from streamlstm.produce import MALFORMED, Producer, make_producer, synthetic_events
-from streamlstm.synthetic import SyntheticStream
+from streamlstm.devtools.loadgen import MALFORMED, Producer, make_producer, synthetic_events
+from streamlstm.devtools.synthetic import SyntheticStream
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def test_rate_is_respected(kafka_tools: KafkaTools) -> None:
     producer = make_producer(_kafka(kafka_tools.bootstrap))
     started = time.monotonic()
     try:
-        from streamlstm.produce import chunks_for_rate
+        from streamlstm.devtools.loadgen import chunks_for_rate
 
         stream = SyntheticStream(n_keys=5, width=2, seed=0)
         Producer(producer, topic, rate=500).run(

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from conftest import KafkaTools, http_get, require_binary, wait_for
 
-from streamlstm.broker import free_port
 from streamlstm.daemon import Daemon
+from streamlstm.devtools.broker import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import torch
 from streamlstm.config import load_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
-from streamlstm.replay import ReplayBuffer
+from streamlstm.learning.buffer import ReplayBuffer
 
 SHAPE = (1, 1, 2)
 

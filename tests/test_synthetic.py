@@ -6,7 +6,7 @@ import numpy as np
 import orjson
 import pytest
 
-from streamlstm.synthetic import SyntheticStream
+from streamlstm.devtools.synthetic import SyntheticStream
 
 
 def _stream(**kw) -> SyntheticStream:

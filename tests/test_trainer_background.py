@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from streamlstm.config import Settings, load_settings
+from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
+from streamlstm.learning.trainer import BackgroundTrainer
 from streamlstm.metrics import Metrics
-from streamlstm.synthetic import SyntheticStream
-from streamlstm.trainer import BackgroundTrainer
 
 
 def _settings(executor: str, tmp_path: Path | None = None) -> Settings:
@@ -86,7 +86,7 @@ def test_disabled_trainer_records_nothing_and_never_runs() -> None:
 def test_falls_back_to_a_thread_when_shared_memory_is_too_small(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import streamlstm.trainer as trainer_module
+    import streamlstm.learning.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "_shared_memory_fits", lambda nbytes: False)
     settings = _settings("process")

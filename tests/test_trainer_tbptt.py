@@ -6,9 +6,9 @@ import math
 
 import torch
 
+from streamlstm.learning.buffer import Windows
+from streamlstm.learning.trainer import chunk_loss, tbptt_update
 from streamlstm.model import RecurrentModel
-from streamlstm.replay import Windows
-from streamlstm.trainer import chunk_loss, tbptt_update
 
 
 def _windows(steps: int, batch: int = 3, width: int = 2) -> Windows:

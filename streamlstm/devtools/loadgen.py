@@ -24,7 +24,7 @@ from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
 from streamlstm.config import KafkaSettings
-from streamlstm.synthetic import SyntheticStream
+from streamlstm.devtools.synthetic import SyntheticStream
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def synthetic_events(stream: SyntheticStream, count: int | None) -> Iterator[lis
 
 def file_events(path: Path, width: int | None = None, **csv_options: Any) -> Iterator[list[dict]]:
     """Chunks of the good events of a JSONL/CSV file, in file order (as ``replay`` reads it)."""
-    from streamlstm.files import read_events
+    from streamlstm.offline.eventfiles import read_events
 
     data = read_events(path, width=width, **csv_options)
     if data.rejected:

@@ -17,7 +17,7 @@ from streamlstm import __version__
 from streamlstm.config import ConfigError, Settings, load_settings, parse_override
 
 if TYPE_CHECKING:
-    from streamlstm.files import FileEvents
+    from streamlstm.offline.eventfiles import FileEvents
 
 EXIT_USAGE = 2
 
@@ -89,7 +89,7 @@ def _file_args(p: argparse.ArgumentParser) -> None:
 
 def _read_input(args: argparse.Namespace, settings: Settings) -> FileEvents:
     """The events of ``args.input`` (first ``--until-row``); sets a missing input_size."""
-    from streamlstm.files import read_events
+    from streamlstm.offline.eventfiles import read_events
 
     data = read_events(
         args.input,
@@ -156,8 +156,8 @@ def _add_learning_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    from streamlstm.backtest import replay
     from streamlstm.engine import Engine
+    from streamlstm.offline.backtest import replay
 
     settings = settings_from_args(
         args,
@@ -170,7 +170,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     engine = Engine.from_settings(settings)  # resumes from training.checkpoint_dir
     trainer = None
     if settings.training.enabled:
-        from streamlstm.trainer import InlineTrainer
+        from streamlstm.learning.trainer import InlineTrainer
 
         trainer = InlineTrainer(engine, settings, write_checkpoints=args.save_checkpoints)
     out = args.output.open("wb") if args.output else sys.stdout.buffer
@@ -224,7 +224,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from streamlstm.pretrain import plot_losses, pretrain
+    from streamlstm.learning.pretrain import plot_losses, pretrain
 
     settings = settings_from_args(args, **{"training.checkpoint_dir": args.checkpoint_dir})
     if settings.training.checkpoint_dir is None:
@@ -315,7 +315,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_bench_e2e(args: argparse.Namespace) -> int:
     import json
 
-    from streamlstm.bench_e2e import bench_e2e
+    from streamlstm.devtools.bench_e2e import bench_e2e
     from streamlstm.logs import setup_logging
 
     setup_logging("WARNING")
@@ -335,7 +335,7 @@ def _run_bench_e2e(args: argparse.Namespace) -> int:
 def _run_bench_training(args: argparse.Namespace) -> int:
     import json
 
-    from streamlstm.bench_training import bench_training
+    from streamlstm.devtools.bench_training import bench_training
 
     for executor in args.executor or ["process", "thread"]:
         result = bench_training(executor, args.keys, args.batch, args.seconds, args.slices)
@@ -346,7 +346,7 @@ def _run_bench_training(args: argparse.Namespace) -> int:
 def _run_bench_engine(args: argparse.Namespace) -> int:
     import json
 
-    from streamlstm.bench import bench_engine
+    from streamlstm.devtools.bench_engine import bench_engine
 
     result = bench_engine(args.keys, args.batch, args.threads, args.rounds)
     print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
@@ -375,7 +375,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 def _run_config(args: argparse.Namespace) -> int:
     if args.markdown:
-        from streamlstm.docgen import render_configuration
+        from streamlstm.devtools.docgen import render_configuration
 
         sys.stdout.write(render_configuration())
         return 0
@@ -464,7 +464,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from streamlstm.demo import DemoOptions, run_demo
+    from streamlstm.devtools.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
         duration=args.duration,
@@ -498,7 +498,7 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_broker(args: argparse.Namespace) -> int:
-    from streamlstm.broker import run_foreground
+    from streamlstm.devtools.broker import run_foreground
     from streamlstm.logs import setup_logging
 
     setup_logging("INFO")
@@ -540,15 +540,15 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
 def _run_produce(args: argparse.Namespace) -> int:
     import threading
 
-    from streamlstm.logs import setup_logging
-    from streamlstm.produce import (
+    from streamlstm.devtools.loadgen import (
         Producer,
         chunks_for_rate,
         file_events,
         make_producer,
         synthetic_events,
     )
-    from streamlstm.synthetic import SyntheticStream
+    from streamlstm.devtools.synthetic import SyntheticStream
+    from streamlstm.logs import setup_logging
 
     settings = settings_from_args(args, **{"kafka.bootstrap_servers": args.bootstrap})
     setup_logging(settings.log.level, settings.log.json_format)

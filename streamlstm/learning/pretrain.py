@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from streamlstm.checkpoint import architecture, list_checkpoints, save_checkpoint
 from streamlstm.config import Settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
+from streamlstm.learning.buffer import Windows
+from streamlstm.learning.checkpoint import architecture, list_checkpoints, save_checkpoint
+from streamlstm.learning.trainer import correction_loss, resolve_device, tbptt_update
 from streamlstm.model import RecurrentModel
-from streamlstm.replay import Windows
-from streamlstm.trainer import correction_loss, resolve_device, tbptt_update
 
 
 @dataclass

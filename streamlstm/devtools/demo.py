@@ -89,12 +89,17 @@ def live_line(elapsed: float, window: object, keys: int, model_version: int) -> 
 
 def run_demo(opts: DemoOptions, overrides: dict | None = None, out: IO[str] | None = None) -> int:
     """Run the demo; returns the daemon's exit code."""
-    from streamlstm.broker import EmbeddedBroker
     from streamlstm.daemon import Daemon, install_signal_handlers
+    from streamlstm.devtools.broker import EmbeddedBroker
+    from streamlstm.devtools.loadgen import (
+        Producer,
+        chunks_for_rate,
+        make_producer,
+        synthetic_events,
+    )
+    from streamlstm.devtools.synthetic import SyntheticStream
     from streamlstm.io import ensure_topics
     from streamlstm.logs import setup_logging
-    from streamlstm.produce import Producer, chunks_for_rate, make_producer, synthetic_events
-    from streamlstm.synthetic import SyntheticStream
 
     out = out or sys.stdout
     setup_logging(opts.log_level, opts.log_json)

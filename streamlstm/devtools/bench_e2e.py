@@ -31,10 +31,10 @@ import orjson
 from kafka import KafkaConsumer
 
 from streamlstm.config import Settings, load_settings
+from streamlstm.devtools.loadgen import Producer, chunks_for_rate, make_producer, synthetic_events
+from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.events import Decoder
 from streamlstm.io.source import consumer_kwargs
-from streamlstm.produce import Producer, chunks_for_rate, make_producer, synthetic_events
-from streamlstm.synthetic import SyntheticStream
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def bench_e2e(
     bootstrap: str | None = None,
 ) -> E2EResult:
     """Run the benchmark (an embedded broker unless ``bootstrap`` is given)."""
-    from streamlstm.broker import EmbeddedBroker
+    from streamlstm.devtools.broker import EmbeddedBroker
     from streamlstm.io import ensure_topics
 
     with contextlib.ExitStack() as stack:

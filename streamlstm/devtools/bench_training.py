@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from streamlstm.bench import reference_settings
+from streamlstm.devtools.bench_engine import reference_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
-from streamlstm.trainer import BackgroundTrainer, training_threads
+from streamlstm.learning.trainer import BackgroundTrainer, training_threads
 
 
 @dataclass

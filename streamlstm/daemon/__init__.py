@@ -1,0 +1,6 @@
+"""The daemon: the poll -> engine -> sink loop, delivery (acks, resend, backpressure,
+commits) and telemetry (gauges, status log, health)."""
+
+from streamlstm.daemon.loop import Daemon, install_signal_handlers
+
+__all__ = ["Daemon", "install_signal_handlers"]
