@@ -16,7 +16,7 @@ yaml = pytest.importorskip("yaml")
 
 from streamlstm.config import Settings, load_settings  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 
 

@@ -15,7 +15,7 @@ from streamlstm.cli import main
 from streamlstm.config import Settings
 from streamlstm.devtools import docgen
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 REGENERATE = "run `python -m streamlstm.devtools.docgen` (or `streamlstm config --markdown > {}`)"
 # Hand-written pages of this project's docs (docs/ett* belong to the ETT study).

@@ -23,7 +23,7 @@ yaml = pytest.importorskip("yaml")
 
 from streamlstm.devtools.docgen import metrics_reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROM_DIR / "rules.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "streamlstm.json"

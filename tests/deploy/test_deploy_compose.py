@@ -23,7 +23,7 @@ yaml = pytest.importorskip("yaml")
 from streamlstm.config import Settings, load_settings  # noqa: E402
 from streamlstm.metrics import Metrics, MetricsServer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DAEMON = "streamlstm"

@@ -9,7 +9,7 @@ import pytest
 
 from streamlstm.cli import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ett" / "ETTh2.csv"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "ett" / "ETTh2.csv"
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason="ETTh2.csv not present")
 
 
