@@ -93,3 +93,19 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["replay"])
     assert exit_.value.code == 2
     assert "the following arguments are required: input" in capsys.readouterr().err
+
+
+def test_the_command_line_loads_no_torch_kafka_or_devtools_until_a_command_runs() -> None:
+    # `streamlstm --help` stays fast, and the error table in cli.main relies on it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from streamlstm.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'kafka') "
+        "or m.startswith('streamlstm.devtools')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

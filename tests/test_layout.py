@@ -118,7 +118,7 @@ def test_core_modules_know_nothing_of_kafka_io_or_the_daemon(name: str) -> None:
 
 
 def _top_level_imports(path: Path) -> set[str]:
-    """Modules imported when ``path`` is imported: outside any function body (a class body runs at import)."""
+    """Modules imported when ``path`` is imported: outside any function (a class body runs)."""
     found: set[str] = set()
     pending: list[ast.AST] = [ast.parse(path.read_text(), str(path))]
     while pending:
