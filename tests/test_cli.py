@@ -96,7 +96,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_the_command_line_loads_no_torch_kafka_or_devtools_until_a_command_runs() -> None:
-    # `streamlstm --help` stays fast, and the error table in cli.main relies on it.
+    # `streamlstm --help` stays fast: torch alone takes seconds to import.
     import subprocess
     import sys
 
