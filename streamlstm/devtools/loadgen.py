@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from streamlstm.config import KafkaSettings
 from streamlstm.devtools.synthetic import SyntheticStream
+from streamlstm.events import EventBatch
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,21 @@ def synthetic_events(stream: SyntheticStream, count: int | None) -> Iterator[lis
 
 
 def file_events(path: Path, width: int | None = None, **csv_options: Any) -> Iterator[list[dict]]:
-    """Chunks of the good events of a JSONL/CSV file, in file order (as ``replay`` reads it)."""
+    """Chunks of the good events of a JSONL/CSV file, in file order (as ``replay`` reads it).
+
+    The file is read here, not on the first chunk, so a missing or malformed file is
+    reported by this call (the command line turns that into one line, exit 2).
+    """
     from streamlstm.offline.eventfiles import read_events
 
     data = read_events(path, width=width, **csv_options)
     if data.rejected:
         skipped = ", ".join(f"{r}={n}" for r, n in sorted(data.rejected.items()))
         log.warning("%s: skipped unusable events (%s)", path, skipped)
-    batch = data.batch
+    return _chunks(data.batch)
+
+
+def _chunks(batch: EventBatch) -> Iterator[list[dict]]:
     for start in range(0, len(batch), CHUNK):
         part = batch.take(slice(start, start + CHUNK))
         yield [

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import KafkaTools
 
-from streamlstm.cli import build_parser
+from streamlstm.cli import build_parser, dev
 from streamlstm.devtools.bench_e2e import bench_e2e
 
 pytestmark = pytest.mark.integration
@@ -43,4 +43,4 @@ def test_bench_e2e_cli_options() -> None:
         ["bench", "e2e", "--json", "--batch", "20", "--bootstrap", "h:1"]
     )
     assert (args.json, args.batch, args.bootstrap) == (True, 20, "h:1")
-    assert args.handler.__name__ == "_run_bench_e2e"
+    assert args.handler is dev.run_bench_e2e

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from streamlstm.devtools import broker as broker_mod
+from streamlstm.devtools import tansu
 from streamlstm.devtools.broker import BrokerError, EmbeddedBroker, find_tansu
 from streamlstm.io.admin import create_topics
 
@@ -125,7 +125,7 @@ def test_stop_escalates_to_kill() -> None:
     proc = subprocess.Popen(["sh", "-c", 'trap "" TERM; exec sleep 30'])
     time.sleep(0.2)
     t0 = time.monotonic()
-    broker_mod._stop_process(proc, timeout=0.5)
+    tansu.stop_process(proc, timeout=0.5)
     assert proc.returncode is not None and proc.returncode < 0
     assert time.monotonic() - t0 < 5
     with pytest.raises(ChildProcessError):
@@ -144,8 +144,8 @@ def test_start_failure_reports_broker_output(tmp_path: Path) -> None:
 
 
 def test_missing_binary_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(broker_mod.TANSU_BIN_ENV, raising=False)
-    monkeypatch.setattr(broker_mod.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(broker_mod.shutil, "which", lambda name: None)
+    monkeypatch.delenv(tansu.TANSU_BIN_ENV, raising=False)
+    monkeypatch.setattr(tansu.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(tansu.shutil, "which", lambda name: None)
     with pytest.raises(BrokerError, match=r"streamlstm\[broker\]"):
         find_tansu()
