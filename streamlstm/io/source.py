@@ -1,11 +1,12 @@
 """The input side: a group consumer that never auto-commits, polled into flat columns.
 
 Offsets are committed by the daemon through :class:`~streamlstm.io.offsets.OffsetTracker`
-(never by kafka-python's auto-commit), and the rebalance listener hands revoked
-partitions to the daemon's callbacks. kafka-python 3 runs the listener on its I/O thread
-while the main thread waits inside ``poll()`` or ``close()``, so when it fires no batch
-is half-processed; it must only stay short, and it may not call blocking consumer APIs,
-which is why the listener is async and awaits ``commit_async``.
+(never by kafka-python's auto-commit), and the rebalance listener hands revoked, assigned
+and lost partitions to the daemon's callbacks. kafka-python 3 runs the listener on its
+I/O thread while the main thread waits inside ``poll()`` or ``close()`` (the group join
+that calls it is only driven from there), so when it fires no batch is half-processed;
+it must only stay short, and it may not call blocking consumer APIs, which is why the
+listener is async and awaits ``commit_async``.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         log.info("partitions revoked: %s", _fmt_tps(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.source.assigned |= set(assigned)
+        source = self.source
+        source.assigned |= set(assigned)
         log.info("partitions assigned: %s", _fmt_tps(assigned) or "none")
+        if source.on_assigned:  # the whole set: what is not in it moved to another member
+            source.on_assigned(set(source.assigned))
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         # Membership was lost: committing would fail, and the new owner re-reads anyway.
@@ -107,6 +111,7 @@ class Source:
         self,
         settings: Settings,
         on_revoke: Callable[[set[TopicPartition]], dict[TopicPartition, int]] | None = None,
+        on_assigned: Callable[[set[TopicPartition]], None] | None = None,
         on_lost: Callable[[set[TopicPartition]], None] | None = None,
         on_committed: Callable[[dict[TopicPartition, int]], None] | None = None,
         bootstrap_timeout_ms: int = 5000,
@@ -114,6 +119,7 @@ class Source:
         k = settings.kafka
         self.topic = k.input_topic
         self.on_revoke = on_revoke
+        self.on_assigned = on_assigned
         self.on_lost = on_lost
         self.on_committed = on_committed
         self.assigned: set[TopicPartition] = set()

@@ -37,10 +37,13 @@ class _RecordingDaemon(Daemon):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.commits: list[dict[TopicPartition, int]] = []
+        committed = self.delivery.committed
 
-    def _on_committed_offsets(self, offsets: dict[TopicPartition, int]) -> None:
-        self.commits.append(dict(offsets))
-        super()._on_committed_offsets(offsets)
+        def recording(offsets: dict[TopicPartition, int]) -> None:
+            self.commits.append(dict(offsets))
+            committed(offsets)
+
+        self.delivery.committed = recording  # type: ignore[method-assign]
 
     def committed_max(self) -> dict[int, int]:
         out: dict[int, int] = {}

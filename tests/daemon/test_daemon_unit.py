@@ -1,4 +1,4 @@
-"""Daemon pieces that need no broker: settings, live figures, JSON logs, moved partitions."""
+"""Daemon pieces that need no broker: settings, live figures, JSON logs, resends."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, load_settings
-from streamlstm.daemon.loop import SEND_ATTEMPTS, Daemon, LiveStats, _Fatal
+from streamlstm.daemon import Daemon
+from streamlstm.daemon.delivery import SEND_ATTEMPTS, Fatal
+from streamlstm.daemon.telemetry import LiveStats
 from streamlstm.devtools.demo import live_line
-from streamlstm.events import EventBatch
 from streamlstm.io import Ticket
 from streamlstm.logs import setup_logging
 
@@ -59,36 +60,16 @@ def test_json_logs_and_quiet_kafka() -> None:
         setup_logging("WARNING")
 
 
-def test_keys_of_a_partition_that_moved_away_are_forgotten() -> None:
-    settings = load_settings(
-        overrides={"model.input_size": "2", "model.hidden_size": "4", "training.enabled": "false"}
-    )
-    daemon = Daemon(settings)
-    batch = EventBatch.from_arrays(["a", "b", "c"], np.zeros(3), np.ones((3, 2)))
-    daemon.engine.process(batch, partition=np.array([0, 1, 1]), offset=np.array([5, 6, 7]))
-    source = SimpleNamespace(assigned={TopicPartition("in", 0), TopicPartition("in", 1)})
-    daemon.source = source  # type: ignore[assignment]
-    daemon.metrics.consumer_lag.labels("1").set(3)
-    daemon._forget_moved_partitions()
-    assert sorted(daemon.engine.store.keys()) == ["a", "b", "c"]
-
-    source.assigned = {TopicPartition("in", 0)}  # partition 1 went to another member
-    daemon._forget_moved_partitions()
-    assert daemon.engine.store.keys() == ["a"]
-    exposition = daemon.metrics.exposition().decode()
-    assert 'streamlstm_consumer_lag{partition="1"}' not in exposition
-
-
 def test_a_record_refused_for_good_stops_the_daemon_before_its_offset_is_committed() -> None:
     settings = load_settings(
         overrides={"model.input_size": "2", "model.hidden_size": "4", "training.enabled": "false"}
     )
-    daemon = Daemon(settings)
+    delivery = Daemon(settings).delivery
     resent: list[list] = []
     sink = SimpleNamespace(send_records=lambda ticket, sends: resent.append(sends))
-    daemon.sink = sink  # type: ignore[assignment]
+    delivery.sink = sink  # type: ignore[assignment]
     ticket = Ticket(ends={TopicPartition("in", 0): 10}, polled_at=0.0)
-    daemon.tracker.add(ticket)
+    delivery.tracker.add(ticket)
 
     def refused() -> None:
         ticket.failed = [("out", b"k", b"v", None)]
@@ -98,10 +79,10 @@ def test_a_record_refused_for_good_stops_the_daemon_before_its_offset_is_committ
 
     for _ in range(SEND_ATTEMPTS - 1):
         refused()
-        daemon._resend(ticket)
+        delivery.resend(ticket)
     assert len(resent) == SEND_ATTEMPTS - 1
     refused()
-    with pytest.raises(_Fatal, match="without committing past them"):
-        daemon._resend(ticket)
-    assert daemon.tracker.collect() == []  # the ticket still blocks its offsets
-    assert daemon.tracker.uncommitted() == {}
+    with pytest.raises(Fatal, match="without committing past them"):
+        delivery.resend(ticket)
+    assert delivery.tracker.collect() == []  # the ticket still blocks its offsets
+    assert delivery.tracker.uncommitted() == {}

@@ -1,0 +1,186 @@
+"""Delivery: from outputs handed to the producer to input offsets committed.
+
+Each poll's outputs are one :class:`~streamlstm.io.Ticket`. The producer reports on
+them asynchronously; :meth:`Delivery.check_acks` is the one place those reports are
+accounted (on the loop, at shutdown and during a rebalance alike), failed records are
+sent again (:meth:`Delivery.resend`), consumption pauses while too much waits
+(:meth:`Delivery.apply_backpressure`), and commits never pass an output that was not
+acknowledged (the :class:`~streamlstm.io.OffsetTracker` only offers those).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import OffsetAndMetadata, TopicPartition
+
+from streamlstm.daemon.telemetry import Telemetry
+from streamlstm.io import OffsetTracker, Sink, Source, Ticket
+from streamlstm.io.producer import Group
+from streamlstm.io.sink import SinkError
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 5.0
+SEND_ATTEMPTS = 5  # a record refused this often for good stops the daemon (no commit past it)
+
+
+class Fatal(Exception):
+    """An internal error that must stop the daemon (without committing past it)."""
+
+
+def short(exc: BaseException) -> str:
+    """An exception in one log-friendly line: its type, then at most ~200 characters."""
+    text = str(exc) or type(exc).__name__
+    name = type(exc).__name__
+    text = text if text.startswith(name) else f"{name}: {text}"
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def fmt_offsets(offsets: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]@{off}" for tp, off in sorted(offsets.items()))
+
+
+class Delivery:
+    """The output side of the loop: the producer (``sink``), tickets, resends, commits."""
+
+    def __init__(self, telemetry: Telemetry, max_batch: int) -> None:
+        self.telemetry = telemetry
+        self.tracker = OffsetTracker()
+        self.sink: Sink | None = None  # set while connected
+        self.paused = False
+        # Stop fetching above this many unacknowledged records; resume at half of it.
+        self.pause_above = max(50_000, 8 * max_batch)
+
+    def send(self, ticket: Ticket, groups: list[Group]) -> None:
+        """Hand one poll's outputs to the producer, without waiting."""
+        assert self.sink is not None
+        self.tracker.add(ticket)
+        self.sink.send(ticket, groups)
+
+    def check_acks(self) -> int:
+        """Account finished tickets; resend what failed at the head. Returns tickets finished.
+
+        Raises :class:`Fatal` when the producer process failed or a record was refused
+        for good: nothing at or after it may be committed.
+        """
+        try:
+            if self.sink is not None:
+                self.sink.poll_acks()
+        except SinkError as exc:
+            raise Fatal("the producer process failed") from exc
+        finished = self.tracker.collect()
+        if finished:
+            self.telemetry.acknowledged(finished)
+        failed = self.tracker.failed_head()
+        if failed is not None:
+            self.resend(failed)
+        return len(finished)
+
+    def resend(self, ticket: Ticket) -> None:
+        """Send a ticket's failed records again (the producer gave up on them).
+
+        Retriable failures (the broker away, timeouts) are repeated with backoff for as
+        long as it takes. A record refused SEND_ATTEMPTS times for good stops the daemon
+        (exit 1) before anything at or after its input offset is committed: nothing is
+        lost, and the restart tries again with a fresh producer.
+        """
+        assert self.sink is not None
+        now = time.monotonic()
+        if now < ticket.retry_at:
+            return
+        attempts = ticket.attempts + 1
+        shown = "; ".join(sorted(set(ticket.errors))[:3])
+        self.telemetry.metrics.broker_errors.labels("produce").inc()
+        if not ticket.retriable and attempts >= SEND_ATTEMPTS:
+            raise Fatal(
+                f"{len(ticket.failed)} records were refused {attempts} times ({shown}); "
+                "stopping without committing past them, so a restart produces them again"
+            )
+        sends, _, _ = ticket.take_failed()
+        ticket.attempts = attempts
+        ticket.retry_at = now + min(0.5 * attempts, MAX_BACKOFF_SECONDS)
+        log.warning(
+            "%d records were not acknowledged (%s); sending them again (attempt %d)",
+            len(sends),
+            shown,
+            attempts + 1,
+        )
+        self.sink.send_records(ticket, sends)
+
+    def apply_backpressure(self, source: Source) -> None:
+        """Stop fetching while too many records wait for acknowledgement (broker slow/away)."""
+        pending = self.tracker.pending_sends
+        if not self.paused and pending > self.pause_above:
+            source.pause()
+            self.paused = True
+            log.warning("%d records await acknowledgement: pausing consumption", pending)
+        elif self.paused and pending <= self.pause_above // 2:
+            source.resume()
+            self.paused = False
+            log.info("acknowledgements caught up: resuming consumption")
+
+    # -- commits -------------------------------------------------------------------------
+
+    def commit_async(self, source: Source) -> None:
+        """Commit what was acknowledged on the partitions owned, without waiting."""
+        offsets = self.tracker.uncommitted(source.assigned)
+        if offsets:
+            source.commit_async(offsets, self._commit_done)
+
+    def commit_final(self, source: Source, timeout_s: float) -> None:
+        """Commit what was acknowledged and wait (shutdown); a failure is logged."""
+        offsets = self.tracker.uncommitted(source.assigned)
+        if not offsets:
+            return
+        try:
+            source.commit(offsets, timeout_ms=int(timeout_s * 1000) or 1)
+        except Exception as exc:
+            self.telemetry.metrics.commit_failures.inc()
+            log.warning("final commit failed (%s): those records will be re-read", exc)
+            return
+        self.committed(offsets)
+        log.info("committed offsets %s", fmt_offsets(offsets))
+
+    def _commit_done(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata], result: object
+    ) -> None:
+        if isinstance(result, BaseException):
+            self.telemetry.metrics.commit_failures.inc()
+            log.warning("offset commit failed (%s); will retry", short(result))
+            return
+        self.committed({tp: om.offset for tp, om in offsets.items()})
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """The broker accepted these offsets (any commit path, the revoke one included)."""
+        self.tracker.mark_committed(offsets)
+        self.telemetry.metrics.commits.inc()
+
+    # -- rebalances ----------------------------------------------------------------------
+
+    def hand_over(self, revoked: set[TopicPartition], budget_s: float) -> dict[TopicPartition, int]:
+        """Partitions are being revoked: the offsets to commit for them before they go.
+
+        Outputs still in flight are flushed and accounted first, so those offsets cover
+        everything this member did with the partitions. Runs in the rebalance listener:
+        a failure is logged, never raised into kafka-python.
+        """
+        if self.sink is not None:
+            self.sink.flush(budget_s)
+        try:
+            self.check_acks()
+        except Exception:
+            log.exception("accounting acknowledgements during a rebalance")
+        offsets = self.tracker.uncommitted(revoked)
+        self.tracker.forget(revoked)
+        return offsets
+
+    def drop(self, lost: set[TopicPartition]) -> None:
+        """Partitions were lost (membership expired): never commit them again."""
+        self.tracker.forget(lost)
+
+    def close_sink(self, timeout_s: float) -> None:
+        if self.sink is not None:
+            self.sink.close(timeout_s=timeout_s)
+            self.sink = None

@@ -1,0 +1,180 @@
+"""What the daemon tells about itself: per-batch metrics, gauges, the status log, live figures.
+
+One owner per metric: everything a processed batch or an acknowledged ticket says is
+counted here, whether or not training is enabled (drift detections, the serving model's
+version and when it changed included). The loop, the delivery side and the rebalance
+callbacks report to :class:`Telemetry`; none of them touches a series of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamlstm.drift import DETECTORS
+from streamlstm.engine import BatchOutput
+from streamlstm.events import REASONS
+from streamlstm.io import Ticket
+from streamlstm.metrics import Metrics, observe_many
+from streamlstm.state import EVICTION_CAUSES, KeyedState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveWindow:
+    """Figures since the last :meth:`LiveStats.take` (for the demo's live line)."""
+
+    seconds: float
+    events: int
+    predictions: int
+    anomalies: int
+    dead_letters: int
+    latencies: np.ndarray  # event latency of each acknowledged prediction, seconds
+
+
+@dataclass
+class LiveStats:
+    """Counters and recent latencies, shared between the loop and a reporter thread."""
+
+    events: int = 0
+    predictions: int = 0
+    anomalies: int = 0
+    dead_letters: int = 0
+    first_event_at: float | None = None  # perf_counter of the first decoded event
+    last_ack_at: float | None = None  # perf_counter of the last acknowledged output
+    _window: list[np.ndarray] = field(default_factory=list)
+    _since: float = field(default_factory=time.monotonic)
+    _marks: tuple[int, int, int, int] = (0, 0, 0, 0)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, predictions: int, anomalies: int, dead: int, latencies: np.ndarray) -> None:
+        with self._lock:
+            self.last_ack_at = time.perf_counter()
+            self.predictions += predictions
+            self.anomalies += anomalies
+            self.dead_letters += dead
+            if len(latencies):
+                self._window.append(latencies)
+                if len(self._window) > 10_000:  # nobody is taking: keep memory bounded
+                    del self._window[:5_000]
+
+    def add_events(self, n: int) -> None:
+        with self._lock:
+            if self.first_event_at is None:
+                self.first_event_at = time.perf_counter()
+            self.events += n
+
+    def take(self) -> LiveWindow:
+        """The window since the previous call; starts a new one."""
+        with self._lock:
+            now = time.monotonic()
+            marks = (self.events, self.predictions, self.anomalies, self.dead_letters)
+            events, predictions, anomalies, dead = (
+                a - b for a, b in zip(marks, self._marks, strict=True)
+            )
+            latencies = np.concatenate(self._window) if self._window else np.zeros(0)
+            window = LiveWindow(now - self._since, events, predictions, anomalies, dead, latencies)
+            self._window, self._since, self._marks = [], now, marks
+            return window
+
+
+class Telemetry:
+    """The daemon's metrics and live figures, fed by the loop, delivery and rebalances."""
+
+    def __init__(self, metrics: Metrics, anomaly_threshold: float, model_version: int) -> None:
+        self.metrics = metrics
+        self.live = LiveStats()
+        self.anomaly_threshold = anomaly_threshold
+        self._model_version = model_version
+        self._evictions_seen: dict[str, int] = {}
+        self._status_mark = (0, time.monotonic())
+        m = metrics
+        m.ready.set(0)
+        m.model_version.set(model_version)
+        # Labelled series exist at 0 from the start, so alerts on increase() see the first.
+        for reason in REASONS:
+            m.events_rejected.labels(reason)
+            m.dead_letters.labels(reason)
+        for cause in EVICTION_CAUSES:
+            m.state_evictions.labels(cause)
+        for detector in DETECTORS:
+            m.drift.labels(detector)
+
+    def batch(self, topic: str, output: BatchOutput, seconds: float) -> int:
+        """Count a processed batch; returns its anomalies (counted once acknowledged)."""
+        m, n = self.metrics, len(output)
+        m.inference_seconds.observe(seconds)
+        m.events.labels(topic).inc(n)
+        m.batch_size.observe(n)
+        self.live.add_events(n)
+        for detector, hits in output.detections.items():
+            if hits:
+                m.drift.labels(detector).inc(hits)
+        if output.model_version != self._model_version:
+            self._model_version = output.model_version
+            m.model_version.set(output.model_version)
+            m.last_model_update.set(time.time())
+        return int(np.count_nonzero(output.anomaly_score >= self.anomaly_threshold))
+
+    def rejected(self, reasons: list[str]) -> None:
+        for reason in reasons:
+            self.metrics.events_rejected.labels(reason).inc()
+
+    def acknowledged(self, finished: list[Ticket]) -> None:
+        """Count the outputs of tickets whose every record the broker acknowledged."""
+        now = time.time()
+        m = self.metrics
+        for t in finished:
+            latencies = now - t.event_ts
+            observe_many(m.event_latency_seconds, latencies)
+            if t.predictions:
+                observe_many(
+                    m.processing_latency_seconds, np.full(t.predictions, now - t.polled_at)
+                )
+                m.predictions.inc(t.predictions)
+                m.anomalies.inc(t.anomalies)
+            for reason in t.dead_letter_reasons:
+                m.dead_letters.labels(reason).inc()
+            self.live.add(t.predictions, t.anomalies, len(t.dead_letter_reasons), latencies)
+
+    def gauges(self, store: KeyedState, lag: dict[int, int], ready: bool) -> None:
+        """Refresh the gauges (and the eviction counters, which the store keeps as totals)."""
+        m = self.metrics
+        m.keys.set(len(store))
+        m.state_bytes.set(len(store) * store.bytes_per_key() if len(store) else 0)
+        for cause, count in store.evictions.items():
+            seen = self._evictions_seen.get(cause, 0)
+            if count > seen:
+                m.state_evictions.labels(cause).inc(count - seen)
+                self._evictions_seen[cause] = count
+        for partition, records in lag.items():
+            m.consumer_lag.labels(str(partition)).set(records)
+        m.ready.set(1 if ready else 0)
+
+    def forget_partition(self, partition: int) -> None:
+        """Drop a partition's lag series: another member reports it now."""
+        with contextlib.suppress(KeyError):
+            self.metrics.consumer_lag.remove(str(partition))
+
+    def log_status(self, now: float, keys: int, awaiting: int) -> None:
+        """One line with the totals and the event rate since the previous line."""
+        events, since = self._status_mark
+        live = self.live
+        rate = (live.events - events) / max(1e-9, now - since)
+        log.info(
+            "status: %d events (%.0f/s), %d predictions, %d dead letters, %d keys, "
+            "%d records awaiting acknowledgement",
+            live.events,
+            rate,
+            live.predictions,
+            live.dead_letters,
+            keys,
+            awaiting,
+        )
+        self._status_mark = (live.events, now)
