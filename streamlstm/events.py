@@ -36,10 +36,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
+
+if TYPE_CHECKING:
+    from streamlstm.config import Settings
 
 REASONS = (
     "not_json",
@@ -190,6 +193,18 @@ class Decoder:
         self.min_ts = min_ts
         self.max_future_seconds = max_future_seconds
         self.rejected: Counter[str] = Counter()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, width: int | None = None) -> Decoder:
+        """The daemon's decoder: ``engine.max_message_bytes``, ``engine.min_ts`` and
+        ``engine.max_future_seconds``; ``width`` defaults to ``model.input_size``."""
+        engine = settings.engine
+        return cls(
+            width or settings.model.input_size or 1,
+            engine.max_message_bytes,
+            min_ts=engine.min_ts,
+            max_future_seconds=engine.max_future_seconds,
+        )
 
     def decode(self, payloads: Sequence[bytes | None]) -> tuple[EventBatch, list[Rejection]]:
         """Decode messages in order; return the good events and the rejections."""

@@ -226,3 +226,30 @@ def test_unexpected_errors_become_internal_error(monkeypatch: pytest.MonkeyPatch
     ]
     assert "ZeroDivisionError" in rejected[0].detail
     assert decoder.rejected == {"internal_error": 3}
+
+
+def test_decoder_from_settings_takes_the_engine_bounds() -> None:
+    from streamlstm.config import load_settings
+
+    defaults = Decoder.from_settings(load_settings(overrides={"model.input_size": "2"}))
+    assert (defaults.width, defaults.max_message_bytes) == (2, 1_048_576)
+    assert (defaults.min_ts, defaults.max_future_seconds) == (0.0, 86_400.0)
+    settings = load_settings(
+        overrides={
+            "model.input_size": "2",
+            "engine.min_ts": "-100",
+            "engine.max_future_seconds": "60",
+            "engine.max_message_bytes": "4096",
+        }
+    )
+    decoder = Decoder.from_settings(settings)
+    assert (decoder.min_ts, decoder.max_future_seconds, decoder.max_message_bytes) == (
+        -100.0,
+        60.0,
+        4096,
+    )
+    now = time.time()
+    batch, rejected = decoder.decode(
+        [enc({**GOOD, "ts": -50}), enc({**GOOD, "ts": now + 120}), enc({**GOOD, "ts": now})]
+    )
+    assert len(batch) == 2 and [(r.message, r.reason) for r in rejected] == [(1, "bad_ts")]
