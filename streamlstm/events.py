@@ -78,8 +78,9 @@ class Rejection:
     element: int | None  # index inside a JSON array message, None for the whole message
     reason: str
     detail: str
-    # The failed array element as JSON on its own (element rejections only; None when it
-    # could not be re-serialised: then the whole message stands for it).
+    # The failed array element as JSON on its own (element rejections only): as parsed;
+    # for range failures (non_finite, bad_value, bad_ts) its key, ts (epoch seconds),
+    # values and target. None when it cannot be written back (the message stands in).
     payload: bytes | None = None
 
 
@@ -215,7 +216,6 @@ class Decoder:
         source: list[int] = []
         elements: list[int | None] = []
         rejections: list[Rejection] = []
-        arrays: dict[int, tuple[list[Any], bool]] = {}  # array messages, for dead letters
         validate = self._validate
 
         for m, payload in enumerate(payloads):
@@ -253,7 +253,6 @@ class Decoder:
                     source.append(m)
                     elements.append(None)
                 elif type(doc) is list:
-                    arrays[m] = (doc, lenient)
                     for i, obj in enumerate(doc):
                         try:
                             key, t, vals, target = validate(obj, lenient)
@@ -276,7 +275,7 @@ class Decoder:
             except Exception as exc:  # last line of defence
                 rejections.append(_internal(m, None, exc))
 
-        batch = self._to_batch(keys, ts, values, targets, source, elements, rejections, arrays)
+        batch = self._to_batch(keys, ts, values, targets, source, elements, rejections)
         self.rejected.update(r.reason for r in rejections)
         return batch, rejections
 
@@ -317,7 +316,6 @@ class Decoder:
         source: list[int],
         elements: list[int | None],
         rejections: list[Rejection],
-        arrays: dict[int, tuple[list[Any], bool]],
     ) -> EventBatch:
         n = len(keys)
         src = np.array(source, dtype=np.int64)
@@ -362,8 +360,12 @@ class Decoder:
                 element = elements[i]
                 payload = None
                 if element is not None:
-                    doc, lenient = arrays[int(src[i])]
-                    payload = _dump(doc[element], lenient)
+                    # Written back from its validated fields: keeping every parsed message
+                    # alive until here would cost the good path (the GC walks them all).
+                    event = {"key": keys[i], "ts": ts[i], "values": values[i]}
+                    if targets[i] is not None:
+                        event["target"] = targets[i]
+                    payload = _dump(event, lenient=True)
                 rejections.append(Rejection(int(src[i]), element, reason, detail, payload))
             keep = np.flatnonzero(~bad)
             keys = [keys[i] for i in keep]
