@@ -139,6 +139,20 @@ class EngineSettings(Section):
     max_message_bytes: int = Field(
         1_048_576, ge=64, description="Larger messages are rejected as `too_large`."
     )
+    min_ts: float = Field(
+        0.0,
+        description="Events before this time (epoch seconds) are rejected as `bad_ts`. "
+        "Old events are legitimate (backfills, replays); the default only rejects "
+        "negative times.",
+    )
+    max_future_seconds: float | None = Field(
+        86_400.0,
+        ge=0,
+        description="Events further than this ahead of the wall clock are rejected as "
+        "`bad_ts` (one would advance event time and evict every key by TTL; a timestamp "
+        "in milliseconds is far in the future). None: no bound against the clock "
+        "(times after year 9999 are always rejected). Offline replay never uses it.",
+    )
 
 
 class StateSettings(Section):
