@@ -65,7 +65,7 @@ class Daemon:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.engine = engine or Engine.from_settings(settings)
-        self.decoder = Decoder(settings.model.input_size, settings.engine.max_message_bytes)
+        self.decoder = Decoder.from_settings(settings)
         self.telemetry = Telemetry(
             self.metrics, settings.engine.anomaly_threshold, self.engine.model_version
         )

@@ -149,7 +149,7 @@ def bare_consume(settings: Settings, events: int, produce_outputs: bool = False)
     """Events/s of poll + decode (+ one produced record per event), first to last record."""
     consumer = _consumer(settings, f"{settings.kafka.group_id}-bare-{uuid.uuid4().hex[:6]}")
     producer = make_producer(settings.kafka) if produce_outputs else None
-    decoder = Decoder(settings.model.input_size or 1, settings.engine.max_message_bytes)
+    decoder = Decoder.from_settings(settings)
     out_topic = settings.kafka.output_topic + "-pipe"
     seen = 0
     first = None
