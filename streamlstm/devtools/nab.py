@@ -20,7 +20,7 @@ normalised as ``100 (S - S_null) / (S_perfect - S_null)``.
 0.89
 >>> result = optimise([f], [scores], PROFILES["standard"])
 >>> result.threshold, round(result.normalised, 2)
-(0.9, 94.5)
+(0.9, 94.52)
 """
 
 from __future__ import annotations
