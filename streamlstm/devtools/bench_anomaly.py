@@ -7,9 +7,10 @@ with ``training.enabled``, in-line fine-tuning. Every row's ``anomaly_score`` (N
 counts as 0) is the detector output; one threshold per NAB profile is chosen over the
 whole corpus. Per file it also reports the next-step forecast MSE against persistence's.
 
-Files are run one by one, each with its own engine: several files as keys of one engine
-would share the fine-tuning runs and the global drift detector, so they would not give
-the results of separate replays. ``one_stream=True`` measures exactly that instead: all
+Each file runs through its own engine (``workers`` > 1: in that many processes, with the
+same results): several files as keys of one engine in lock-step batches would share the
+fine-tuning runs and the global drift detector, so they would not give the results of
+separate replays. ``one_stream=True`` measures exactly that instead: all
 files as keys of one stream (key = the file's path in the corpus), merged by time with
 each file's clock moved to start at the earliest file's first timestamp, so no key looks
 idle for years and is evicted.
@@ -18,7 +19,9 @@ idle for years and is evicted.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,44 +214,85 @@ def _scores(f: nab.NabFile, rows: np.ndarray, anomaly: np.ndarray) -> np.ndarray
     return out
 
 
+def _replay_file(root: Path, f: nab.NabFile, settings: Settings) -> tuple[np.ndarray, FileResult]:
+    """One file, one fresh engine: its NAB-aligned anomaly scores and forecast figures."""
+    t0 = time.perf_counter()
+    data, rows = _read(root, f, settings)
+    out = _run(settings, data, progress=False)
+    seconds = time.perf_counter() - t0
+    return _scores(f, rows, out.anomaly_score), _forecast(f, rows, out.prediction, seconds)
+
+
+def _per_file(
+    root: Path, files: list[nab.NabFile], settings: Settings, workers: int, progress: bool
+) -> list[tuple[np.ndarray, FileResult]]:
+    """Each file through its own engine; with ``workers`` > 1 in spawned processes (the
+    runs share nothing, so the results are the same)."""
+    bar = tqdm(total=len(files), desc="bench anomaly", unit="file", disable=not progress)
+    with bar:
+        if workers <= 1:
+            done = []
+            for f in files:
+                done.append(_replay_file(root, f, settings))
+                bar.update()
+            return done
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(files)), mp_context=context) as pool:
+            futures = [pool.submit(_replay_file, root, f, settings) for f in files]
+            for _ in as_completed(futures):
+                bar.update()
+            return [future.result() for future in futures]
+
+
+def _one_stream(
+    root: Path, files: list[nab.NabFile], settings: Settings, progress: bool
+) -> list[tuple[np.ndarray, FileResult]]:
+    """All files as keys of one stream through one engine, merged by (re-based) time."""
+    loaded = [_read(root, f, settings) for f in files]
+    origin = min(float(d.batch.ts[0]) for d, _ in loaded if len(d.batch))
+    keys = [f.name for f, (d, _) in zip(files, loaded, strict=True) for _ in range(len(d.batch))]
+    ts = np.concatenate([d.batch.ts - d.batch.ts[0] + origin for d, _ in loaded])
+    values = np.concatenate([d.batch.values for d, _ in loaded])
+    which = np.concatenate([np.full(len(d.batch), i) for i, (d, _) in enumerate(loaded)])
+    order = np.lexsort((np.arange(len(ts)), ts))  # by time; ties in file order
+    merged = EventBatch.from_arrays([keys[i] for i in order], ts[order], values[order])
+    out = _run(settings, FileEvents(merged), progress)
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    done = []
+    for i, (f, (_, rows)) in enumerate(zip(files, loaded, strict=True)):
+        mine = back[which == i]  # this file's events, in file order, in the output
+        done.append(
+            (
+                _scores(f, rows, out.anomaly_score[mine]),
+                _forecast(f, rows, out.prediction[mine], math.nan),
+            )
+        )
+    return done
+
+
 def bench_anomaly(
-    corpus_dir: str | Path, settings: Settings, *, one_stream: bool = False, progress: bool = True
+    corpus_dir: str | Path,
+    settings: Settings,
+    *,
+    one_stream: bool = False,
+    progress: bool = True,
+    workers: int = 1,
 ) -> AnomalyReport:
     """Replay every file of the NAB-layout corpus at ``corpus_dir`` through the engine and
-    score its anomaly scores with NAB's rules (see the module docstring)."""
+    score its anomaly scores with NAB's rules (see the module docstring). ``workers``
+    replays files in that many processes (not with ``one_stream``)."""
     root = Path(corpus_dir)
     settings = prepare_settings(settings)
     files = nab.load_corpus(root)
     started = time.perf_counter()
-    scores: list[np.ndarray] = []
-    results: list[FileResult] = []
     if one_stream:
-        loaded = [_read(root, f, settings) for f in files]
-        origin = min(float(d.batch.ts[0]) for d, _ in loaded if len(d.batch))
-        keys = [
-            f.name for f, (d, _) in zip(files, loaded, strict=True) for _ in range(len(d.batch))
-        ]
-        ts = np.concatenate([d.batch.ts - d.batch.ts[0] + origin for d, _ in loaded])
-        values = np.concatenate([d.batch.values for d, _ in loaded])
-        which = np.concatenate([np.full(len(d.batch), i) for i, (d, _) in enumerate(loaded)])
-        order = np.lexsort((np.arange(len(ts)), ts))  # by time; ties in file order
-        merged = EventBatch.from_arrays([keys[i] for i in order], ts[order], values[order])
-        out = _run(settings, FileEvents(merged), progress)
-        seconds = time.perf_counter() - started
-        back = np.empty_like(order)
-        back[order] = np.arange(len(order))
-        for i, (f, (_, rows)) in enumerate(zip(files, loaded, strict=True)):
-            mine = back[which == i]  # this file's events, in file order, in the output
-            scores.append(_scores(f, rows, out.anomaly_score[mine]))
-            results.append(_forecast(f, rows, out.prediction[mine], math.nan))
+        done = _one_stream(root, files, settings, progress)
     else:
-        for f in tqdm(files, desc="bench anomaly", unit="file", disable=not progress):
-            t0 = time.perf_counter()
-            data, rows = _read(root, f, settings)
-            out = _run(settings, data, progress=False)
-            scores.append(_scores(f, rows, out.anomaly_score))
-            results.append(_forecast(f, rows, out.prediction, time.perf_counter() - t0))
-        seconds = time.perf_counter() - started
+        done = _per_file(root, files, settings, workers, progress)
+    seconds = time.perf_counter() - started
+    scores = [s for s, _ in done]
+    results = [r for _, r in done]
     score = nab.score_corpus(files, scores)
     for r in results:
         r.raw = {p: score.raw_by_file[p][r.name] for p in score.optima}

@@ -77,3 +77,15 @@ def test_bench_anomaly_report(corpus: Path, one_stream: bool) -> None:
     text = report.format()
     for needle in ("standard", "low-FP", "low-FN", "synth", "synth/spiky.csv", "median"):
         assert needle in text
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_results(corpus: Path) -> None:
+    """Files share nothing, so replaying them in processes changes no figure."""
+    serial = bench_anomaly(corpus, load_settings(), progress=False).as_dict()
+    parallel = bench_anomaly(corpus, load_settings(), progress=False, workers=2).as_dict()
+    for doc in (serial, parallel):
+        doc.pop("seconds")
+        for f in doc["forecast"]["files"].values():
+            f.pop("seconds")
+    assert serial == parallel
