@@ -138,7 +138,7 @@ class AnomalyReport:
         thresholds = [self.score.optima[p].threshold for p in profiles]
         lines.append(
             f"{'threshold':28}"
-            + "".join(f"{'never':>10}" if math.isinf(t) else f"{t:>10.4g}" for t in thresholds)
+            + "".join(f"{'never':>10}" if math.isinf(t) else f"{t:>10.6g}" for t in thresholds)
         )
         lines += ["", f"{'file':56}{'rows':>7}{'MSE/persistence':>17}{'std raw':>9}"]
         for f in self.files:
