@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from streamlstm.config import Settings, load_settings
 from streamlstm.devtools.synthetic import SyntheticStream
@@ -92,3 +93,34 @@ def test_falls_back_to_a_thread_when_shared_memory_is_too_small(
     settings = _settings("process")
     trainer = BackgroundTrainer(Engine.from_settings(settings), settings)
     assert trainer.executor == "thread" and trainer.buffer is not None
+
+
+def test_the_worker_trains_the_model_the_engine_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker rebuilds the engine's model from settings: same architecture, dropout
+    included (it once dropped ``model.dropout``, so the child trained a different net)."""
+    import streamlstm.learning.trainer as trainer_module
+
+    built: list[torch.nn.Module] = []
+
+    class Capture:
+        def __init__(self, model: torch.nn.Module, *args: object) -> None:
+            built.append(model)
+
+    monkeypatch.setattr(trainer_module, "FineTuner", Capture)
+    settings = _settings("thread")
+    settings.model.num_layers = 2
+    settings.model.dropout = 0.25
+    engine = Engine.from_settings(settings)
+    trainer = BackgroundTrainer(engine, settings).start()
+    deadline = time.monotonic() + 10
+    while not built and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trainer.stop()
+    assert built, "the worker did not build a model"
+    worker = built[0]
+    assert worker.rnn.dropout == engine.model.rnn.dropout == 0.25
+    assert worker.describe() == engine.model.describe()
+    for (name, mine), (_, theirs) in zip(
+        worker.state_dict().items(), engine.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, theirs), name
