@@ -161,10 +161,7 @@ class Engine:
         (raises :class:`~streamlstm.learning.checkpoint.CheckpointError` on an architecture
         mismatch).
         """
-        m = settings.model
-        if m.input_size is None:
-            raise ValueError("model.input_size is not set")
-        model = RecurrentModel(m.input_size, m.hidden_size, m.num_layers, m.cell, m.dropout, m.seed)
+        model = RecurrentModel.from_settings(settings.model)
         if resume and settings.training.checkpoint_dir is not None:
             from streamlstm.learning.checkpoint import architecture, latest_checkpoint
 

@@ -233,10 +233,8 @@ def pretrain(
     seq.x, seq.y, seq.train_y, seq.val_y = (
         v.to(device) for v in (seq.x, seq.y, seq.train_y, seq.val_y)
     )
-    m = settings.model
-    assert m.input_size is not None
     torch.manual_seed(t.seed)
-    model = RecurrentModel(m.input_size, m.hidden_size, m.num_layers, m.cell, m.dropout, m.seed)
+    model = RecurrentModel.from_settings(settings.model)
     model.to(device)
     lr = t.learning_rate
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=t.weight_decay)

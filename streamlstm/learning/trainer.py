@@ -410,7 +410,6 @@ class _WorkerSpec:
     """Everything a worker needs; picklable for a spawned child process."""
 
     settings: Settings
-    architecture: dict[str, Any]
     weights: bytes
     version: int
     reader: ReplayReader
@@ -426,8 +425,7 @@ def _worker_main(spec: _WorkerSpec, commands: Any, results: Any) -> None:
         # when fine-tuning stops (it sends None), so an interrupt must not kill a run.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
-    a = spec.architecture
-    model = RecurrentModel(a["input_size"], a["hidden_size"], a["num_layers"], a["cell"])
+    model = RecurrentModel.from_settings(spec.settings.model)
     model.load_state_dict(torch.load(io.BytesIO(spec.weights), weights_only=True))
     tuner = FineTuner(model, spec.settings, spec.version, spec.write_checkpoints, spec.cancel)
     while True:
@@ -521,7 +519,6 @@ class BackgroundTrainer:
         model = self.engine.model
         spec = _WorkerSpec(
             settings=self.settings,
-            architecture=model.describe(),
             weights=_to_bytes(model.state_dict()),
             version=self.engine.model_version,
             reader=self.buffer.reader(),
