@@ -49,7 +49,6 @@ from typing import Any
 import torch
 
 from streamlstm.config import Settings
-from streamlstm.drift import DETECTORS
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.learning.buffer import ReplayBuffer, ReplayReader, Windows
 from streamlstm.learning.checkpoint import architecture, save_checkpoint
@@ -448,8 +447,8 @@ def _shared_memory_fits(nbytes: int, folder: str = "/dev/shm") -> bool:
 class BackgroundTrainer:
     """Fine-tuning beside the daemon's event loop; inference never waits for it.
 
-    The loop calls :meth:`notify` after each batch (cheap: counters, metrics, a
-    non-blocking trigger). A worker (child process or thread, ``training.executor``)
+    The loop calls :meth:`notify` after each batch (cheap: a counter, the replay metric,
+    a non-blocking trigger). A worker (child process or thread, ``training.executor``)
     runs one fine-tuning run at a time on the shared replay buffer; adopted weights are
     offered to the engine, which swaps them in between two batches.
     """
@@ -470,17 +469,13 @@ class BackgroundTrainer:
         self._drift_pending = False
         self._busy = False
         self._deaths = 0
-        self._seen_version = engine.model_version
         self._worker: threading.Thread | Any = None
         self._receiver: threading.Thread | None = None
         self._stopping = threading.Event()
         if metrics is not None:
-            metrics.model_version.set(engine.model_version)
             # Series exist at 0 from the start, so the first failure shows in increase().
             for result in RESULTS:
                 metrics.finetune_runs.labels(result=result)
-            for detector in DETECTORS:
-                metrics.drift.labels(detector=detector)
         if not self.enabled:
             return
         width, shape = engine.model.input_size, engine.model.state_shape
@@ -569,18 +564,11 @@ class BackgroundTrainer:
     # -- the event loop's side -----------------------------------------------------------
 
     def notify(self, output: BatchOutput) -> None:
-        """After each processed batch: count, update drift/replay metrics, maybe trigger."""
-        m = self.metrics
-        if m is not None:
-            for detector, hits in output.detections.items():
-                if hits:
-                    m.drift.labels(detector=detector).inc(hits)
-            if output.model_version != self._seen_version:
-                m.model_version.set(output.model_version)
-                m.last_model_update.set(time.time())
-            if self.buffer is not None:
-                m.replay_bytes.set(self.buffer.nbytes())
-        self._seen_version = output.model_version
+        """After each processed batch: count events, set the replay metric, maybe trigger.
+
+        Drift and model-version metrics are the daemon's telemetry's (one owner each)."""
+        if self.metrics is not None and self.buffer is not None:
+            self.metrics.replay_bytes.set(self.buffer.nbytes())
         if not self.enabled or self._worker is None:
             return
         self._events += len(output)

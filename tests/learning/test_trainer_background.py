@@ -63,7 +63,6 @@ def test_runs_beside_the_loop_and_swaps_between_batches(executor: str, tmp_path:
     assert versions == sorted(versions)  # versions only ever move forward, batch by batch
     sample = metrics.registry.get_sample_value
     assert sample("streamlstm_finetune_runs_total", {"result": "adopted"}) >= 2
-    assert sample("streamlstm_model_version") == versions[-1]
     assert sample("streamlstm_replay_bytes") > 0
     assert sample("streamlstm_finetune_seconds_count") >= 2
     # Adopted weights were checkpointed; the newest two are kept.
