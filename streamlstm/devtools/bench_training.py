@@ -66,7 +66,7 @@ def bench_training(
     settings.drift.finetune_on_drift = False
     engine = Engine.from_settings(settings)
     trainer = BackgroundTrainer(engine, settings)
-    buffer = engine.replay
+    buffer = trainer.buffer
     rng = np.random.default_rng(seed)
     names = [f"sensor-{i:05d}" for i in range(keys)]
     clock = [0.0]
@@ -86,7 +86,7 @@ def bench_training(
     trainer.start()
 
     def run_slice(training: bool) -> float:
-        engine.attach_replay(buffer if training else None)
+        engine.attach_learner(buffer if training else None)
         if not training:
             while trainer.busy:  # let the run in flight finish: "off" means off
                 time.sleep(0.01)

@@ -8,9 +8,10 @@ that is quiet for a while simply has older rows). Every ``stride`` steps of a ke
 recurrent state *before* that step is stored in a second ring: a snapshot, where a
 training window may start. Both rings are preallocated from ``training.replay_bytes``;
 the oldest rows and snapshots are overwritten first. Rows are numbered in event order
-(not in the engine's grouping), so the ring does not depend on batch sizes. The engine
-hands over each batched step (a list append) and the whole chunk is written in one
-vectorised pass, linking each key's steps with a segmented scan. Writers never wait:
+(not in the engine's grouping), so the ring does not depend on batch sizes. The buffer
+is the engine's :class:`~streamlstm.engine.StepConsumer`: it keeps each
+:class:`~streamlstm.engine.StepRecord` of a chunk (a list append) and writes the whole
+chunk in one vectorised pass, linking each key's steps with a segmented scan. Writers never wait:
 readers copy what they need and then check, from the published write heads, that
 nothing they copied was overwritten meanwhile (a seqlock), dropping windows that were.
 
@@ -35,9 +36,12 @@ the candidate under test had not seen), newest first and round-robin over keys (
 key's newest window before any key's second newest), scored on those rows only.
 
 >>> buf = ReplayBuffer(width=1, state_shape=(1, 1, 2), budget_bytes=2**16, window=4, burn_in=1)
->>> for t in range(12):
-...     buf.record(torch.tensor([3]), torch.tensor([[float(t)]]), torch.tensor([[float(t)]]),
-...                torch.tensor([t + 1.0]), torch.zeros(1, 1, 1, 2))
+>>> for t in range(12):  # one key (slot 3), one event per chunk
+...     v = torch.tensor([[float(t)]])
+...     buf.begin(events=1, capacity=4)
+...     buf.record(StepRecord(torch.tensor([3]), v, v, torch.tensor([t + 1.0]),
+...                           torch.zeros(1, 1, 1, 2), positions=torch.tensor([0])))
+...     buf.end()
 >>> cands = buf.reader().candidates()
 >>> cands.start.tolist()  # windows start at steps 0, 2, 4, 6 (steps 8+ lack labels or rows)
 [0, 2, 4, 6]
@@ -47,8 +51,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from streamlstm.config import Settings
+from streamlstm.engine import StepRecord
 
 _EXACT_COUNT = 2**24  # float32 counts stop growing here; treat equal counts as continuing
 
@@ -242,8 +250,18 @@ class ReplayReader:
         return train_w, self.gather(cands.take(val), cut), cands.rows_written
 
 
+class _Kept(NamedTuple):
+    """A recorded step until its chunk is written: the record, which of its rows start a
+    snapshot, and those rows' states (copied: the engine overwrites the state)."""
+
+    step: StepRecord
+    snap: torch.Tensor  # bool [B]
+    snap_state: torch.Tensor  # [snapshots, layers, parts, hidden]
+
+
 class ReplayBuffer:
-    """The writer side: the engine records each batched step here (see module docs)."""
+    """The writer side: the engine's :class:`~streamlstm.engine.StepConsumer` (see module
+    docs)."""
 
     def __init__(
         self,
@@ -285,7 +303,7 @@ class ReplayBuffer:
                 tensor.share_memory_()
         self._rows = 0
         self._base = 0  # first row number of the chunk being recorded (see begin)
-        self._parts: list[tuple[torch.Tensor | None, ...]] = []
+        self._kept: list[_Kept] = []
         self._snaps = 0
         # Per-slot writer bookkeeping (grows with the state store).
         self.last_id = torch.zeros(0, dtype=torch.int64)
@@ -294,9 +312,9 @@ class ReplayBuffer:
 
     @classmethod
     def from_settings(
-        cls, settings: object, state_shape: tuple[int, int, int], width: int, shared: bool = False
+        cls, settings: Settings, state_shape: tuple[int, int, int], width: int, shared: bool = False
     ) -> ReplayBuffer:
-        t = settings.training  # type: ignore[attr-defined]
+        t = settings.training
         return cls(
             width,
             state_shape,
@@ -329,56 +347,36 @@ class ReplayBuffer:
         self.last_count = torch.cat([self.last_count, torch.zeros(grown - old)])
         self.chain_step = torch.cat([self.chain_step, torch.zeros(grown - old, dtype=torch.int64)])
 
-    def begin(self, events: int) -> None:
+    def begin(self, events: int, capacity: int) -> None:
         """Reserve row numbers for a chunk of ``events`` events, in event order, so the
-        ring's layout does not depend on how the engine groups or sizes batches. The
-        chunk's steps are then :meth:`record`-ed and written together by :meth:`end`."""
+        ring's layout does not depend on how the engine groups or sizes batches (and grow
+        the per-slot bookkeeping to the store's ``capacity``). The chunk's steps are then
+        :meth:`record`-ed and written together by :meth:`end`."""
+        self.ensure_slots(capacity)
         self._base = self._rows
         self._rows += events
         self.ring.heads[0] = self._rows  # publish first: readers re-check after copying
-        self._parts: list[tuple[torch.Tensor | None, ...]] = []
+        self._kept = []
 
-    def record(
-        self,
-        slots: torch.Tensor,
-        x: torch.Tensor,
-        label_prev: torch.Tensor,
-        count: torch.Tensor,
-        state: torch.Tensor,
-        own_label: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> None:
-        """Take one batched step of distinct keys (cheap: kept until :meth:`end`).
-
-        slots [B]; x [B, F] the network's inputs; label_prev [B, F] this event as the
-        label of the key's previous step; count [B] the key's event count including this
-        one (a break in it, e.g. a slot reused by a new key, starts a new chain); state
-        the recurrent state before this step; own_label [B, F] explicit labels (NaN:
-        none); positions [B] the events' places in the chunk passed to :meth:`begin`
-        (None: a chunk of its own, written at once).
-        """
-        alone = positions is None
-        if alone:
-            self.begin(slots.numel())
-            positions = torch.arange(slots.numel())
+    def record(self, step: StepRecord) -> None:
+        """Keep one batched step of the chunk (cheap: written by :meth:`end`)."""
         # Snapshot every `stride`-th event of a key (its first included): only those
         # states are copied, since the state tensor is overwritten after the step.
-        snap = torch.remainder(count - 1, self.stride) == 0
-        self._parts.append((slots, x, label_prev, count, positions, own_label, snap, state[snap]))
-        if alone:
-            self.end()
+        snap = torch.remainder(step.count - 1, self.stride) == 0
+        self._kept.append(_Kept(step, snap, step.state[snap]))
 
     def end(self) -> None:
         """Write the chunk's recorded steps into the ring in one vectorised pass."""
-        parts, self._parts = self._parts, []
-        if not parts:
+        kept, self._kept = self._kept, []
+        if not kept:
             return
         r = self.ring
-        slots, x, label_prev, count, positions = (
-            torch.cat([p[i] for p in parts])
-            for i in range(5)  # type: ignore[misc]
-        )
-        owns = [p[5] for p in parts]
+        steps = [k.step for k in kept]
+        slots = torch.cat([p.slots for p in steps])
+        x = torch.cat([p.x for p in steps])
+        label_prev = torch.cat([p.label_prev for p in steps])
+        count = torch.cat([p.count for p in steps])
+        positions = torch.cat([p.positions for p in steps])
         n = slots.numel()
         if int(slots.max()) >= self.last_id.numel():
             self.ensure_slots(int(slots.max()) + 1)
@@ -402,12 +400,12 @@ class ReplayBuffer:
         sstep = base[run_start] + (index - run_start)
 
         r.x.index_copy_(0, pos, x)
-        if all(o is None for o in owns):
+        if all(p.own_label is None for p in steps):
             r.y.index_fill_(0, pos, math.nan)
         else:
             own = [
-                torch.full_like(p[1], math.nan) if o is None else o
-                for p, o in zip(parts, owns, strict=True)
+                torch.full_like(p.x, math.nan) if p.own_label is None else p.own_label
+                for p in steps
             ]
             r.y.index_copy_(0, pos, torch.cat(own))
         spos = pos[order]
@@ -428,7 +426,7 @@ class ReplayBuffer:
         self.last_count[ss[last]] = scount[last]
         self.chain_step[ss[last]] = sstep[last]
 
-        snap = torch.cat([p[6] for p in parts])
+        snap = torch.cat([k.snap for k in kept])
         k = int(snap.sum())
         if k:
             start = self._snaps
@@ -436,6 +434,6 @@ class ReplayBuffer:
             r.heads[1] = self._snaps
             seq = torch.arange(start, start + k)
             at = seq % r.snaps
-            r.snap_state.index_copy_(0, at, torch.cat([p[7] for p in parts]))
+            r.snap_state.index_copy_(0, at, torch.cat([k.snap_state for k in kept]))
             r.snap_row.index_copy_(0, at, ids[snap])
             r.snap_seq.index_copy_(0, at, seq)

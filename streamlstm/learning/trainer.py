@@ -376,7 +376,7 @@ class InlineTrainer:
         self.buffer = ReplayBuffer.from_settings(
             settings, engine.model.state_shape, engine.model.input_size
         )
-        engine.attach_replay(self.buffer)
+        engine.attach_learner(self.buffer)
         self.tuner = FineTuner(engine.model, settings, engine.model_version, write_checkpoints)
         self.outcomes: list[RunOutcome] = []
         self._since = 0
@@ -494,7 +494,7 @@ class BackgroundTrainer:
             log.warning("shared memory unavailable (%s); fine-tuning in a thread instead", exc)
             self.executor = "thread"
             self.buffer = ReplayBuffer.from_settings(settings, shape, width)
-        engine.attach_replay(self.buffer)
+        engine.attach_learner(self.buffer)
 
     # -- lifecycle ---------------------------------------------------------------------
 

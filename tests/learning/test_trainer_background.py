@@ -80,7 +80,7 @@ def test_disabled_trainer_records_nothing_and_never_runs() -> None:
     out = engine.process(EventBatch.from_arrays(["a"] * 3, np.arange(3.0), np.ones((3, 2))))
     trainer.notify(out)
     trainer.stop()
-    assert engine.replay is None and not trainer.counts
+    assert engine.learner is None and not trainer.counts
 
 
 def test_falls_back_to_a_thread_when_shared_memory_is_too_small(
