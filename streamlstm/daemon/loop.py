@@ -247,7 +247,7 @@ class Daemon:
         if not self.settings.training.enabled:
             return
         try:
-            from streamlstm.learning.trainer import BackgroundTrainer
+            from streamlstm.learning.background import BackgroundTrainer
         except ImportError as exc:
             log.warning("training.enabled, but no trainer is available (%s): not fine-tuning", exc)
             return

@@ -20,7 +20,7 @@ import numpy as np
 from streamlstm.devtools.bench_engine import reference_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
-from streamlstm.learning.trainer import BackgroundTrainer, training_threads
+from streamlstm.learning.background import BackgroundTrainer, training_threads
 
 
 @dataclass

@@ -32,9 +32,9 @@ from tqdm import tqdm
 from streamlstm.config import Settings
 from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
-from streamlstm.learning.buffer import Windows
 from streamlstm.learning.checkpoint import architecture, list_checkpoints, save_checkpoint
-from streamlstm.learning.trainer import correction_loss, resolve_device, tbptt_update
+from streamlstm.learning.tbptt import correction_loss, resolve_device, tbptt_update
+from streamlstm.learning.windows import Windows
 from streamlstm.model import RecurrentModel
 
 

@@ -13,7 +13,7 @@ from streamlstm.config import Settings, load_settings
 from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
-from streamlstm.learning.trainer import BackgroundTrainer
+from streamlstm.learning.background import BackgroundTrainer
 from streamlstm.metrics import Metrics
 
 
@@ -86,7 +86,7 @@ def test_disabled_trainer_records_nothing_and_never_runs() -> None:
 def test_falls_back_to_a_thread_when_shared_memory_is_too_small(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import streamlstm.learning.trainer as trainer_module
+    import streamlstm.learning.background as trainer_module
 
     monkeypatch.setattr(trainer_module, "_shared_memory_fits", lambda nbytes: False)
     settings = _settings("process")
@@ -97,7 +97,7 @@ def test_falls_back_to_a_thread_when_shared_memory_is_too_small(
 def test_the_worker_trains_the_model_the_engine_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker rebuilds the engine's model from settings: same architecture, dropout
     included (it once dropped ``model.dropout``, so the child trained a different net)."""
-    import streamlstm.learning.trainer as trainer_module
+    import streamlstm.learning.background as trainer_module
 
     built: list[torch.nn.Module] = []
 
