@@ -252,13 +252,13 @@ class Engine:
         )
         output.scaled_error = scaled
         if self.drift.enabled:
-            self._detect_drift(output, flags > 0)
+            self._detect_drift(output, scaled, flags > 0)
         return output
 
-    def _detect_drift(self, output: BatchOutput, per_key: np.ndarray) -> None:
+    def _detect_drift(self, output: BatchOutput, scaled: np.ndarray, per_key: np.ndarray) -> None:
         """Per-key flags from the step, plus ADWIN over blocks of std-unit errors; a global
         drift marks the event that closed the block."""
-        hits = self.drift.global_errors(output.scaled_error)
+        hits = self.drift.global_errors(scaled)
         output.drift = per_key.copy()
         output.drift[hits] = True
         output.detections = {"adwin": len(hits), "page_hinkley": int(per_key.sum())}

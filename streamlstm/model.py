@@ -136,8 +136,11 @@ def flops_per_event(input_size: int, hidden_size: int, num_layers: int, cell: Ce
     return total + 2 * hidden_size * input_size
 
 
-def quantize_for_inference(model: RecurrentModel) -> nn.Module:
-    """Int8 dynamic quantization of the recurrent and linear layers (CPU inference)."""
+def quantize_for_inference(model: RecurrentModel) -> RecurrentModel:
+    """Int8 dynamic quantization of the recurrent and linear layers (CPU inference): a
+    copy of the same class with its layers swapped, so ``step`` works unchanged."""
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+    quantized = quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+    assert isinstance(quantized, RecurrentModel)
+    return quantized

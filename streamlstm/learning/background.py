@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +35,6 @@ from streamlstm.learning.windows import ReplayReader
 from streamlstm.model import RecurrentModel
 
 if TYPE_CHECKING:
-    import multiprocessing.process
     import multiprocessing.queues
     import multiprocessing.synchronize
 
@@ -120,7 +120,7 @@ class BackgroundTrainer:
         self._drift_pending = False
         self._busy = False
         self._deaths = 0
-        self._worker: threading.Thread | multiprocessing.process.BaseProcess | None = None
+        self._worker: threading.Thread | BaseProcess | None = None
         self._cancel: _Event
         self._commands: Commands
         self._results: Results
@@ -202,13 +202,20 @@ class BackgroundTrainer:
         self._cancel.set()
         self._commands.put(None)
         self._worker.join(timeout)
-        if self.executor == "process" and self._worker.is_alive():
+        if isinstance(self._worker, BaseProcess) and self._worker.is_alive():
             log.warning("fine-tuning process did not stop within %.1fs; terminating", timeout)
             self._worker.terminate()
             self._worker.join(1.0)
         if self._receiver is not None:
             self._receiver.join(timeout)
         self._worker = None
+
+    def _dead_child(self) -> BaseProcess | None:
+        """The worker, if it is a child process that has died."""
+        worker = self._worker
+        if isinstance(worker, BaseProcess) and not worker.is_alive():
+            return worker
+        return None
 
     @property
     def busy(self) -> bool:
@@ -240,13 +247,14 @@ class BackgroundTrainer:
             self._trigger()
 
     def _trigger(self) -> None:
-        if self.executor == "process" and not self._worker.is_alive():
+        dead = self._dead_child()
+        if dead is not None:
             self._deaths += 1
             if self._deaths >= 2:  # e.g. a script without a __main__ guard cannot spawn
                 log.error("fine-tuning process keeps dying; fine-tuning in a thread instead")
                 self.executor = "thread"
             else:
-                log.error("fine-tuning process died (exit %s); restarting", self._worker.exitcode)
+                log.error("fine-tuning process died (exit %s); restarting", dead.exitcode)
             self._start_worker()
         self._busy = True
         self._events = 0
@@ -261,7 +269,7 @@ class BackgroundTrainer:
             try:
                 outcome = self._results.get(timeout=0.2)
             except queue.Empty:
-                if self.executor == "process" and self._busy and not self._worker.is_alive():
+                if self._busy and self._dead_child() is not None:
                     self._handle(RunOutcome("failed", self.engine.model_version, error="died"))
                 if self._stopping.is_set():
                     return
