@@ -180,7 +180,7 @@ class StateSettings(Section):
 
 
 class TrainingSettings(Section):
-    """Fine-tuning while the stream runs (see ``streamlstm.learning.trainer``)."""
+    """Fine-tuning while the stream runs (see ``streamlstm.learning.gate``)."""
 
     enabled: bool = Field(True, description="Fine-tune the model while events arrive.")
     device: Literal["auto", "cpu", "cuda"] = Field(

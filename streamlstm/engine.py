@@ -16,10 +16,10 @@ For each event, in the key's arrival order:
    the network was trained on (a sudden level shift read as a spike to revert);
 4. de-normalise the prediction and keep it pending for the key's next event.
 
-Hooks beside the step: a :class:`~streamlstm.learning.buffer.ReplayBuffer` (``attach_replay``)
-records each batched step for fine-tuning, and :class:`~streamlstm.drift.DriftMonitor`
-runs the per-key Page-Hinkley test inside the step and ADWIN over blocks of errors;
-drift marks the output (``BatchOutput.drift``).
+Beside the step: one :class:`StepConsumer` (``attach_learner``; the replay buffer, or
+pretraining's capture) gets a typed :class:`StepRecord` of each batched step, and
+:class:`~streamlstm.drift.DriftMonitor` runs the per-key Page-Hinkley test inside the
+step and ADWIN over blocks of errors; drift marks the output (``BatchOutput.drift``).
 
 All keys of a batch advance together: the k-th events of all keys present form one
 batched step, so a batch costs ``max events per key`` model calls, not one per event.
@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -47,7 +47,6 @@ from streamlstm import anomaly
 from streamlstm.config import Settings
 from streamlstm.drift import DriftMonitor
 from streamlstm.events import EventBatch
-from streamlstm.learning.buffer import ReplayBuffer
 from streamlstm.model import RecurrentModel, quantize_for_inference
 from streamlstm.state import KeyedState
 
@@ -66,8 +65,34 @@ def _std(var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(var + _VAR_REL_EPS * mean * mean + _VAR_ABS_EPS)
 
 
-# (slots, normalised inputs [B, F], recurrent state before the step [B, L, P, H])
-StepRecorder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One batched recurrent step of distinct keys: what the engine hands to learning.
+
+    The tensors are the engine's: a consumer keeps references only to what the engine
+    does not change afterwards, and copies the state (the step overwrites it).
+    """
+
+    slots: torch.Tensor  # int64 [B] the keys' slots in the state store
+    x: torch.Tensor  # float32 [B, F] the network's inputs, before clipping
+    label_prev: torch.Tensor  # float32 [B, F] this event as the label of the key's last step
+    count: torch.Tensor  # float32 [B] the key's events including this one (a break: new key)
+    state: torch.Tensor  # float32 [B, layers, parts, hidden] recurrent state before the step
+    positions: torch.Tensor  # int64 [B] the events' places in the chunk (see begin)
+    own_label: torch.Tensor | None = None  # float32 [B, F] explicit labels (NaN: none)
+
+
+class StepConsumer(Protocol):
+    """Where the engine's steps go, chunk by chunk (the replay buffer; pretraining)."""
+
+    def begin(self, events: int, capacity: int) -> None:
+        """A chunk of ``events`` events starts; the state store has ``capacity`` slots."""
+
+    def record(self, step: StepRecord) -> None:
+        """One batched step of the chunk; a key's steps come in its event order."""
+
+    def end(self) -> None:
+        """The chunk is complete."""
 
 
 @dataclass
@@ -146,8 +171,7 @@ class Engine:
             ttl_seconds=settings.state.ttl_seconds,
             initial_capacity=settings.state.initial_capacity,
         )
-        self.recorder: StepRecorder | None = None
-        self.replay: ReplayBuffer | None = None
+        self.learner: StepConsumer | None = None
         self._level_inputs = settings.model.inputs == "level"
         self.drift = DriftMonitor(settings.drift)
         self._offered: tuple[dict[str, torch.Tensor], int] | None = None
@@ -161,10 +185,7 @@ class Engine:
         (raises :class:`~streamlstm.learning.checkpoint.CheckpointError` on an architecture
         mismatch).
         """
-        m = settings.model
-        if m.input_size is None:
-            raise ValueError("model.input_size is not set")
-        model = RecurrentModel(m.input_size, m.hidden_size, m.num_layers, m.cell, m.dropout, m.seed)
+        model = RecurrentModel.from_settings(settings.model)
         if resume and settings.training.checkpoint_dir is not None:
             from streamlstm.learning.checkpoint import architecture, latest_checkpoint
 
@@ -175,11 +196,9 @@ class Engine:
                 model_version = ckpt.version
         return cls(model, settings, model_version)
 
-    def attach_replay(self, buffer: ReplayBuffer | None) -> None:
-        """Record every batched step into ``buffer`` (None detaches)."""
-        if buffer is not None:
-            buffer.ensure_slots(self.store.capacity)
-        self.replay = buffer
+    def attach_learner(self, learner: StepConsumer | None) -> None:
+        """Hand every batched step to ``learner`` (None detaches)."""
+        self.learner = learner
 
     def _prepare(self, model: RecurrentModel) -> RecurrentModel:
         return quantize_for_inference(model) if self.settings.model.quantize else model
@@ -233,13 +252,13 @@ class Engine:
         )
         output.scaled_error = scaled
         if self.drift.enabled:
-            self._detect_drift(output, flags > 0)
+            self._detect_drift(output, scaled, flags > 0)
         return output
 
-    def _detect_drift(self, output: BatchOutput, per_key: np.ndarray) -> None:
+    def _detect_drift(self, output: BatchOutput, scaled: np.ndarray, per_key: np.ndarray) -> None:
         """Per-key flags from the step, plus ADWIN over blocks of std-unit errors; a global
         drift marks the event that closed the block."""
-        hits = self.drift.global_errors(output.scaled_error)
+        hits = self.drift.global_errors(scaled)
         output.drift = per_key.copy()
         output.drift[hits] = True
         output.detections = {"adwin": len(hits), "page_hinkley": int(per_key.sum())}
@@ -255,9 +274,8 @@ class Engine:
         """Run one chunk, writing prediction, error, squared error, score and std-unit error
         into ``outputs`` and per-key drift flags into ``flags``."""
         slots = self.store.assign(batch.keys, batch.ts, partition)
-        if self.replay is not None:
-            self.replay.ensure_slots(self.store.capacity)
-            self.replay.begin(len(batch))
+        if self.learner is not None:
+            self.learner.begin(len(batch), self.store.capacity)
         values = torch.from_numpy(batch.values)
         target = None if batch.target is None else torch.from_numpy(batch.target)
         ts = torch.from_numpy(batch.ts)
@@ -277,15 +295,15 @@ class Engine:
                 self.store.offset[s] = pick(torch.from_numpy(offset))
             for column, result in zip(columns, results, strict=True):
                 column.index_copy_(0, rows, result)
-        if self.replay is not None:
-            self.replay.end()
+        if self.learner is not None:
+            self.learner.end()
 
     def _step_group(
         self,
         s: torch.Tensor,
         x: torch.Tensor,
         target: torch.Tensor | None,
-        positions: torch.Tensor | None = None,
+        positions: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """One event for each of B distinct keys (slots ``s``, at ``positions`` of the
         chunk): score, normalise, step.
@@ -335,14 +353,12 @@ class Engine:
         raw_input = (x - mean) / std if self._level_inputs else change
         model_input = raw_input.clamp(-clip, clip)
 
-        # 3. One batched recurrent step (recorded for replay with the state before it). The
+        # 3. One batched recurrent step (handed to learning with the state before it). The
         # network's output minus its input is the correction, in the key's std units.
         state = field("recurrent")
-        if self.recorder is not None:
-            self.recorder(s, model_input, state)
-        if self.replay is not None:
+        if self.learner is not None:
             own = None if target is None else (target - x) / std
-            self.replay.record(s, raw_input, change, count, state, own, positions)
+            self.learner.record(StepRecord(s, raw_input, change, count, state, positions, own))
         out, new_state = self._inference_model.step(model_input, state)
         move = (out - model_input) * std
         if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw

@@ -19,10 +19,13 @@ is one index operation that reads each key's state from one place in memory.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from streamlstm.config import ModelSettings
 
 Cell = Literal["lstm", "gru"]
 
@@ -44,6 +47,22 @@ class RecurrentModel(nn.Module):
             if seed is not None:
                 torch.manual_seed(seed)
             self._build(input_size, hidden_size, num_layers, cell, dropout)
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings) -> RecurrentModel:
+        """The model as ``model.*`` configures it (seeded by ``model.seed``): the one way
+        the engine, the trainers and pretraining build it, so they all train and serve
+        the same network (dropout included)."""
+        if settings.input_size is None:
+            raise ValueError("model.input_size is not set")
+        return cls(
+            settings.input_size,
+            settings.hidden_size,
+            settings.num_layers,
+            settings.cell,
+            settings.dropout,
+            settings.seed,
+        )
 
     def _build(
         self, input_size: int, hidden_size: int, num_layers: int, cell: Cell, dropout: float
@@ -117,8 +136,11 @@ def flops_per_event(input_size: int, hidden_size: int, num_layers: int, cell: Ce
     return total + 2 * hidden_size * input_size
 
 
-def quantize_for_inference(model: RecurrentModel) -> nn.Module:
-    """Int8 dynamic quantization of the recurrent and linear layers (CPU inference)."""
+def quantize_for_inference(model: RecurrentModel) -> RecurrentModel:
+    """Int8 dynamic quantization of the recurrent and linear layers (CPU inference): a
+    copy of the same class with its layers swapped, so ``step`` works unchanged."""
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+    quantized = quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+    assert isinstance(quantized, RecurrentModel)
+    return quantized

@@ -84,7 +84,7 @@ def run_replay(args: argparse.Namespace) -> int:
     engine = Engine.from_settings(settings)  # resumes from training.checkpoint_dir
     trainer = None
     if settings.training.enabled:
-        from streamlstm.learning.trainer import InlineTrainer
+        from streamlstm.learning.inline import InlineTrainer
 
         trainer = InlineTrainer(engine, settings, write_checkpoints=args.save_checkpoints)
     if args.output:

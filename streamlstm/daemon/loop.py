@@ -43,7 +43,7 @@ from streamlstm.io.sink import prediction_group, send_groups
 from streamlstm.metrics import Metrics, MetricsServer
 
 if TYPE_CHECKING:
-    from streamlstm.learning.trainer import BackgroundTrainer
+    from streamlstm.learning.background import BackgroundTrainer
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Daemon:
         if not self.settings.training.enabled:
             return
         try:
-            from streamlstm.learning.trainer import BackgroundTrainer
+            from streamlstm.learning.background import BackgroundTrainer
         except ImportError as exc:
             log.warning("training.enabled, but no trainer is available (%s): not fine-tuning", exc)
             return

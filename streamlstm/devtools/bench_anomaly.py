@@ -180,7 +180,7 @@ def _run(settings: Settings, data: FileEvents, progress: bool) -> BatchOutput:
     engine = Engine.from_settings(settings)
     trainer = None
     if settings.training.enabled:
-        from streamlstm.learning.trainer import InlineTrainer
+        from streamlstm.learning.inline import InlineTrainer
 
         trainer = InlineTrainer(engine, settings, write_checkpoints=False)
     outputs: list[BatchOutput] = []

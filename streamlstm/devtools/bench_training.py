@@ -20,7 +20,7 @@ import numpy as np
 from streamlstm.devtools.bench_engine import reference_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
-from streamlstm.learning.trainer import BackgroundTrainer, training_threads
+from streamlstm.learning.background import BackgroundTrainer, training_threads
 
 
 @dataclass
@@ -66,7 +66,7 @@ def bench_training(
     settings.drift.finetune_on_drift = False
     engine = Engine.from_settings(settings)
     trainer = BackgroundTrainer(engine, settings)
-    buffer = engine.replay
+    buffer = trainer.buffer
     rng = np.random.default_rng(seed)
     names = [f"sensor-{i:05d}" for i in range(keys)]
     clock = [0.0]
@@ -86,7 +86,7 @@ def bench_training(
     trainer.start()
 
     def run_slice(training: bool) -> float:
-        engine.attach_replay(buffer if training else None)
+        engine.attach_learner(buffer if training else None)
         if not training:
             while trainer.busy:  # let the run in flight finish: "off" means off
                 time.sleep(0.01)

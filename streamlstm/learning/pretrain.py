@@ -23,17 +23,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from streamlstm.config import Settings
-from streamlstm.engine import Engine
+from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
-from streamlstm.learning.buffer import Windows
 from streamlstm.learning.checkpoint import architecture, list_checkpoints, save_checkpoint
-from streamlstm.learning.trainer import correction_loss, resolve_device, tbptt_update
+from streamlstm.learning.tbptt import correction_loss, resolve_device, tbptt_update
+from streamlstm.learning.windows import Windows
 from streamlstm.model import RecurrentModel
 
 
@@ -49,33 +50,30 @@ class Sequences:
     keys: list[str]
 
 
+class _Step(NamedTuple):
+    """What pretraining keeps of a :class:`~streamlstm.engine.StepRecord` (copied)."""
+
+    slots: torch.Tensor
+    x: torch.Tensor
+    label_prev: torch.Tensor
+    own_label: torch.Tensor  # NaN: none
+
+
 class _Capture:
-    """Stands in for a replay buffer to collect every recorded step of an engine."""
+    """Keeps every step the engine hands over (a :class:`~streamlstm.engine.StepConsumer`)."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.steps: list[_Step] = []
 
-    def ensure_slots(self, capacity: int) -> None:
+    def begin(self, events: int, capacity: int) -> None:
         pass
 
-    def begin(self, events: int) -> None:
-        pass
+    def record(self, step: StepRecord) -> None:
+        own = torch.full_like(step.x, math.nan) if step.own_label is None else step.own_label
+        self.steps.append(_Step(step.slots.clone(), step.x.clone(), step.label_prev.clone(), own))
 
     def end(self) -> None:
         pass
-
-    def record(
-        self,
-        slots: torch.Tensor,
-        x: torch.Tensor,
-        label_prev: torch.Tensor,
-        count: torch.Tensor,
-        state: torch.Tensor,
-        own_label: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> None:
-        own = torch.full_like(x, math.nan) if own_label is None else own_label
-        self.parts.append((slots.clone(), x.clone(), label_prev.clone(), own.clone()))
 
 
 def normalised_sequences(batch: EventBatch, settings: Settings, validation_from: int) -> Sequences:
@@ -84,9 +82,13 @@ def normalised_sequences(batch: EventBatch, settings: Settings, validation_from:
     quiet.drift.enabled = False
     engine = Engine.from_settings(quiet, resume=False)
     capture = _Capture()
-    engine.attach_replay(capture)  # type: ignore[arg-type]
+    engine.attach_learner(capture)
     engine.process(batch)
-    slots, x, label_prev, own = (torch.cat(p) for p in zip(*capture.parts, strict=True))
+    steps = capture.steps
+    slots = torch.cat([step.slots for step in steps])
+    x = torch.cat([step.x for step in steps])
+    label_prev = torch.cat([step.label_prev for step in steps])
+    own = torch.cat([step.own_label for step in steps])
     # Each key's steps were recorded in its event order: a stable sort groups them.
     order = torch.argsort(slots, stable=True)
     slots, x, label_prev, own = slots[order], x[order], label_prev[order], own[order]
@@ -233,10 +235,8 @@ def pretrain(
     seq.x, seq.y, seq.train_y, seq.val_y = (
         v.to(device) for v in (seq.x, seq.y, seq.train_y, seq.val_y)
     )
-    m = settings.model
-    assert m.input_size is not None
     torch.manual_seed(t.seed)
-    model = RecurrentModel(m.input_size, m.hidden_size, m.num_layers, m.cell, m.dropout, m.seed)
+    model = RecurrentModel.from_settings(settings.model)
     model.to(device)
     lr = t.learning_rate
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=t.weight_decay)

@@ -5,7 +5,7 @@ says what the daemon would have said. Each event yields one JSON line
 (``key, ts, prediction, error, anomaly_score, model_version``); the summary gives
 MAE and MSE of next-step predictions in input units.
 
-With an :class:`~streamlstm.learning.trainer.InlineTrainer` the replay keeps learning: batches
+With an :class:`~streamlstm.learning.inline.InlineTrainer` the replay keeps learning: batches
 are cut so fine-tuning runs after exactly every ``training.interval_events`` events
 (and at once after a batch with drift), in line, so the same file, config and seed
 give the same outputs on every run, whatever ``engine.max_batch`` is.
@@ -28,7 +28,7 @@ from streamlstm.engine import BatchOutput, Engine
 from streamlstm.offline.eventfiles import FileEvents
 
 if TYPE_CHECKING:
-    from streamlstm.learning.trainer import InlineTrainer
+    from streamlstm.learning.inline import InlineTrainer
 
 
 @dataclass

@@ -259,7 +259,7 @@ def test_provisioned_data_source_matches_the_dashboard() -> None:
 
 
 def test_rule_label_values_are_ones_the_code_uses() -> None:
-    trainer = pytest.importorskip("streamlstm.learning.trainer")
+    trainer = pytest.importorskip("streamlstm.learning.gate")
     drift = pytest.importorskip("streamlstm.drift")
     from streamlstm.events import REASONS
 

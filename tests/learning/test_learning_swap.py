@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from streamlstm.config import load_settings
-from streamlstm.engine import Engine
+from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
 
 
@@ -32,25 +32,37 @@ def _batches(n: int, seed: int = 0) -> list[EventBatch]:
     return out
 
 
+class OfferMidway:
+    """A step consumer that offers new weights once the batch's first step has run."""
+
+    def __init__(self, engine: Engine, weights: dict[str, torch.Tensor]) -> None:
+        self.engine, self.weights, self.steps = engine, weights, 0
+
+    def begin(self, events: int, capacity: int) -> None:
+        pass
+
+    def record(self, step: StepRecord) -> None:
+        self.steps += 1
+        if self.steps == 2:
+            self.engine.offer_weights(self.weights, 7)
+
+    def end(self) -> None:
+        pass
+
+
 def test_offer_inside_a_batch_takes_effect_at_the_next_batch() -> None:
     batches = _batches(2)
     engine, reference = Engine.from_settings(_settings()), Engine.from_settings(_settings())
     new = _weights(engine, 0.5)
-    calls = []
-
-    def offer_midway(*_: object) -> None:
-        calls.append(1)
-        if len(calls) == 2:  # after the first batched step of the batch
-            engine.offer_weights(new, 7)
-
-    engine.recorder = offer_midway
+    learner = OfferMidway(engine, new)
+    engine.attach_learner(learner)
     first = engine.process(batches[0])
-    assert len(calls) > 2  # the batch really had several steps after the offer
+    assert learner.steps > 2  # the batch really had several steps after the offer
     expected = reference.process(batches[0])
     assert first.model_version == 0
     np.testing.assert_array_equal(first.prediction, expected.prediction)
 
-    engine.recorder = None
+    engine.attach_learner(None)
     second = engine.process(batches[1])
     reference.offer_weights(new, 7)
     expected = reference.process(batches[1])

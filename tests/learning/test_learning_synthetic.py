@@ -8,7 +8,7 @@ from streamlstm.config import load_settings
 from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.events import EventBatch
-from streamlstm.learning.trainer import InlineTrainer
+from streamlstm.learning.inline import InlineTrainer
 from streamlstm.offline.backtest import replay
 from streamlstm.offline.eventfiles import FileEvents
 

@@ -15,7 +15,10 @@ def _run(max_step: str | None) -> tuple[np.ndarray, np.ndarray]:
     if max_step is not None:
         overrides["engine.max_step"] = max_step
     engine = Engine.from_settings(load_settings(overrides=overrides))
-    torch.nn.init.normal_(engine.model.head.weight, std=3.0)  # a net that wants to move a lot
+    # A net that wants to move a lot; seeded here, not by whatever ran before (the global
+    # RNG made this test fail for about one start state in eight).
+    seeded = torch.Generator().manual_seed(0)
+    torch.nn.init.normal_(engine.model.head.weight, std=3.0, generator=seeded)
     rng = np.random.default_rng(0)
     values = np.cumsum(rng.normal(0, 1, (300, 2)), axis=0)
     values[200:] += 40.0  # a level shift the net has never seen

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from streamlstm.config import load_settings
-from streamlstm.engine import Engine
+from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
 from streamlstm.learning.buffer import ReplayBuffer
 
@@ -28,7 +28,10 @@ def _feed(buf: ReplayBuffer, slots: list[int], counts: dict[int, int], base: flo
     step = torch.tensor([counts[s] - 1 for s in slots], dtype=torch.float32)
     x = (1000.0 * idx + step + base).unsqueeze(1)
     state = x.view(-1, 1, 1, 1).expand(-1, *SHAPE).clone()
-    buf.record(idx, x, x.clone(), torch.tensor([float(counts[s]) for s in slots]), state)
+    count = torch.tensor([float(counts[s]) for s in slots])
+    buf.begin(len(slots), capacity=0)
+    buf.record(StepRecord(idx, x, x.clone(), count, state, torch.arange(len(slots))))
+    buf.end()
 
 
 def test_windows_hold_a_keys_consecutive_steps_labels_and_start_state() -> None:
@@ -135,7 +138,7 @@ def test_engine_labels_are_next_values_in_the_previous_steps_units() -> None:
     settings = load_settings(overrides={**overrides, "training.burn_in": "0"})
     engine = Engine.from_settings(settings)
     buf = ReplayBuffer.from_settings(settings, engine.model.state_shape, 3)
-    engine.attach_replay(buf)
+    engine.attach_learner(buf)
     rng = np.random.default_rng(2)
     scaled: dict[str, list[float]] = {}
     for b in range(40):

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from streamlstm.config import Settings, load_settings
 from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
-from streamlstm.learning.trainer import BackgroundTrainer
+from streamlstm.learning.background import BackgroundTrainer
 from streamlstm.metrics import Metrics
 
 
@@ -62,7 +63,6 @@ def test_runs_beside_the_loop_and_swaps_between_batches(executor: str, tmp_path:
     assert versions == sorted(versions)  # versions only ever move forward, batch by batch
     sample = metrics.registry.get_sample_value
     assert sample("streamlstm_finetune_runs_total", {"result": "adopted"}) >= 2
-    assert sample("streamlstm_model_version") == versions[-1]
     assert sample("streamlstm_replay_bytes") > 0
     assert sample("streamlstm_finetune_seconds_count") >= 2
     # Adopted weights were checkpointed; the newest two are kept.
@@ -80,15 +80,46 @@ def test_disabled_trainer_records_nothing_and_never_runs() -> None:
     out = engine.process(EventBatch.from_arrays(["a"] * 3, np.arange(3.0), np.ones((3, 2))))
     trainer.notify(out)
     trainer.stop()
-    assert engine.replay is None and not trainer.counts
+    assert engine.learner is None and not trainer.counts
 
 
 def test_falls_back_to_a_thread_when_shared_memory_is_too_small(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import streamlstm.learning.trainer as trainer_module
+    import streamlstm.learning.background as trainer_module
 
     monkeypatch.setattr(trainer_module, "_shared_memory_fits", lambda nbytes: False)
     settings = _settings("process")
     trainer = BackgroundTrainer(Engine.from_settings(settings), settings)
     assert trainer.executor == "thread" and trainer.buffer is not None
+
+
+def test_the_worker_trains_the_model_the_engine_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker rebuilds the engine's model from settings: same architecture, dropout
+    included (it once dropped ``model.dropout``, so the child trained a different net)."""
+    import streamlstm.learning.background as trainer_module
+
+    built: list[torch.nn.Module] = []
+
+    class Capture:
+        def __init__(self, model: torch.nn.Module, *args: object) -> None:
+            built.append(model)
+
+    monkeypatch.setattr(trainer_module, "FineTuner", Capture)
+    settings = _settings("thread")
+    settings.model.num_layers = 2
+    settings.model.dropout = 0.25
+    engine = Engine.from_settings(settings)
+    trainer = BackgroundTrainer(engine, settings).start()
+    deadline = time.monotonic() + 10
+    while not built and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trainer.stop()
+    assert built, "the worker did not build a model"
+    worker = built[0]
+    assert worker.rnn.dropout == engine.model.rnn.dropout == 0.25
+    assert worker.describe() == engine.model.describe()
+    for (name, mine), (_, theirs) in zip(
+        worker.state_dict().items(), engine.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(mine, theirs), name

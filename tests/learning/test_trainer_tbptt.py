@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from streamlstm.learning.buffer import Windows
-from streamlstm.learning.trainer import chunk_loss, tbptt_update
+from streamlstm.learning.tbptt import chunk_loss, tbptt_update
+from streamlstm.learning.windows import Windows
 from streamlstm.model import RecurrentModel
 
 
