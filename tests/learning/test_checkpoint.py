@@ -143,3 +143,75 @@ def test_a_checkpoint_trained_on_changes_is_not_served_on_levels(tmp_path: Path)
     settings.model.inputs = "level"
     with pytest.raises(CheckpointError, match=r"inputs='change' \(config: 'level'\)"):
         Engine.from_settings(settings)
+
+
+def test_a_failed_checkpoint_write_keeps_trainer_and_engine_on_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule: adopted weights are served by both (trainer and engine) even when their
+    checkpoint cannot be written; the failure is counted, the next adoption checkpoints."""
+    import itertools
+
+    import streamlstm.learning.gate as gate
+    from streamlstm.devtools.synthetic import SyntheticStream
+    from streamlstm.events import EventBatch
+    from streamlstm.learning.inline import InlineTrainer
+    from streamlstm.metrics import Metrics
+
+    losses = itertools.cycle([0.5, 1.0])  # the gate scores the candidate, then the serving
+    monkeypatch.setattr(gate, "evaluate", lambda *args: next(losses))
+    real_save = gate.save_checkpoint
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gate, "save_checkpoint", disk_full)
+    settings = load_settings(
+        overrides={
+            "model.input_size": "2",
+            "model.hidden_size": "8",
+            "model.num_layers": "1",
+            "training.interval_events": "200",
+            "training.steps_per_run": "2",
+            "training.batch_windows": "4",
+            "training.window": "8",
+            "training.burn_in": "2",
+            "training.replay_bytes": str(2**20),
+            "training.checkpoint_dir": str(tmp_path),
+            "drift.enabled": "false",
+        }
+    )
+    engine = Engine.from_settings(settings)
+    metrics = Metrics()
+    trainer = InlineTrainer(engine, settings, metrics, write_checkpoints=True)
+    stream = SyntheticStream(n_keys=4, width=2, seed=3, start_ts=0.0, anomaly_rate=0.0)
+
+    def step() -> None:
+        a = stream.arrays(100)
+        names = [stream.key_names[k] for k in a.key_index]
+        trainer.on_batch(engine.process(EventBatch.from_arrays(names, a.ts, a.values)))
+
+    for _ in range(40):
+        step()
+        if trainer.tuner.version >= 1:
+            break
+    adopted = trainer.outcomes[-1]
+    assert adopted.result == "adopted" and adopted.version == 1
+    assert adopted.checkpoint_error is not None and "No space left" in adopted.checkpoint_error
+    assert list_checkpoints(tmp_path) == []
+    sample = metrics.registry.get_sample_value
+    assert sample("streamlstm_checkpoint_failures_total") == 1
+    assert sample("streamlstm_finetune_runs_total", {"result": "adopted"}) == 1
+    engine.process(EventBatch.from_arrays(["x"], [1e6], [[0.0, 0.0]]))  # the swap
+    assert engine.model_version == trainer.tuner.version == 1
+    for name, tensor in trainer.tuner.serving.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor.cpu()), name
+
+    monkeypatch.setattr(gate, "save_checkpoint", real_save)  # the disk has room again
+    for _ in range(40):
+        step()
+        if trainer.tuner.version >= 2:
+            break
+    assert trainer.outcomes[-1].checkpoint_error is None
+    assert [v for v, _ in list_checkpoints(tmp_path)] == [2]
+    assert Engine.from_settings(settings).model_version == 2
