@@ -215,3 +215,47 @@ def test_a_failed_checkpoint_write_keeps_trainer_and_engine_on_the_same_weights(
     assert trainer.outcomes[-1].checkpoint_error is None
     assert [v for v, _ in list_checkpoints(tmp_path)] == [2]
     assert Engine.from_settings(settings).model_version == 2
+
+
+def test_temp_files_of_dead_writers_are_removed_on_start(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from streamlstm.learning.checkpoint import remove_stale_temp_files
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    dead, me = done.pid, os.getpid()
+    model = _model()
+    save_checkpoint(tmp_path, model.state_dict(), model.describe(), 1)
+    now = time.time()
+    ages = {
+        f".ckpt-{dead}-killed.tmp": 120,  # writer gone: removed
+        f".ckpt-{dead}-fresh.tmp": 10,  # writer gone, but just now (another namespace?)
+        f".ckpt-{me}-writing.tmp": 120,  # a live writer: kept
+        f".ckpt-{me}-ancient.tmp": 700,  # far too old for any write: removed
+        ".ckpt-oldstyle.tmp": 700,  # an older release's name, no pid: removed by age
+        ".ckpt-oldstyle2.tmp": 100,
+        "notes.tmp": 700,  # not ours
+    }
+    for name, age in ages.items():
+        path = tmp_path / name
+        path.write_bytes(b"partial")
+        os.utime(path, (now - age, now - age))
+    ckpt = latest_checkpoint(tmp_path, expect=model.describe())  # what the engine does at start
+    assert ckpt is not None and ckpt.version == 1
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(
+        [
+            "ckpt-00000001.pt",
+            f".ckpt-{dead}-fresh.tmp",
+            f".ckpt-{me}-writing.tmp",
+            ".ckpt-oldstyle2.tmp",
+            "notes.tmp",
+        ]
+    )
+    assert remove_stale_temp_files(tmp_path, now=now + 3600)  # all of ours, in time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt", "notes.tmp"]
+    assert remove_stale_temp_files(tmp_path / "missing") == []
