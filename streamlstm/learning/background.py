@@ -230,6 +230,10 @@ class BackgroundTrainer:
         )
         self._results_seen = 0
         self._cancelled_at = None
+        for old in (getattr(self, "_commands", None), getattr(self, "_results", None)):
+            if old is not None and hasattr(old, "cancel_join_thread"):
+                old.cancel_join_thread()  # a dead reader: never wait to flush into it
+                old.close()
         if self.executor == "process":
             ctx = torch.multiprocessing.get_context("spawn")
             spec.cancel = self._cancel = ctx.Event()
@@ -394,7 +398,8 @@ class BackgroundTrainer:
     def _worker_lost(self, reason: str) -> None:
         """The worker died or was given up: fail its run, back off, restart later."""
         with self._lock:
-            if self.executor == "process" and self._results_seen == 0:
+            code = worker.exitcode if isinstance(worker := self._worker, BaseProcess) else None
+            if code == 1 and self._results_seen == 0:  # failed to start (not killed)
                 self._quick_deaths += 1
             if self._busy:
                 lost = RunOutcome("failed", self._version, error=f"worker {reason}")
@@ -412,6 +417,8 @@ class BackgroundTrainer:
 
     def _restart(self) -> None:
         with self._lock:
+            if self._stopping.is_set():  # stop() owns the worker now
+                return
             self._start_worker()
             self._restart_at = None
             self.restarts += 1
