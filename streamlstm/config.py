@@ -134,6 +134,16 @@ def _kafka_problems(k: KafkaSettings) -> list[str]:
     import importlib.util
 
     problems = []
+    for server in k.bootstrap_servers.split(","):
+        host, colon, port = server.strip().rpartition(":")
+        if not colon:
+            host, port = port, "9092"
+        if not host or host.endswith(":") or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(
+                f"kafka.bootstrap_servers: expected a comma-separated host:port list "
+                f"(got {k.bootstrap_servers!r})"
+            )
+            break
     if k.fetch_max_wait_ms >= KAFKA_REQUEST_TIMEOUT_MS:
         problems.append(
             f"kafka.fetch_max_wait_ms: must be below kafka-python's request timeout "

@@ -136,6 +136,10 @@ def test_process_exit_code_is_2_for_a_bad_file(tmp_path: Path) -> None:
         ),
         ({"kafka.security_protocol": "SSL", "kafka.ssl_keyfile": __file__}, "kafka.ssl_certfile"),
         ({"kafka.producer_acks": "0"}, "kafka.producer_acks"),
+        ({"kafka.bootstrap_servers": ""}, "kafka.bootstrap_servers"),
+        ({"kafka.bootstrap_servers": "a:9092,,b:9092"}, "kafka.bootstrap_servers"),
+        ({"kafka.bootstrap_servers": "a:port"}, "kafka.bootstrap_servers"),
+        ({"kafka.bootstrap_servers": "a:70000"}, "kafka.bootstrap_servers"),
         ({"training.burn_in": "64"}, "training.burn_in"),
         ({"engine.max_batch": "20", "state.max_keys": "10"}, "engine.max_batch"),
     ],
@@ -163,6 +167,8 @@ def test_good_combinations_are_accepted() -> None:
     )
     assert s.kafka.client_kwargs()["sasl_plain_password"] == "p"
     assert load_settings(overrides={"kafka.producer_acks": "1"}).kafka.producer_acks == "1"
+    servers = "kafka-1:9092, kafka-2 ,[::1]:9093,10.0.0.1:19092"
+    assert load_settings(overrides={"kafka.bootstrap_servers": servers})
 
 
 def test_missing_codec_package_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -171,7 +171,8 @@ effect (with the same `--config`/`--set` flags and environment), and
 
 Cross-field rules (each refused at start-up, naming the setting): `training.burn_in` must
 be smaller than `training.window`; `engine.max_batch` must not exceed `state.max_keys`;
-`kafka.fetch_max_wait_ms` must be below kafka-python's 30 s request timeout;
+`kafka.bootstrap_servers` must be a `host:port` list; `kafka.fetch_max_wait_ms` must be
+below kafka-python's 30 s request timeout;
 `kafka.heartbeat_interval_ms` must be below `kafka.session_timeout_ms`; the input, output
 and dead-letter topics must all differ; a `SASL_*` protocol needs `kafka.sasl_mechanism`
 plus `sasl_username` and `sasl_password` (OAUTHBEARER is refused: it needs a token provider
