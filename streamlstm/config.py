@@ -64,7 +64,15 @@ class KafkaSettings(Section):
     )
     producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
     producer_acks: Literal["all", "1", "0"] = Field(
-        "all", description="Acknowledgements the producer waits for."
+        "all",
+        description="Acknowledgements the producer waits for (`0` needs "
+        "`kafka.allow_unsafe_acks`: outputs could be lost after their offsets are committed).",
+    )
+    allow_unsafe_acks: bool = Field(
+        False,
+        description='Allow `producer_acks = "0"`: the producer reports every record as '
+        "delivered at once, so input offsets are committed for outputs the broker may "
+        "never have stored.",
     )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of produced batches."
@@ -76,10 +84,22 @@ class KafkaSettings(Section):
     ssl_certfile: Path | None = Field(None, description="Client certificate for TLS.")
     ssl_keyfile: Path | None = Field(None, description="Client private key for TLS.")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
-        Field(None, description="SASL mechanism, when security_protocol uses SASL.")
+        Field(
+            None,
+            description="SASL mechanism, when security_protocol uses SASL (OAUTHBEARER needs "
+            "a token provider object, which a settings file cannot give: refused).",
+        )
     )
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password.")
+
+    @model_validator(mode="after")
+    def _check_kafka(self) -> KafkaSettings:
+        """Combinations kafka-python or the broker would refuse only after start-up (then
+        retried forever as "cannot reach Kafka"), or would silently ignore."""
+        for problem in _kafka_problems(self):
+            raise ValueError(problem)
+        return self
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection and security settings in kafka-python's keyword names."""
@@ -98,6 +118,100 @@ class KafkaSettings(Section):
             if self.sasl_password is not None:
                 kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
         return kwargs
+
+
+#: kafka-python's defaults the daemon does not override (consumer/producer/admin
+#: ``request_timeout_ms`` and ``connections_max_idle_ms``); its consumer requires
+#: ``fetch_max_wait_ms < request_timeout_ms < connections_max_idle_ms``.
+KAFKA_REQUEST_TIMEOUT_MS = 30_000
+KAFKA_CONNECTIONS_MAX_IDLE_MS = 540_000
+#: Python modules kafka-python needs for a compression codec (``kafka.codec``).
+_CODEC_MODULES = {"snappy": ("snappy",), "zstd": ("zstandard",), "lz4": ("lz4", "lz4f")}
+
+
+def _kafka_problems(k: KafkaSettings) -> list[str]:
+    """One line per bad combination of Kafka settings, each naming the setting to change."""
+    import importlib.util
+
+    problems = []
+    for server in k.bootstrap_servers.split(","):
+        host, colon, port = server.strip().rpartition(":")
+        if not colon:
+            host, port = port, "9092"
+        if not host or host.endswith(":") or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(
+                f"kafka.bootstrap_servers: expected a comma-separated host:port list "
+                f"(got {k.bootstrap_servers!r})"
+            )
+            break
+    if k.fetch_max_wait_ms >= KAFKA_REQUEST_TIMEOUT_MS:
+        problems.append(
+            f"kafka.fetch_max_wait_ms: must be below kafka-python's request timeout "
+            f"({KAFKA_REQUEST_TIMEOUT_MS} ms) (got {k.fetch_max_wait_ms})"
+        )
+    if k.heartbeat_interval_ms >= k.session_timeout_ms:
+        problems.append(
+            f"kafka.heartbeat_interval_ms: must be below kafka.session_timeout_ms "
+            f"({k.session_timeout_ms}) (got {k.heartbeat_interval_ms})"
+        )
+    topics = {"input_topic": k.input_topic, "output_topic": k.output_topic}
+    topics["dead_letter_topic"] = k.dead_letter_topic
+    names = list(topics)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if topics[a] == topics[b]:
+                problems.append(
+                    f"kafka.{b}: must differ from kafka.{a} (both {topics[a]!r}: the daemon "
+                    "would read its own output)"
+                )
+    sasl = k.security_protocol.startswith("SASL_")
+    if sasl and k.sasl_mechanism is None:
+        problems.append(
+            f"kafka.sasl_mechanism: must be set when kafka.security_protocol is "
+            f"{k.security_protocol}"
+        )
+    if not sasl:
+        for name in ("sasl_mechanism", "sasl_username", "sasl_password"):
+            if getattr(k, name) is not None:
+                problems.append(
+                    f"kafka.{name}: set, but kafka.security_protocol is {k.security_protocol} "
+                    "(it would be ignored: use SASL_SSL or SASL_PLAINTEXT, or remove it)"
+                )
+    if k.sasl_mechanism == "OAUTHBEARER":
+        problems.append(
+            "kafka.sasl_mechanism: OAUTHBEARER needs a token provider object, which "
+            "streamlstm's settings cannot give; use PLAIN or SCRAM-SHA-256/512"
+        )
+    elif sasl and k.sasl_mechanism is not None:
+        for name in ("sasl_username", "sasl_password"):
+            if getattr(k, name) is None:
+                problems.append(f"kafka.{name}: required for SASL {k.sasl_mechanism}")
+    if k.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(k, name) is not None:
+                problems.append(
+                    f"kafka.{name}: set, but kafka.security_protocol is {k.security_protocol} "
+                    "(it would be ignored: use SSL or SASL_SSL, or remove it)"
+                )
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(k, name)
+        if path is not None and not path.is_file():
+            problems.append(f"kafka.{name}: no such file ({str(path)!r})")
+    if k.ssl_keyfile is not None and k.ssl_certfile is None:
+        problems.append("kafka.ssl_certfile: required when kafka.ssl_keyfile is set")
+    if k.producer_acks == "0" and not k.allow_unsafe_acks:
+        problems.append(
+            'kafka.producer_acks: "0" lets input offsets be committed for outputs the '
+            'broker may never have stored; use "all" or "1", or set '
+            "kafka.allow_unsafe_acks = true (got '0')"
+        )
+    modules = _CODEC_MODULES.get(k.compression_type, ())
+    if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
+        problems.append(
+            f"kafka.compression_type: {k.compression_type} needs the Python package "
+            f"{modules[0]!r}, which is not installed"
+        )
+    return problems
 
 
 class ModelSettings(Section):
@@ -221,6 +335,12 @@ class TrainingSettings(Section):
         ge=1,
         description="Most windows the validation gate scores (rows newer than the candidate).",
     )
+    run_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Daemon: a fine-tuning run still going after this long is cancelled "
+        "(its child process killed and restarted), so a hung run cannot stop fine-tuning.",
+    )
     checkpoint_dir: Path | None = Field(None, description="Where checkpoints are written/read.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept.")
     seed: int = Field(0, ge=0, description="Seed for sampling and training.")
@@ -281,9 +401,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.training.burn_in >= self.training.window:
-            raise ValueError("training.burn_in must be smaller than training.window")
+            raise ValueError("training.burn_in: must be smaller than training.window")
         if self.engine.max_batch > self.state.max_keys:
-            raise ValueError("engine.max_batch must not exceed state.max_keys")
+            raise ValueError("engine.max_batch: must not exceed state.max_keys")
         return self
 
     @classmethod
@@ -351,6 +471,14 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "settings"
         msg = err["msg"]
+        if err["type"] == "value_error":
+            # A cross-field rule (model validator): its message starts with the field.
+            msg = msg.removeprefix("Value error, ")
+            if loc != "settings" and msg.startswith(loc.partition(".")[0] + "."):
+                loc = ""
+            if loc in ("", "settings"):
+                parts.append(msg)
+                continue
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (see `streamlstm config` for the valid names)"
         got = err.get("input")

@@ -155,6 +155,23 @@ class Metrics:
         self.replay_bytes = Gauge(
             "streamlstm_replay_bytes", "Memory held by the replay buffer.", registry=r
         )
+        self.trainer_up = Gauge(
+            "streamlstm_trainer_up",
+            "1 while the fine-tuning worker is running; 0 while it is dead or backing off "
+            "before a restart (and when fine-tuning is disabled).",
+            registry=r,
+        )
+        self.trainer_restarts = Counter(
+            "streamlstm_trainer_restarts",
+            "Fine-tuning workers restarted after dying or overrunning "
+            "training.run_timeout_seconds.",
+            registry=r,
+        )
+        self.checkpoint_failures = Counter(
+            "streamlstm_checkpoint_failures",
+            "Adopted weights whose checkpoint could not be written (they are served anyway).",
+            registry=r,
+        )
         self.drift = Counter("streamlstm_drift", "Drift detections.", ["detector"], registry=r)
         self.last_model_update = Gauge(
             "streamlstm_last_model_update_timestamp_seconds",

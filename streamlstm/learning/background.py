@@ -3,6 +3,12 @@
 The child process (default) reads the replay buffer from shared memory, so training
 never holds the event loop's GIL; ``notify`` is all the loop calls. Adopted weights
 come back as bytes and are offered to the engine, which swaps them in between batches.
+
+Supervision: the child exits within about a second when its parent dies (even by
+``kill -9``: a watchdog thread in the child polls its parent pid), a run that overruns
+``training.run_timeout_seconds`` is cancelled and then killed, and a worker that dies or
+is killed is restarted with exponential backoff (``streamlstm_trainer_restarts_total``;
+``BackgroundTrainer.healthy`` and ``streamlstm_trainer_up`` are false meanwhile).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from streamlstm.config import Settings
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.learning.buffer import ReplayBuffer
+from streamlstm.learning.device import require_training_device
 from streamlstm.learning.gate import (
     RESULTS,
     FineTuner,
@@ -46,6 +53,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How often the child checks that its parent is still there.
+WATCHDOG_SECONDS = 1.0
+#: First restart delay after a worker died, doubled on each death in a row up to the cap.
+RESTART_BACKOFF_SECONDS = 1.0
+RESTART_BACKOFF_CAP_SECONDS = 60.0
+#: How long a run that overran ``training.run_timeout_seconds`` has to honour its
+#: cancellation before its worker is killed.
+KILL_GRACE_SECONDS = 5.0
+
 
 def training_threads(settings: Settings) -> int:
     """Intra-op threads for training: what the cores leave beside inference."""
@@ -66,6 +82,18 @@ class _WorkerSpec:
     threads: int
     cancel: _Event | None = None
     write_checkpoints: bool = True
+    parent_pid: int | None = None  # a child process exits once this is not its parent
+
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    """In the child: exit as soon as the parent is gone. A parent killed with SIGKILL
+    never sends ``None``; the orphan would block in ``commands.get()`` forever, holding
+    its model and the mapped replay buffer. Orphans are re-parented, so the parent pid
+    changes."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(interval)
 
 
 def _worker_main(spec: _WorkerSpec, commands: Commands, results: Results) -> None:
@@ -74,6 +102,13 @@ def _worker_main(spec: _WorkerSpec, commands: Commands, results: Results) -> Non
         # A child process: Ctrl-C reaches the whole process group, but the parent decides
         # when fine-tuning stops (it sends None), so an interrupt must not kill a run.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if spec.parent_pid is not None:
+            threading.Thread(
+                target=_watch_parent,
+                args=(spec.parent_pid, WATCHDOG_SECONDS),
+                name="parent-watchdog",
+                daemon=True,
+            ).start()
     torch.set_num_threads(spec.threads)
     model = RecurrentModel.from_settings(spec.settings.model)
     model.load_state_dict(weights_from_bytes(spec.weights))
@@ -101,10 +136,13 @@ class BackgroundTrainer:
     The loop calls :meth:`notify` after each batch (cheap: a counter, the replay metric,
     a non-blocking trigger). A worker (child process or thread, ``training.executor``)
     runs one fine-tuning run at a time on the shared replay buffer; adopted weights are
-    offered to the engine, which swaps them in between two batches.
+    offered to the engine, which swaps them in between two batches. A supervisor thread
+    receives the results, cancels and kills runs that overrun
+    ``training.run_timeout_seconds`` and restarts a dead worker with backoff.
     """
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None) -> None:
+        require_training_device(settings)
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
@@ -115,11 +153,22 @@ class BackgroundTrainer:
         self.counts: Counter[str] = Counter()
         self.total_run_seconds = 0.0
         self.last_outcome: RunOutcome | None = None
+        self.restarts = 0  # workers restarted after dying or overrunning their deadline
         self._events = 0
         self._last_run = time.monotonic()
         self._drift_pending = False
         self._busy = False
-        self._deaths = 0
+        self._run_started = 0.0
+        self._cancelled_at: float | None = None  # a run overran; cancelled at this time
+        self._restart_at: float | None = None  # the worker is dead; restart it then
+        self._backoff = RESTART_BACKOFF_SECONDS
+        self._quick_deaths = 0  # process workers in a row that died before any result
+        self._results_seen = 0  # results from the current worker
+        # The serving weights as the trainer last knew them: a restarted worker starts
+        # from these (reading the engine's model while the loop swaps it could tear).
+        self._weights = b""
+        self._version = 0
+        self._lock = threading.Lock()  # worker, queues and trigger: loop vs supervisor
         self._worker: threading.Thread | BaseProcess | None = None
         self._cancel: _Event
         self._commands: Commands
@@ -130,6 +179,7 @@ class BackgroundTrainer:
             # Series exist at 0 from the start, so the first failure shows in increase().
             for result in RESULTS:
                 metrics.finetune_runs.labels(result=result)
+            metrics.trainer_up.set(0)
         if not self.enabled:
             return
         width, shape = engine.model.input_size, engine.model.state_shape
@@ -156,7 +206,11 @@ class BackgroundTrainer:
         if not self.enabled or self._worker is not None:
             return self
         self._stopping.clear()
-        self._start_worker()
+        self._weights = weights_to_bytes(self.engine.model.state_dict())
+        self._version = self.engine.model_version
+        with self._lock:
+            self._start_worker()
+        self._set_up(True)
         self._receiver = threading.Thread(
             target=self._receive, name="finetune-results", daemon=True
         )
@@ -164,18 +218,26 @@ class BackgroundTrainer:
         return self
 
     def _start_worker(self) -> None:
+        """A fresh worker with fresh queues and cancel event (under ``_lock``): whatever
+        an abandoned worker still sends goes nowhere."""
         assert self.buffer is not None
-        model = self.engine.model
         spec = _WorkerSpec(
             settings=self.settings,
-            weights=weights_to_bytes(model.state_dict()),
-            version=self.engine.model_version,
+            weights=self._weights,
+            version=self._version,
             reader=self.buffer.reader(),
             threads=training_threads(self.settings),
         )
+        self._results_seen = 0
+        self._cancelled_at = None
+        for old in (getattr(self, "_commands", None), getattr(self, "_results", None)):
+            if old is not None and hasattr(old, "cancel_join_thread"):
+                old.cancel_join_thread()  # a dead reader: never wait to flush into it
+                old.close()
         if self.executor == "process":
             ctx = torch.multiprocessing.get_context("spawn")
             spec.cancel = self._cancel = ctx.Event()
+            spec.parent_pid = os.getpid()
             self._commands, self._results = ctx.Queue(), ctx.Queue()
             self._worker = ctx.Process(
                 target=_worker_main,
@@ -199,28 +261,43 @@ class BackgroundTrainer:
         if self._worker is None:
             return
         self._stopping.set()
-        self._cancel.set()
-        self._commands.put(None)
-        self._worker.join(timeout)
-        if isinstance(self._worker, BaseProcess) and self._worker.is_alive():
+        with self._lock:
+            worker = self._worker
+            self._cancel.set()
+            self._commands.put(None)
+        worker.join(timeout)
+        if isinstance(worker, BaseProcess) and worker.is_alive():
             log.warning("fine-tuning process did not stop within %.1fs; terminating", timeout)
-            self._worker.terminate()
-            self._worker.join(1.0)
+            worker.terminate()
+            worker.join(1.0)
         if self._receiver is not None:
             self._receiver.join(timeout)
         self._worker = None
-
-    def _dead_child(self) -> BaseProcess | None:
-        """The worker, if it is a child process that has died."""
-        worker = self._worker
-        if isinstance(worker, BaseProcess) and not worker.is_alive():
-            return worker
-        return None
+        self._restart_at = None
+        self._set_up(False)
 
     @property
     def busy(self) -> bool:
         """A fine-tuning run is in flight."""
         return self._busy
+
+    @property
+    def healthy(self) -> bool:
+        """Fine-tuning can run: disabled, or its worker is alive (not dead, hung past its
+        deadline or backing off before a restart)."""
+        if not self.enabled:
+            return True
+        worker = self._worker
+        return worker is not None and self._restart_at is None and worker.is_alive()
+
+    def worker_pid(self) -> int | None:
+        """The child process's pid (None for a thread worker or none running)."""
+        worker = self._worker
+        return worker.pid if isinstance(worker, BaseProcess) else None
+
+    def _set_up(self, up: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.trainer_up.set(1 if up else 0)
 
     # -- the event loop's side -----------------------------------------------------------
 
@@ -236,7 +313,7 @@ class BackgroundTrainer:
         t = self.settings
         if t.drift.finetune_on_drift and any(output.detections.values()):
             self._drift_pending = True
-        if self._busy:
+        if self._busy or self._restart_at is not None:
             return
         due = (
             self._events >= t.training.interval_events
@@ -247,39 +324,122 @@ class BackgroundTrainer:
             self._trigger()
 
     def _trigger(self) -> None:
-        dead = self._dead_child()
-        if dead is not None:
-            self._deaths += 1
-            if self._deaths >= 2:  # e.g. a script without a __main__ guard cannot spawn
-                log.error("fine-tuning process keeps dying; fine-tuning in a thread instead")
-                self.executor = "thread"
-            else:
-                log.error("fine-tuning process died (exit %s); restarting", dead.exitcode)
-            self._start_worker()
-        self._busy = True
-        self._events = 0
-        self._drift_pending = False
-        self._last_run = time.monotonic()
-        self._commands.put("run")
+        # Never wait for the supervisor (it may be starting a worker): try next batch.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._worker is None or self._restart_at is not None or self._busy:
+                return
+            self._busy = True
+            self._events = 0
+            self._drift_pending = False
+            self._last_run = self._run_started = time.monotonic()
+            self._commands.put("run")
+        finally:
+            self._lock.release()
 
-    # -- results (receiver thread) ---------------------------------------------------------
+    # -- results and supervision (receiver thread) ----------------------------------------
 
     def _receive(self) -> None:
-        while not self._stopping.is_set() or self._busy:
+        while True:
+            outcome: RunOutcome | None = None
             try:
                 outcome = self._results.get(timeout=0.2)
             except queue.Empty:
-                if self._busy and self._dead_child() is not None:
-                    self._handle(RunOutcome("failed", self.engine.model_version, error="died"))
+                pass
+            except (EOFError, OSError):
                 if self._stopping.is_set():
                     return
+                time.sleep(0.2)  # a queue broken by a dead child: the check below restarts
+            if outcome is not None:
+                self._handle(outcome)
+            if self._stopping.is_set():
+                worker = self._worker
+                if not self._busy or worker is None or not worker.is_alive():
+                    return
                 continue
-            except (EOFError, OSError):
-                return
-            self._handle(outcome)
+            try:
+                self._supervise()
+            except Exception:  # the supervisor must outlive any one failure
+                log.exception("fine-tuning supervisor failed; retrying")
 
-    def _handle(self, outcome: RunOutcome) -> None:
+    def _supervise(self) -> None:
+        """Restart a dead worker when its backoff is over; end a run past its deadline."""
+        now = time.monotonic()
+        if self._restart_at is not None:
+            if now >= self._restart_at:
+                self._restart()
+            return
+        worker = self._worker
+        if worker is None:
+            return
+        if not worker.is_alive():
+            code = worker.exitcode if isinstance(worker, BaseProcess) else None
+            self._worker_lost(f"died (exit code {code})" if code is not None else "died")
+            return
+        limit = self.settings.training.run_timeout_seconds
+        if not self._busy or now - self._run_started <= limit:
+            return
+        if self._cancelled_at is None:
+            log.error(
+                "fine-tuning run still going after %.0fs (training.run_timeout_seconds); "
+                "cancelling it",
+                now - self._run_started,
+            )
+            self._cancelled_at = now
+            self._cancel.set()
+        elif now - self._cancelled_at > KILL_GRACE_SECONDS:
+            if isinstance(worker, BaseProcess):
+                worker.kill()
+                worker.join(1.0)
+            # A thread cannot be killed: it is abandoned (its queues are replaced).
+            self._worker_lost(f"timed out after {now - self._run_started:.0f}s")
+
+    def _worker_lost(self, reason: str) -> None:
+        """The worker died or was given up: fail its run, back off, restart later."""
+        with self._lock:
+            code = worker.exitcode if isinstance(worker := self._worker, BaseProcess) else None
+            if code == 1 and self._results_seen == 0:  # failed to start (not killed)
+                self._quick_deaths += 1
+            if self._busy:
+                lost = RunOutcome("failed", self._version, error=f"worker {reason}")
+                self._handle(lost, from_worker=False)
+            self._busy = False
+            if self._quick_deaths >= 2:  # e.g. a script without a __main__ guard cannot spawn
+                log.error("fine-tuning process keeps dying at start; fine-tuning in a thread")
+                self.executor = "thread"
+                self._quick_deaths = 0
+            delay = self._backoff
+            self._backoff = min(RESTART_BACKOFF_CAP_SECONDS, 2 * delay)
+            self._restart_at = time.monotonic() + delay
+        self._set_up(False)
+        log.error("fine-tuning worker %s; restarting it in %.0fs", reason, delay)
+
+    def _restart(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():  # stop() owns the worker now
+                return
+            self._start_worker()
+            self._restart_at = None
+            self.restarts += 1
+        if self.metrics is not None:
+            self.metrics.trainer_restarts.inc()
+        self._set_up(True)
+        log.warning("fine-tuning worker restarted (%s, restart %d)", self.executor, self.restarts)
+
+    def _handle(self, outcome: RunOutcome, from_worker: bool = True) -> None:
+        if from_worker:  # the worker works: the next death starts the backoff afresh
+            self._results_seen += 1
+            self._quick_deaths = 0
+            self._backoff = RESTART_BACKOFF_SECONDS
+        if self._cancelled_at is not None:
+            self._cancelled_at = None  # the cancelled run ended: the next one may run fully
+            self._cancel.clear()
         if outcome.result == "adopted":
+            # The trainer adopted these weights (checkpointed or not): the engine serves
+            # them too, so trainer and engine never disagree on the version.
+            self._weights = outcome.weights or self._weights
+            self._version = outcome.version
             self.engine.offer_weights(outcome.state_dict(), outcome.version)
         if outcome.result != "skipped":
             self.counts[outcome.result] += 1

@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+#: Temporary files of :func:`save_checkpoint`: ``.ckpt-<writer pid>-<random>.tmp`` (older
+#: releases wrote ``.ckpt-<random>.tmp``, without the pid).
+_TEMP = re.compile(r"^\.ckpt-(?:(\d+)-)?[^/]*\.tmp$")
+#: A temporary file this old is left over by a writer that died, whoever wrote it.
+STALE_TEMP_SECONDS = 600.0
+#: ...and one whose writer pid is gone, once this old (a live writer renames it at once;
+#: the margin covers a writer in another pid namespace that shares the folder).
+DEAD_WRITER_TEMP_SECONDS = 60.0
 
 
 def architecture(model: Any, settings: Any) -> dict[str, Any]:
@@ -109,7 +117,7 @@ def save_checkpoint(
     }
     payload = {**meta, "state_dict": weights, "sha256": _digest(weights, meta)}
     target = checkpoint_path(folder, version)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".ckpt-{os.getpid()}-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
@@ -125,7 +133,50 @@ def save_checkpoint(
     for _, old in list_checkpoints(folder)[keep:]:
         with contextlib.suppress(OSError):
             old.unlink()
+    remove_stale_temp_files(folder)
     return target
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | Path, now: float | None = None) -> list[Path]:
+    """Delete temporary files left by checkpoint writers that died before renaming them
+    (e.g. killed mid-write): those older than ``STALE_TEMP_SECONDS``, or older than
+    ``DEAD_WRITER_TEMP_SECONDS`` when the pid in their name is gone. Returns them."""
+    folder = Path(directory)
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = _TEMP.match(path.name)
+        if match is None:
+            continue
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:
+            continue  # renamed or removed meanwhile
+        pid = match.group(1)
+        dead_writer = pid is not None and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        if age > STALE_TEMP_SECONDS or (dead_writer and age > DEAD_WRITER_TEMP_SECONDS):
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("cannot remove stale checkpoint temp file %s: %s", path, exc)
+                continue
+            log.info("removed stale checkpoint temp file %s (%.0fs old)", path, age)
+            removed.append(path)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -189,8 +240,10 @@ def latest_checkpoint(
     """The newest valid checkpoint in ``directory`` (None if there is none).
 
     Corrupt files are skipped with a warning (an older one is still good); an
-    architecture mismatch is raised, since it means the configuration is wrong.
+    architecture mismatch is raised, since it means the configuration is wrong. Temporary
+    files of writers that died are removed (:func:`remove_stale_temp_files`).
     """
+    remove_stale_temp_files(directory)
     for _, path in list_checkpoints(directory):
         try:
             return load_checkpoint(path, expect)

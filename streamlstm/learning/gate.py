@@ -64,6 +64,7 @@ class RunOutcome:
     learning_rate: float = math.nan
     windows: int = 0
     error: str | None = None
+    checkpoint_error: str | None = None  # adopted, but its checkpoint could not be written
     weights: bytes | None = field(default=None, repr=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -202,23 +203,42 @@ class FineTuner:
             self.rejected_in_a_row = 0
 
     def checkpoint(self, outcome: RunOutcome) -> None:
+        """Checkpoint adopted weights. A failed write (disk full, permissions) does not
+        undo the adoption: the trainer already serves the weights and the outcome offers
+        them to the engine, so both stay on the same version; the failure is logged and
+        recorded in ``outcome.checkpoint_error`` (``streamlstm_checkpoint_failures_total``),
+        and the next adopted weights are checkpointed as usual."""
         t = self.settings.training
         assert t.checkpoint_dir is not None
-        save_checkpoint(
-            t.checkpoint_dir,
-            self.serving.state_dict(),
-            architecture(self.serving, self.settings),
-            self.version,
-            config=self.settings.model_dump(mode="json"),
-            metrics={"train_loss": outcome.train_loss, "validation_loss": outcome.validation_loss},
-            keep=t.keep_checkpoints,
-        )
+        try:
+            save_checkpoint(
+                t.checkpoint_dir,
+                self.serving.state_dict(),
+                architecture(self.serving, self.settings),
+                self.version,
+                config=self.settings.model_dump(mode="json"),
+                metrics={
+                    "train_loss": outcome.train_loss,
+                    "validation_loss": outcome.validation_loss,
+                },
+                keep=t.keep_checkpoints,
+            )
+        except Exception as exc:
+            outcome.checkpoint_error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "adopted weights v%d are served but could not be checkpointed in %s: %s",
+                self.version,
+                t.checkpoint_dir,
+                outcome.checkpoint_error,
+            )
 
 
 def record_run_metrics(metrics: Metrics | None, outcome: RunOutcome) -> None:
     """The trainer-owned metrics of one run (skipped runs are not counted)."""
     if metrics is None or outcome.result == "skipped":
         return
+    if outcome.checkpoint_error is not None:
+        metrics.checkpoint_failures.inc()
     if outcome.result in RESULTS:  # a first run ("trained") has no candidate to judge yet
         metrics.finetune_runs.labels(result=outcome.result).inc()
     metrics.finetune_seconds.observe(outcome.seconds)

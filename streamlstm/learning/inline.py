@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from streamlstm.config import Settings
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.learning.buffer import ReplayBuffer
+from streamlstm.learning.device import require_training_device
 from streamlstm.learning.gate import FineTuner, RunOutcome, record_run_metrics
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class InlineTrainer:
         metrics: Metrics | None = None,
         write_checkpoints: bool = False,
     ) -> None:
+        require_training_device(settings)
         self.engine = engine
         self.settings = settings
         self.metrics = metrics

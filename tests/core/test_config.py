@@ -86,3 +86,110 @@ def test_process_exit_code_is_2_for_a_bad_file(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "engine.max_batch" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        # kafka-python: fetch_max_wait_ms < request_timeout_ms (30000, not overridden)
+        ({"kafka.fetch_max_wait_ms": "30000"}, "kafka.fetch_max_wait_ms"),
+        # kafka-python: heartbeat interval below the session timeout
+        (
+            {"kafka.heartbeat_interval_ms": "10000", "kafka.session_timeout_ms": "10000"},
+            "kafka.heartbeat_interval_ms",
+        ),
+        ({"kafka.output_topic": "events"}, "kafka.output_topic"),
+        ({"kafka.dead_letter_topic": "events"}, "kafka.dead_letter_topic"),
+        ({"kafka.dead_letter_topic": "predictions"}, "kafka.dead_letter_topic"),
+        ({"kafka.security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism"),
+        (
+            {"kafka.security_protocol": "SASL_PLAINTEXT", "kafka.sasl_mechanism": "PLAIN"},
+            "kafka.sasl_username",
+        ),
+        (
+            {
+                "kafka.security_protocol": "SASL_PLAINTEXT",
+                "kafka.sasl_mechanism": "SCRAM-SHA-256",
+                "kafka.sasl_username": "u",
+            },
+            "kafka.sasl_password",
+        ),
+        (
+            {
+                "kafka.security_protocol": "SASL_SSL",
+                "kafka.sasl_mechanism": "OAUTHBEARER",
+                "kafka.sasl_username": "u",
+                "kafka.sasl_password": "p",
+            },
+            "kafka.sasl_mechanism",
+        ),
+        ({"kafka.sasl_username": "u"}, "kafka.sasl_username"),
+        ({"kafka.sasl_password": "p"}, "kafka.sasl_password"),
+        (
+            {"kafka.security_protocol": "SSL", "kafka.sasl_mechanism": "PLAIN"},
+            "kafka.sasl_mechanism",
+        ),
+        ({"kafka.ssl_cafile": __file__}, "kafka.ssl_cafile"),
+        (
+            {"kafka.security_protocol": "SSL", "kafka.ssl_cafile": "/nonexistent/ca.pem"},
+            "kafka.ssl_cafile",
+        ),
+        ({"kafka.security_protocol": "SSL", "kafka.ssl_keyfile": __file__}, "kafka.ssl_certfile"),
+        ({"kafka.producer_acks": "0"}, "kafka.producer_acks"),
+        ({"kafka.bootstrap_servers": ""}, "kafka.bootstrap_servers"),
+        ({"kafka.bootstrap_servers": "a:9092,,b:9092"}, "kafka.bootstrap_servers"),
+        ({"kafka.bootstrap_servers": "a:port"}, "kafka.bootstrap_servers"),
+        ({"kafka.bootstrap_servers": "a:70000"}, "kafka.bootstrap_servers"),
+        ({"training.burn_in": "64"}, "training.burn_in"),
+        ({"engine.max_batch": "20", "state.max_keys": "10"}, "engine.max_batch"),
+    ],
+)
+def test_bad_combination_names_the_field(override: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=override)
+    message = str(info.value)
+    assert message.startswith(field + ":"), message
+    assert "\n" not in message
+
+
+def test_good_combinations_are_accepted() -> None:
+    s = load_settings(overrides={"kafka.producer_acks": "0", "kafka.allow_unsafe_acks": "true"})
+    assert s.kafka.producer_acks == "0"
+    s = load_settings(
+        overrides={
+            "kafka.security_protocol": "SASL_SSL",
+            "kafka.sasl_mechanism": "SCRAM-SHA-512",
+            "kafka.sasl_username": "u",
+            "kafka.sasl_password": "p",
+            "kafka.ssl_cafile": __file__,
+            "kafka.fetch_max_wait_ms": "29999",
+        }
+    )
+    assert s.kafka.client_kwargs()["sasl_plain_password"] == "p"
+    assert load_settings(overrides={"kafka.producer_acks": "1"}).kafka.producer_acks == "1"
+    servers = "kafka-1:9092, kafka-2 ,[::1]:9093,10.0.0.1:19092"
+    assert load_settings(overrides={"kafka.bootstrap_servers": servers})
+
+
+def test_missing_codec_package_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "zstandard" else real(name, *a),
+    )
+    with pytest.raises(ConfigError, match=r"^kafka\.compression_type: zstd needs"):
+        load_settings(overrides={"kafka.compression_type": "zstd"})
+
+
+def test_run_with_a_bad_combination_exits_2_with_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamlstm.cli", "run", "--set", "kafka.output_topic=events"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "kafka.output_topic" in done.stderr, done.stderr

@@ -143,3 +143,119 @@ def test_a_checkpoint_trained_on_changes_is_not_served_on_levels(tmp_path: Path)
     settings.model.inputs = "level"
     with pytest.raises(CheckpointError, match=r"inputs='change' \(config: 'level'\)"):
         Engine.from_settings(settings)
+
+
+def test_a_failed_checkpoint_write_keeps_trainer_and_engine_on_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule: adopted weights are served by both (trainer and engine) even when their
+    checkpoint cannot be written; the failure is counted, the next adoption checkpoints."""
+    import itertools
+
+    import streamlstm.learning.gate as gate
+    from streamlstm.devtools.synthetic import SyntheticStream
+    from streamlstm.events import EventBatch
+    from streamlstm.learning.inline import InlineTrainer
+    from streamlstm.metrics import Metrics
+
+    losses = itertools.cycle([0.5, 1.0])  # the gate scores the candidate, then the serving
+    monkeypatch.setattr(gate, "evaluate", lambda *args: next(losses))
+    real_save = gate.save_checkpoint
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gate, "save_checkpoint", disk_full)
+    settings = load_settings(
+        overrides={
+            "model.input_size": "2",
+            "model.hidden_size": "8",
+            "model.num_layers": "1",
+            "training.interval_events": "200",
+            "training.steps_per_run": "2",
+            "training.batch_windows": "4",
+            "training.window": "8",
+            "training.burn_in": "2",
+            "training.replay_bytes": str(2**20),
+            "training.checkpoint_dir": str(tmp_path),
+            "drift.enabled": "false",
+        }
+    )
+    engine = Engine.from_settings(settings)
+    metrics = Metrics()
+    trainer = InlineTrainer(engine, settings, metrics, write_checkpoints=True)
+    stream = SyntheticStream(n_keys=4, width=2, seed=3, start_ts=0.0, anomaly_rate=0.0)
+
+    def step() -> None:
+        a = stream.arrays(100)
+        names = [stream.key_names[k] for k in a.key_index]
+        trainer.on_batch(engine.process(EventBatch.from_arrays(names, a.ts, a.values)))
+
+    for _ in range(40):
+        step()
+        if trainer.tuner.version >= 1:
+            break
+    adopted = trainer.outcomes[-1]
+    assert adopted.result == "adopted" and adopted.version == 1
+    assert adopted.checkpoint_error is not None and "No space left" in adopted.checkpoint_error
+    assert list_checkpoints(tmp_path) == []
+    sample = metrics.registry.get_sample_value
+    assert sample("streamlstm_checkpoint_failures_total") == 1
+    assert sample("streamlstm_finetune_runs_total", {"result": "adopted"}) == 1
+    engine.process(EventBatch.from_arrays(["x"], [1e6], [[0.0, 0.0]]))  # the swap
+    assert engine.model_version == trainer.tuner.version == 1
+    for name, tensor in trainer.tuner.serving.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor.cpu()), name
+
+    monkeypatch.setattr(gate, "save_checkpoint", real_save)  # the disk has room again
+    for _ in range(40):
+        step()
+        if trainer.tuner.version >= 2:
+            break
+    assert trainer.outcomes[-1].checkpoint_error is None
+    assert [v for v, _ in list_checkpoints(tmp_path)] == [2]
+    assert Engine.from_settings(settings).model_version == 2
+
+
+def test_temp_files_of_dead_writers_are_removed_on_start(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from streamlstm.learning.checkpoint import remove_stale_temp_files
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    dead, me = done.pid, os.getpid()
+    model = _model()
+    save_checkpoint(tmp_path, model.state_dict(), model.describe(), 1)
+    now = time.time()
+    ages = {
+        f".ckpt-{dead}-killed.tmp": 120,  # writer gone: removed
+        f".ckpt-{dead}-fresh.tmp": 10,  # writer gone, but just now (another namespace?)
+        f".ckpt-{me}-writing.tmp": 120,  # a live writer: kept
+        f".ckpt-{me}-ancient.tmp": 700,  # far too old for any write: removed
+        ".ckpt-oldstyle.tmp": 700,  # an older release's name, no pid: removed by age
+        ".ckpt-oldstyle2.tmp": 100,
+        "notes.tmp": 700,  # not ours
+    }
+    for name, age in ages.items():
+        path = tmp_path / name
+        path.write_bytes(b"partial")
+        os.utime(path, (now - age, now - age))
+    ckpt = latest_checkpoint(tmp_path, expect=model.describe())  # what the engine does at start
+    assert ckpt is not None and ckpt.version == 1
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(
+        [
+            "ckpt-00000001.pt",
+            f".ckpt-{dead}-fresh.tmp",
+            f".ckpt-{me}-writing.tmp",
+            ".ckpt-oldstyle2.tmp",
+            "notes.tmp",
+        ]
+    )
+    assert remove_stale_temp_files(tmp_path, now=now + 3600)  # all of ours, in time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt", "notes.tmp"]
+    assert remove_stale_temp_files(tmp_path / "missing") == []

@@ -169,8 +169,17 @@ with exit code 2 and one line naming the setting. `streamlstm config` prints the
 effect (with the same `--config`/`--set` flags and environment), and
 `streamlstm config --markdown` prints this page.
 
-Cross-field rules: `training.burn_in` must be smaller than `training.window`, and
-`engine.max_batch` must not exceed `state.max_keys`.
+Cross-field rules (each refused at start-up, naming the setting): `training.burn_in` must
+be smaller than `training.window`; `engine.max_batch` must not exceed `state.max_keys`;
+`kafka.bootstrap_servers` must be a `host:port` list; `kafka.fetch_max_wait_ms` must be
+below kafka-python's 30 s request timeout;
+`kafka.heartbeat_interval_ms` must be below `kafka.session_timeout_ms`; the input, output
+and dead-letter topics must all differ; a `SASL_*` protocol needs `kafka.sasl_mechanism`
+plus `sasl_username` and `sasl_password` (OAUTHBEARER is refused: it needs a token provider
+object); SASL settings with a non-SASL protocol, and `ssl_*` files with a plaintext one,
+are refused rather than ignored; `ssl_*` files must exist; `kafka.producer_acks = "0"`
+needs `kafka.allow_unsafe_acks = true`; a compression codec needs its Python package.
+`training.device = "cuda"` without a CUDA device is refused when the trainer starts.
 
 ```toml
 # my.toml: only what differs from the defaults
