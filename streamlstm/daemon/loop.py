@@ -40,6 +40,7 @@ from streamlstm.events import Decoder
 from streamlstm.io import Polled, Sink, Source, Ticket, dead_letters, ensure_topics
 from streamlstm.io.producer import Group
 from streamlstm.io.sink import prediction_group, send_groups
+from streamlstm.learning.device import require_training_device
 from streamlstm.metrics import Metrics, MetricsServer
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class Daemon:
     ) -> None:
         if settings.model.input_size is None:
             raise ConfigError("model.input_size: must be set for the daemon (width of `values`)")
+        require_training_device(settings)  # before connecting: a bad device is exit 2 at once
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.engine = engine or Engine.from_settings(settings)
