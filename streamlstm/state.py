@@ -34,6 +34,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -193,28 +194,25 @@ class KeyedState:
         self._tick += 1
         if len(ts):
             self._advance(ts, partition)
-        try:
-            slots = np.fromiter(map(self._slot_of.__getitem__, keys), np.int64, len(keys))
-        except KeyError:
-            slots = self._assign_with_new(keys, sweep=len(ts) > 0)
-        else:
+        # One pass of dict look-ups, new keys or not (-1: not held).
+        slots = np.fromiter(map(self._slot_of.get, keys, repeat(-1)), np.int64, len(keys))
+        missing = np.flatnonzero(slots < 0)
+        known = slots[slots >= 0] if len(missing) else slots
+        self.last_used[torch.from_numpy(known)] = self._tick  # the sweeps spare them
+        if len(ts):
+            self.evict_expired()
+        if len(missing):
+            self._allocate(keys, slots, missing)
             self.last_used[torch.from_numpy(slots)] = self._tick
-            if len(ts):
-                self.evict_expired()
         index = torch.from_numpy(slots)
-        self.last_used[index] = self._tick
         if partition is not None:
             self.partition[index] = torch.from_numpy(np.asarray(partition, dtype=np.int32))
         return slots
 
-    def _assign_with_new(self, keys: list[str], sweep: bool) -> np.ndarray:
-        get = self._slot_of.get
-        known = [s for s in map(get, keys) if s is not None]
-        if known:  # the batch's known keys are the most recent: neither sweep takes them
-            self.last_used[torch.tensor(known, dtype=torch.int64)] = self._tick
-        if sweep:
-            self.evict_expired()
-        new_keys = list(dict.fromkeys(k for k in keys if get(k) is None))
+    def _allocate(self, keys: list[str], slots: np.ndarray, missing: np.ndarray) -> None:
+        """Give the keys at positions ``missing`` fresh slots, written into ``slots``."""
+        missing_keys = [keys[i] for i in missing.tolist()]
+        new_keys = list(dict.fromkeys(missing_keys))
         needed = len(self._slot_of) + len(new_keys)
         if needed > self.max_keys:
             low_water = self.max_keys - self.capacity_headroom
@@ -233,7 +231,9 @@ class KeyedState:
             getattr(self, name)[index] = 0
         self.offset[index] = -1
         self.partition[index] = -1
-        return np.fromiter(map(self._slot_of.__getitem__, keys), np.int64, len(keys))
+        slots[missing] = np.fromiter(
+            map(self._slot_of.__getitem__, missing_keys), np.int64, len(missing_keys)
+        )
 
     def occupied(self) -> torch.Tensor:
         """Mask of slots that hold a key."""
