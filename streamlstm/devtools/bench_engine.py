@@ -8,8 +8,8 @@ because this kind of machine is shared and noisy. The compute bound is a GEMM pr
 FLOP/s divided by the FLOPs of one event.
 
 ``--churn`` (:func:`bench_churn`) measures the state store at ``state.max_keys``: a full
-table, the same batches with and without one brand-new key each (which evicts the least
-recently used keys), timed in alternating rounds of one process.
+table, batches with and without one brand-new key each (which evicts the least recently
+used keys), timed alternately in one process.
 """
 
 from __future__ import annotations
@@ -170,11 +170,11 @@ def bench_engine(
 
 @dataclass
 class ChurnBench:
-    events_per_s: float  # full table, every key known (median of rounds)
-    churn_events_per_s: float  # full table, a new key in every batch (median of rounds)
+    events_per_s: float  # full table, every key known (median batch time)
+    churn_events_per_s: float  # full table, a new key in every batch (median batch time)
     ratio: float  # churn / no churn, of the medians
-    churn_overall_events_per_s: float  # churn rounds' events / their total time
-    overall_ratio: float  # the same against the no-churn rounds' total
+    churn_overall_events_per_s: float  # churn batches' events / their total time
+    overall_ratio: float  # the same against the no-churn batches' total
     new_keys: int  # keys allocated during the counted churn rounds
     evictions: int  # capacity evictions during the churn rounds
     eviction_seconds: float  # one bulk eviction (the store's assign that did it, less a plain one)
@@ -209,8 +209,8 @@ def bench_churn(
     per_round: int = 10,
 ) -> ChurnBench:
     """The engine with its table full (``state.max_keys = keys``), with and without a
-    brand-new key in every batch; rounds alternate, each with fresh batches of the keys
-    the store holds then."""
+    brand-new key in every batch: each round draws ``per_round`` batches of each kind from
+    the keys the store holds then, and runs them alternately, one of each in turn."""
     settings = reference_settings(keys, batch, threads)
     engine = Engine.from_settings(settings, resume=False)
     store = engine.store
@@ -259,30 +259,29 @@ def bench_churn(
     for r in range(rounds + 1):  # round 0 warms up both paths and is not counted
         live = store.keys()
         plain = batches(live, None, ts)
-        fresh = [f"churn-{r}-{i}" for i in range(per_round)]
-        churn = batches(live, fresh, ts + per_round)
+        churn = batches(live, [f"churn-{r}-{i}" for i in range(per_round)], ts + per_round)
         ts += 2 * per_round
-        plain_time = timed(plain)
         before_keys, before_evicted = len(store), store.evictions["capacity"]
-        churn_time = timed(churn)
+        for pair in zip(plain, churn, strict=True):  # alternating: the machine's drift cancels
+            times = [timed([b]) for b in pair]
+            if r:
+                plain_times.append(times[0])
+                churn_times.append(times[1])
         if r:
-            plain_times.append(plain_time)
-            churn_times.append(churn_time)
             evicted = store.evictions["capacity"] - before_evicted
             evictions += evicted
             new_keys += len(store) - before_keys + evicted
-    events = per_round * batch
-    # eviction seconds owed per churn round: the new keys that used the probe's headroom
+    # eviction seconds owed per churn batch: the new keys that used the probe's headroom
     # (evictions inside the rounds are in their times already)
-    amortised = per_new_key * min(new_keys, evicted_first) / rounds
-    rate = events / statistics.median(plain_times)
-    churn_rate = events / (statistics.median(churn_times) + amortised)
-    churn_total = sum(churn_times) + amortised * rounds
+    amortised = per_new_key * min(new_keys, evicted_first) / len(churn_times)
+    rate = batch / statistics.median(plain_times)
+    churn_rate = batch / (statistics.median(churn_times) + amortised)
+    churn_total = sum(churn_times) + amortised * len(churn_times)
     return ChurnBench(
         events_per_s=rate,
         churn_events_per_s=churn_rate,
         ratio=churn_rate / rate,
-        churn_overall_events_per_s=events * rounds / churn_total,
+        churn_overall_events_per_s=batch * len(churn_times) / churn_total,
         overall_ratio=sum(plain_times) / churn_total,
         new_keys=new_keys,
         evictions=evictions,
