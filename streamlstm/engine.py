@@ -392,6 +392,7 @@ class Engine:
             flags = torch.zeros_like(std_err)
         self.store.table.index_copy_(0, s, rows)
         self.store.dirty[s] = True
+        self.store.reset_non_finite(s, rows)  # an overflow or a fault: a fresh row, counted
         unscored = torch.isnan(err)
         return (
             pred,

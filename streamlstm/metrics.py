@@ -110,6 +110,12 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        self.state_resets = Counter(
+            "streamlstm_state_resets",
+            "Key rows reset to a fresh key's row (non_finite: a NaN or an infinity in it).",
+            ["cause"],
+            registry=r,
+        )
         self.commits = Counter(
             "streamlstm_commits", "Offset commits that the broker accepted.", registry=r
         )

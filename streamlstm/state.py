@@ -8,9 +8,17 @@ in memory per key. Beside the table: the last event time (float64), the offset t
 state reflects, the source partition, and bookkeeping for eviction and persistence.
 
 The table grows geometrically. Keys idle longer than ``ttl_seconds`` in *event* time
-are evicted (swept when event time has advanced by 1% of the TTL), and past
-``max_keys`` the least recently used keys go first. Keys are tagged with their source
-partition, so one partition's keys can be snapshotted, dropped and restored together.
+are evicted, judged against a bounded **watermark**, never against one event: the
+minimum over the partitions the store serves of each partition's latest event time
+(an idle partition's time runs on with the wall clock), capped by the wall clock. So a
+far-future timestamp wipes nothing, and a caught-up partition does not expire the keys
+of a lagging one; old data (a replay) is judged in its own time. The sweep runs when
+the watermark has advanced by 1% of the TTL. Past ``max_keys`` the least recently used
+keys go first, in bulk down to a low-water mark, so a full table under key churn costs
+about what an empty one does. Keys are tagged with their source partition, so one
+partition's keys can be snapshotted, dropped and restored together. A row that became
+non-finite (an overflow; a fault) is reset to a fresh key's row and counted
+(:attr:`KeyedState.resets`), so nothing poisons a key for good.
 
 >>> store = KeyedState(state_shape=(2, 2, 8), width=3, max_keys=10, ttl_seconds=60)
 >>> store.assign(["a", "b", "a"], ts=np.array([0.0, 1.0, 2.0])).tolist()
@@ -23,13 +31,22 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from itertools import repeat
 
 import numpy as np
 import torch
 
 EVICTION_CAUSES = ("ttl", "capacity")
+RESET_CAUSES = ("non_finite",)
+
+# At max_keys, evict this fraction of the table at once (least recently used first), so the
+# selection over the whole table runs once per that many new keys, not once per batch.
+CAPACITY_HEADROOM = 0.02
+# Events without a partition (offline replay, tests) count as this one.
+NO_PARTITION = -1
 
 
 class RowLayout:
@@ -86,6 +103,7 @@ class KeyedState:
         ttl_seconds: float = 86_400.0,
         initial_capacity: int = 1024,
         on_evict: Callable[[list[str], str], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.layout = RowLayout(state_shape, width)
         self.state_shape = state_shape
@@ -93,7 +111,13 @@ class KeyedState:
         self.max_keys = max_keys
         self.ttl_seconds = ttl_seconds
         self.on_evict = on_evict
+        self.clock = clock
         self.evictions: Counter[str] = Counter()
+        self.resets: Counter[str] = Counter()
+        # Keys freed per eviction at max_keys (0 for small tables: exactly the overflow).
+        self.capacity_headroom = int(max_keys * CAPACITY_HEADROOM)
+        # partition -> (latest event time, capped by the wall clock; wall time it was seen)
+        self._partition_time: dict[int, tuple[float, float]] = {}
         self._slot_of: dict[str, int] = {}
         self._key_of: list[str | None] = []
         self._free: list[int] = []
@@ -164,30 +188,35 @@ class KeyedState:
     ) -> np.ndarray:
         """Slots for ``keys`` (allocating new keys), after evicting expired ones.
 
-        Expiry is judged at the batch's earliest event time, so a key that the batch
-        continues is never evicted by a later event of the same batch.
+        The batch's event times advance its partitions' times (see :meth:`watermark`);
+        the keys of the batch are never evicted by it.
         """
         self._tick += 1
         if len(ts):
-            self.evict_expired(float(ts.min()))
-        try:
-            slots = np.fromiter(map(self._slot_of.__getitem__, keys), np.int64, len(keys))
-        except KeyError:
-            slots = self._assign_with_new(keys)
+            self._advance(ts, partition)
+        # One pass of dict look-ups, new keys or not (-1: not held).
+        slots = np.fromiter(map(self._slot_of.get, keys, repeat(-1)), np.int64, len(keys))
+        missing = np.flatnonzero(slots < 0)
+        known = slots[slots >= 0] if len(missing) else slots
+        self.last_used[torch.from_numpy(known)] = self._tick  # the sweeps spare them
+        if len(ts):
+            self.evict_expired()
+        if len(missing):
+            self._allocate(keys, slots, missing)
+            self.last_used[torch.from_numpy(slots)] = self._tick
         index = torch.from_numpy(slots)
-        self.last_used[index] = self._tick
         if partition is not None:
             self.partition[index] = torch.from_numpy(np.asarray(partition, dtype=np.int32))
         return slots
 
-    def _assign_with_new(self, keys: list[str]) -> np.ndarray:
-        get = self._slot_of.get
-        new_keys = list(dict.fromkeys(k for k in keys if get(k) is None))
-        overflow = len(self._slot_of) + len(new_keys) - self.max_keys
-        if overflow > 0:
-            known = [s for s in map(get, keys) if s is not None]
-            self.last_used[torch.tensor(known, dtype=torch.int64)] = self._tick
-            self._evict_least_recent(overflow, keep_from=self._tick)
+    def _allocate(self, keys: list[str], slots: np.ndarray, missing: np.ndarray) -> None:
+        """Give the keys at positions ``missing`` fresh slots, written into ``slots``."""
+        missing_keys = [keys[i] for i in missing.tolist()]
+        new_keys = list(dict.fromkeys(missing_keys))
+        needed = len(self._slot_of) + len(new_keys)
+        if needed > self.max_keys:
+            low_water = self.max_keys - self.capacity_headroom
+            self._evict_least_recent(needed - low_water, keep_from=self._tick)
         if len(self._slot_of) + len(new_keys) > self.max_keys:
             raise ValueError("one batch holds more distinct keys than state.max_keys")
         needed = len(self._slot_of) + len(new_keys)
@@ -202,25 +231,90 @@ class KeyedState:
             getattr(self, name)[index] = 0
         self.offset[index] = -1
         self.partition[index] = -1
-        return np.fromiter(map(self._slot_of.__getitem__, keys), np.int64, len(keys))
+        slots[missing] = np.fromiter(
+            map(self._slot_of.__getitem__, missing_keys), np.int64, len(missing_keys)
+        )
 
     def occupied(self) -> torch.Tensor:
         """Mask of slots that hold a key."""
         return self.last_used > 0
 
-    def evict_expired(self, now_ts: float) -> int:
-        """Evict keys whose last event is older than ``now_ts - ttl_seconds``."""
-        if now_ts < self._next_sweep_ts:
+    def _advance(self, ts: np.ndarray, partition: np.ndarray | None) -> None:
+        """Advance each partition of a batch to its latest event time (capped by the clock)."""
+        now = self.clock()
+        if partition is None:
+            latest = {NO_PARTITION: np.nanmax(ts, initial=-np.inf)}
+        else:
+            parts = np.asarray(partition)
+            first = parts[0]
+            if (parts == first).all():
+                latest = {int(first): np.nanmax(ts, initial=-np.inf)}
+            else:
+                latest = {
+                    int(p): np.nanmax(ts[parts == p], initial=-np.inf) for p in np.unique(parts)
+                }
+        table = self._partition_time
+        for p, t in latest.items():
+            before = table.get(p, (-math.inf, now))[0]
+            table[p] = (max(before, min(float(t), now)), now)
+
+    def watermark(self) -> float:
+        """Event time every served partition has reached: the minimum over partitions of
+        their latest event times, an idle partition's running on with the wall clock since
+        it was last seen, all capped by the wall clock (-inf before any event)."""
+        if not self._partition_time:
+            return -math.inf
+        now = self.clock()
+        mark = min(t + max(0.0, now - seen) for t, seen in self._partition_time.values())
+        return min(mark, now)
+
+    def evict_expired(self, watermark: float | None = None) -> int:
+        """Evict keys idle longer than the TTL at ``watermark`` (default :meth:`watermark`),
+        except keys of the current batch; runs when the watermark has advanced by 1% of the
+        TTL since the last sweep. A key's own time counts at most the wall clock."""
+        now = self.watermark() if watermark is None else watermark
+        if not now >= self._next_sweep_ts:
             return 0
-        self._next_sweep_ts = now_ts + 0.01 * self.ttl_seconds
-        stale = torch.nonzero(self.occupied() & (self.last_ts < now_ts - self.ttl_seconds))
-        self._free_slots(stale.flatten(), cause="ttl")
+        self._next_sweep_ts = now + 0.01 * self.ttl_seconds
+        last_ts = self.last_ts.clamp(max=self.clock())
+        idle = self.occupied() & (self.last_used < self._tick) & (last_ts < now - self.ttl_seconds)
+        stale = torch.nonzero(idle).flatten()
+        self._free_slots(stale, cause="ttl")
         return len(stale)
 
     def _evict_least_recent(self, count: int, keep_from: int) -> None:
-        candidates = torch.nonzero(self.occupied() & (self.last_used < keep_from)).flatten()
-        order = torch.argsort(self.last_used[candidates], stable=True)[:count]
-        self._free_slots(candidates[order], cause="capacity")
+        """Evict ``count`` keys used before tick ``keep_from``, least recently used first
+        (one partial selection over the table, not a sort)."""
+        candidates = self.occupied() & (self.last_used < keep_from)
+        count = min(count, int(candidates.sum()))
+        if count <= 0:
+            return
+        age = torch.where(candidates, self.last_used, torch.iinfo(torch.int64).max)
+        slots = torch.topk(age, count, largest=False, sorted=False).indices
+        self._free_slots(slots, cause="capacity")
+
+    def reset_non_finite(self, slots: torch.Tensor, rows: torch.Tensor | None = None) -> int:
+        """Reset the rows among ``slots`` that hold a NaN or an infinity to a fresh key's row
+        (the key keeps its slot, partition and offset); counted in ``resets["non_finite"]``.
+        ``rows``: the rows of ``slots`` when the caller has them at hand."""
+        rows = self.table.index_select(0, slots) if rows is None else rows
+        # One float32 sum screens the batch (a NaN or an infinity anywhere makes it
+        # non-finite); the exact per-row test (about 30x dearer) runs only when it is not,
+        # which finite rows cause only near float32's range (the decoder keeps values far off).
+        if bool(torch.isfinite(rows.sum())):
+            return 0
+        bad = ~torch.isfinite(rows).all(1)
+        if not bool(bad.any()):
+            return 0
+        return self.reset(slots[bad], "non_finite")
+
+    def reset(self, slots: torch.Tensor, cause: str) -> int:
+        """Zero the rows of ``slots`` as a new key's (to be persisted), counting ``cause``."""
+        slots = torch.unique(slots)
+        self.table[slots] = 0
+        self.dirty[slots] = True
+        self.resets[cause] += len(slots)
+        return len(slots)
 
     def _free_slots(self, slots: torch.Tensor, cause: str | None) -> list[str]:
         keys = [self._key_of[slot] for slot in slots.tolist()]
@@ -243,7 +337,9 @@ class KeyedState:
         return torch.nonzero(self.occupied() & (self.partition == partition)).flatten()
 
     def drop_partition(self, partition: int) -> list[str]:
-        """Forget every key of ``partition`` (its new owner restores them)."""
+        """Forget every key of ``partition`` (its new owner restores them); its time leaves
+        the watermark."""
+        self._partition_time.pop(partition, None)
         return self._free_slots(self.slots_of_partition(partition), cause=None)
 
     def record_dtype(self) -> np.dtype:

@@ -199,6 +199,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--batch", type=int, default=4096, help="events per micro-batch")
     engine.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     engine.add_argument("--rounds", type=int, default=5, help="timed rounds (median is kept)")
+    engine.add_argument(
+        "--churn",
+        action="store_true",
+        help="instead: a table full at state.max_keys (= --keys), with vs without a new key "
+        "in every batch",
+    )
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     engine.set_defaults(handler=run_bench_engine)
     training = which.add_parser(
@@ -268,8 +274,9 @@ def run_bench_training(args: argparse.Namespace) -> int:
 
 
 def run_bench_engine(args: argparse.Namespace) -> int:
-    from streamlstm.devtools.bench_engine import bench_engine
+    from streamlstm.devtools.bench_engine import bench_churn, bench_engine
 
-    result = bench_engine(args.keys, args.batch, args.threads, args.rounds)
+    run = bench_churn if args.churn else bench_engine
+    result = run(args.keys, args.batch, args.threads, args.rounds)
     print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
     return 0

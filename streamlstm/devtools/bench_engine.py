@@ -6,6 +6,10 @@ model and the same per-event work (score, normalise, step, de-normalise) on the 
 synthetic events; both are timed here, in one process, as medians of several rounds,
 because this kind of machine is shared and noisy. The compute bound is a GEMM probe's
 FLOP/s divided by the FLOPs of one event.
+
+``--churn`` (:func:`bench_churn`) measures the state store at ``state.max_keys``: a full
+table, batches with and without one brand-new key each (which evicts the least recently
+used keys), timed alternately in one process.
 """
 
 from __future__ import annotations
@@ -158,6 +162,131 @@ def bench_engine(
         bytes_per_key=engine.store.bytes_per_key(),
         bound_events_per_s=bound,
         fraction_of_bound=engine_rate / bound,
+        keys=keys,
+        batch=batch,
+        threads=threads,
+    )
+
+
+@dataclass
+class ChurnBench:
+    events_per_s: float  # full table, every key known (median batch time)
+    churn_events_per_s: float  # full table, a new key in every batch (median batch time)
+    ratio: float  # churn / no churn, of the medians
+    churn_overall_events_per_s: float  # churn batches' events / their total time
+    overall_ratio: float  # the same against the no-churn batches' total
+    new_keys: int  # keys allocated during the counted churn rounds
+    evictions: int  # capacity evictions during the churn rounds
+    eviction_seconds: float  # one bulk eviction (the store's assign that did it, less a plain one)
+    evicted_at_once: int  # keys that bulk eviction freed (state.max_keys x headroom)
+    keys: int
+    batch: int
+    threads: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [
+            f"key churn at state.max_keys = {self.keys:,}, batch {self.batch}, "
+            f"{self.threads} thread(s)",
+            f"no churn      {self.events_per_s:>12,.0f} events/s",
+            f"churn         {self.churn_events_per_s:>12,.0f} events/s "
+            f"({self.new_keys:,} new keys, {self.evictions:,} evicted)",
+            f"ratio         {self.ratio:>12.2f} x (medians; "
+            f"{self.overall_ratio:.2f} x over the rounds' total time)",
+            f"bulk eviction {1000 * self.eviction_seconds:>12,.1f} ms for "
+            f"{self.evicted_at_once:,} keys (amortised into the churn figures)",
+        ]
+
+
+def bench_churn(
+    keys: int = 100_000,
+    batch: int = 4096,
+    threads: int = 1,
+    rounds: int = 5,
+    seed: int = 0,
+    per_round: int = 10,
+) -> ChurnBench:
+    """The engine with its table full (``state.max_keys = keys``), with and without a
+    brand-new key in every batch: each round draws ``per_round`` batches of each kind from
+    the keys the store holds then, and runs them alternately, one of each in turn."""
+    settings = reference_settings(keys, batch, threads)
+    engine = Engine.from_settings(settings, resume=False)
+    store = engine.store
+    rng = np.random.default_rng(seed)
+    names = [f"sensor-{i:07d}" for i in range(keys)]
+    for start in range(0, keys, batch):
+        chunk = names[start : start + batch]
+        engine.process(
+            EventBatch.from_arrays(chunk, np.zeros(len(chunk)), np.zeros((len(chunk), 8)))
+        )
+    assert len(store) == keys == store.max_keys
+
+    def batches(live: list[str], fresh: list[str] | None, first_ts: float) -> list[EventBatch]:
+        out = []
+        for i in range(per_round):
+            picks = [live[j] for j in rng.integers(0, len(live), batch)]
+            if fresh is not None:
+                picks[0] = fresh[i]
+            values = rng.normal(size=(batch, 8)).astype(np.float32)
+            out.append(EventBatch.from_arrays(picks, np.full(batch, first_ts + i), values))
+        return out
+
+    def timed(work: list[EventBatch]) -> float:
+        started = time.perf_counter()
+        for b in work:
+            engine.process(b)
+        return time.perf_counter() - started
+
+    # The first new key finds the table full: one bulk eviction down to the low-water
+    # mark, which then takes the next `capacity_headroom` new keys. Its cost, spread over
+    # them, is added to the churn figures (the rounds below see no eviction themselves
+    # at this many keys per round).
+    live = store.keys()
+    picks = [live[j] for j in rng.integers(0, len(live), batch)]
+    stamps = np.zeros(batch)
+    started = time.perf_counter()
+    store.assign(picks, stamps)
+    plain_assign = time.perf_counter() - started
+    started = time.perf_counter()
+    store.assign(["churn-first", *picks[1:]], stamps)
+    eviction_seconds = max(0.0, time.perf_counter() - started - plain_assign)
+    evicted_first = store.evictions["capacity"]
+    per_new_key = eviction_seconds / max(1, evicted_first)
+
+    plain_times, churn_times, new_keys, evictions, ts = [], [], 0, 0, 1.0
+    for r in range(rounds + 1):  # round 0 warms up both paths and is not counted
+        live = store.keys()
+        plain = batches(live, None, ts)
+        churn = batches(live, [f"churn-{r}-{i}" for i in range(per_round)], ts + per_round)
+        ts += 2 * per_round
+        before_keys, before_evicted = len(store), store.evictions["capacity"]
+        for pair in zip(plain, churn, strict=True):  # alternating: the machine's drift cancels
+            times = [timed([b]) for b in pair]
+            if r:
+                plain_times.append(times[0])
+                churn_times.append(times[1])
+        if r:
+            evicted = store.evictions["capacity"] - before_evicted
+            evictions += evicted
+            new_keys += len(store) - before_keys + evicted
+    # eviction seconds owed per churn batch: the new keys that used the probe's headroom
+    # (evictions inside the rounds are in their times already)
+    amortised = per_new_key * min(new_keys, evicted_first) / len(churn_times)
+    rate = batch / statistics.median(plain_times)
+    churn_rate = batch / (statistics.median(churn_times) + amortised)
+    churn_total = sum(churn_times) + amortised * len(churn_times)
+    return ChurnBench(
+        events_per_s=rate,
+        churn_events_per_s=churn_rate,
+        ratio=churn_rate / rate,
+        churn_overall_events_per_s=batch * len(churn_times) / churn_total,
+        overall_ratio=sum(plain_times) / churn_total,
+        new_keys=new_keys,
+        evictions=evictions,
+        eviction_seconds=eviction_seconds,
+        evicted_at_once=evicted_first,
         keys=keys,
         batch=batch,
         threads=threads,
