@@ -27,19 +27,22 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+import numpy as np
 from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
+from streamlstm.daemon.guard import process_guarded
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.engine import Engine
-from streamlstm.events import Decoder
+from streamlstm.events import Decoder, EventBatch, Rejection
 from streamlstm.io import Polled, Sink, Source, Ticket, dead_letters, ensure_topics
 from streamlstm.io.producer import Group
-from streamlstm.io.sink import prediction_group, send_groups
+from streamlstm.io.sink import encode_predictions, send_groups
 from streamlstm.metrics import Metrics, MetricsServer
 
 if TYPE_CHECKING:
@@ -204,7 +207,7 @@ class Daemon:
             self._last_contact = time.monotonic()
             try:
                 self._process(polled)
-            except Exception as exc:  # a bug, not bad data: never commit past this batch
+            except Exception as exc:  # not the engine (guarded): the producer, or a bug
                 raise Fatal("processing a batch failed") from exc
         now = time.monotonic()
         if now - self._last_commit >= self.settings.kafka.commit_interval_ms / 1000:
@@ -227,16 +230,23 @@ class Daemon:
         groups: list[Group] = []
         if len(batch):
             rows = batch.source
-            started = time.perf_counter()
-            output = self.engine.process(
-                batch, partition=polled.partition[rows], offset=polled.offset[rows]
+            guarded = process_guarded(
+                partial(self._predict, polled.topic),
+                batch,
+                polled.partition[rows],
+                polled.offset[rows],
+                polled.payloads,
+                rejections,
             )
-            seconds = time.perf_counter() - started
-            if self.trainer is not None:
-                self.trainer.notify(output)
-            groups.append(prediction_group(self.delivery.sink.output_topic, output))
+            if guarded.failures:  # the rare path: some events failed in the engine alone
+                rejections = sorted([*rejections, *guarded.failures], key=_position)
+                batch = batch.take(guarded.rows)
+                ticket.event_ts = batch.ts
+            keys: list[bytes | None] = [key.encode() for key in batch.keys]
+            values = cast("list[bytes | None]", guarded.values)  # list is invariant
+            groups.append((self.delivery.sink.output_topic, keys, values, None))
             ticket.predictions = len(batch)
-            ticket.anomalies = self.telemetry.batch(polled.topic, output, seconds)
+            ticket.anomalies = guarded.anomalies
         if rejections:
             dl_sends, reasons = dead_letters(
                 polled.topic, self.settings.kafka.dead_letter_topic, polled.records, rejections
@@ -245,6 +255,21 @@ class Daemon:
             ticket.dead_letter_reasons = reasons
             self.telemetry.rejected(reasons)
         self.delivery.send(ticket, groups)
+
+    def _predict(
+        self, topic: str, batch: EventBatch, partition: np.ndarray, offset: np.ndarray
+    ) -> tuple[list[bytes], int]:
+        """Engine, encoding, then what may not be repeated (trainer, metrics)."""
+        started = time.perf_counter()
+        output = self.engine.process(batch, partition=partition, offset=offset)
+        seconds = time.perf_counter() - started
+        values = encode_predictions(output)
+        if self.trainer is not None:
+            try:
+                self.trainer.notify(output)
+            except Exception:  # the outputs stand; the trainer misses one batch
+                log.exception("the trainer failed to take a batch")
+        return values, self.telemetry.batch(topic, output, seconds)
 
     def _broker_trouble(self, operation: str, exc: BaseException) -> None:
         self.metrics.broker_errors.labels(operation).inc()
@@ -355,6 +380,10 @@ class Daemon:
                 log.warning("consumer close: %s", exc)
             self.source = None
         self.delivery.close_sink(budget(1.0))
+
+
+def _position(r: Rejection) -> tuple[int, int]:
+    return r.message, -1 if r.element is None else r.element
 
 
 def install_signal_handlers(daemon: Daemon) -> None:

@@ -1,0 +1,121 @@
+"""The last line of defence around the engine: one bad event never stops the daemon.
+
+The decoder already rejects every input it can recognise as unusable, so a failure in
+the engine (or in encoding its outputs) is a bug. Stopping on it would stop the whole
+group on one record: every restart would read it again. Instead, the batch is retried
+event by event, in input order (so each key's events keep their order); the events that
+still fail alone are dead-lettered as ``internal_error`` with their traceback logged,
+and everything else is predicted.
+
+Caveat (state): the engine may have applied part of the batch before it failed (whole
+chunks of ``engine.max_batch`` events, or the step groups before the failing one). Those
+events are applied again by the retry, so their keys' state steps twice on the same
+event. That is a small, transient distortion, chosen over losing their predictions; a
+key whose own event fails is left as the engine left it. The normal path pays nothing
+for this: no snapshot is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from streamlstm.events import EventBatch, Rejection
+
+log = logging.getLogger(__name__)
+
+# (events, partitions, offsets) -> (one encoded output per event, anomalies)
+Step = Callable[[EventBatch, np.ndarray, np.ndarray], tuple[list[bytes], int]]
+
+
+@dataclass
+class Guarded:
+    """What a guarded batch produced: outputs of the ``rows`` that succeeded, in order."""
+
+    rows: np.ndarray  # int64 positions in the batch that were predicted
+    values: list[bytes]  # their encoded outputs, one per row
+    anomalies: int = 0
+    failures: list[Rejection] = field(default_factory=list)  # internal_error, per message
+
+
+def process_guarded(
+    step: Step,
+    batch: EventBatch,
+    partition: np.ndarray,
+    offset: np.ndarray,
+    payloads: list[bytes | None],
+    rejections: list[Rejection],
+) -> Guarded:
+    """Run ``step`` on the batch; on failure, event by event (see the module docstring).
+
+    ``payloads`` and the decoder's ``rejections`` locate a failed event inside its
+    message, so the dead letter names its array element.
+    """
+    n = len(batch)
+    try:
+        values, anomalies = step(batch, partition, offset)
+        return Guarded(np.arange(n, dtype=np.int64), values, anomalies)
+    except Exception:
+        log.exception("a batch of %d events failed: retrying event by event", n)
+    rows: list[int] = []
+    out: list[bytes] = []
+    anomalies = 0
+    failures: list[Rejection] = []
+    for i in range(n):
+        one = slice(i, i + 1)
+        try:
+            values, hits = step(batch.take(one), partition[one], offset[one])
+        except Exception as exc:
+            log.error(
+                "event at partition %d offset %d (key %r) failed alone: dead-lettered as "
+                "internal_error",
+                int(partition[i]),
+                int(offset[i]),
+                batch.keys[i][:64],
+                exc_info=exc,
+            )
+            failures.append(_rejection(batch, i, exc, payloads, rejections))
+            continue
+        rows.append(i)
+        out.extend(values)
+        anomalies += hits
+    log.warning("batch retried: %d events predicted, %d dead-lettered", len(rows), len(failures))
+    return Guarded(np.array(rows, dtype=np.int64), out, anomalies, failures)
+
+
+def _rejection(
+    batch: EventBatch,
+    i: int,
+    exc: BaseException,
+    payloads: list[bytes | None],
+    rejections: list[Rejection],
+) -> Rejection:
+    """An ``internal_error`` for event ``i``: its message, or its element of an array."""
+    message = int(batch.source[i])
+    try:
+        detail = f"engine: {type(exc).__name__}: {exc}"[:200]
+    except Exception:
+        detail = f"engine: {type(exc).__name__}"
+    payload = payloads[message]
+    if payload is None or payload.lstrip()[:1] != b"[":
+        return Rejection(message, None, "internal_error", detail)
+    # The j-th event decoded from this array is its j-th element not rejected by the decoder.
+    j = int(np.count_nonzero(batch.source[:i] == message))
+    skipped = {r.element for r in rejections if r.message == message and r.element is not None}
+    element = -1
+    while j >= 0:
+        element += 1
+        if element not in skipped:
+            j -= 1
+    event: dict[str, object] = {
+        "key": batch.keys[i],
+        "ts": float(batch.ts[i]),
+        "values": batch.values[i].tolist(),
+    }
+    if batch.target is not None and not np.isnan(batch.target[i]).all():
+        event["target"] = batch.target[i].tolist()
+    return Rejection(message, element, "internal_error", detail, orjson.dumps(event))
