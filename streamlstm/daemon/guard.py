@@ -87,6 +87,15 @@ def process_guarded(
     return Guarded(np.array(rows, dtype=np.int64), out, anomalies, failures)
 
 
+def merged(rejections: list[Rejection], failures: list[Rejection]) -> list[Rejection]:
+    """The decoder's rejections and the engine's failures, in message (and element) order."""
+    return sorted([*rejections, *failures], key=_position)
+
+
+def _position(r: Rejection) -> tuple[int, int]:
+    return r.message, -1 if r.element is None else r.element
+
+
 def _rejection(
     batch: EventBatch,
     i: int,

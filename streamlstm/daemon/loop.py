@@ -23,12 +23,10 @@ SIGTERM/SIGINT it stops polling, finishes the batch at hand, flushes, commits an
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from types import FrameType
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -36,10 +34,10 @@ from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
-from streamlstm.daemon.guard import process_guarded
+from streamlstm.daemon.guard import merged, process_guarded
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.engine import Engine
-from streamlstm.events import Decoder, EventBatch, Rejection
+from streamlstm.events import Decoder, EventBatch
 from streamlstm.io import Polled, Sink, Source, Ticket, dead_letters, ensure_topics
 from streamlstm.io.producer import Group
 from streamlstm.io.sink import encode_predictions, send_groups
@@ -53,6 +51,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 8.0  # budget for flush + commit + leaving the group (SIGTERM to exit < 10 s)
 GAUGE_SECONDS = 1.0  # how often lag, keys, evictions and readiness are refreshed
 STATUS_SECONDS = 60.0  # how often a one-line status goes to the log
+# /healthz fails once the loop has not turned for this long (stuck in the engine, on a
+# full pipe to a dead producer, in a shutdown that hangs). Setting to add:
+# metrics.liveness_seconds.
+LIVENESS_SECONDS = 60.0
 
 Budget = Callable[[float], float]  # seconds left to spend, at most the argument
 
@@ -87,6 +89,8 @@ class Daemon:
         self._last_gauges = 0.0
         self._last_status = time.monotonic()
         self._owned: set[int] = set()  # input partitions this member holds keys of
+        self.liveness_seconds = LIVENESS_SECONDS
+        self._heartbeat = time.monotonic()  # the loop's last turn (or connection attempt)
 
     # -- control ---------------------------------------------------------------------
 
@@ -108,6 +112,13 @@ class Daemon:
         except Exception:
             return False
 
+    def unhealthy(self) -> str | None:
+        """Why ``/healthz`` fails: the loop has not turned for ``liveness_seconds``."""
+        stale = time.monotonic() - self._heartbeat
+        if stale > self.liveness_seconds:
+            return f"the loop has not turned for {stale:.0f}s"
+        return None
+
     @property
     def metrics_port(self) -> int | None:
         return self.server.port if self.server else None
@@ -116,11 +127,14 @@ class Daemon:
         """Serve /metrics, /healthz, /readyz (idempotent; ``run`` calls it)."""
         m = self.settings.metrics
         if m.enabled and self.server is None:
-            self.server = MetricsServer(self.metrics, m.host, m.port, ready=self.ready).start()
+            self.server = MetricsServer(
+                self.metrics, m.host, m.port, ready=self.ready, unhealthy=self.unhealthy
+            ).start()
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
 
     def run(self) -> int:
         """Run until :meth:`request_stop`; returns the exit code (0 after a clean stop)."""
+        self._heartbeat = time.monotonic()
         self.start_metrics()
         try:
             if self._connect():
@@ -141,6 +155,7 @@ class Daemon:
         k = self.settings.kafka
         delay = 0.5
         while not self._stop.is_set():
+            self._heartbeat = time.monotonic()
             try:
                 if k.create_topics:
                     ensure_topics(k)
@@ -192,6 +207,7 @@ class Daemon:
 
     def _turn(self) -> None:
         assert self.source is not None
+        self._heartbeat = time.monotonic()
         if self.delivery.check_acks():
             self._last_contact = time.monotonic()
         self.delivery.apply_backpressure(self.source)
@@ -239,7 +255,7 @@ class Daemon:
                 rejections,
             )
             if guarded.failures:  # the rare path: some events failed in the engine alone
-                rejections = sorted([*rejections, *guarded.failures], key=_position)
+                rejections = merged(rejections, guarded.failures)
                 batch = batch.take(guarded.rows)
                 ticket.event_ts = batch.ts
             keys: list[bytes | None] = [key.encode() for key in batch.keys]
@@ -380,20 +396,3 @@ class Daemon:
                 log.warning("consumer close: %s", exc)
             self.source = None
         self.delivery.close_sink(budget(1.0))
-
-
-def _position(r: Rejection) -> tuple[int, int]:
-    return r.message, -1 if r.element is None else r.element
-
-
-def install_signal_handlers(daemon: Daemon) -> None:
-    """SIGTERM and SIGINT ask the daemon to stop; a second SIGINT interrupts at once."""
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if daemon.stopping and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.info("received %s: stopping after the batch at hand", signal.Signals(signum).name)
-        daemon.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
