@@ -67,6 +67,13 @@ class Metrics:
             "Events whose anomaly score reached engine.anomaly_threshold.",
             registry=r,
         )
+        self.key_partition_mismatch = Counter(
+            "streamlstm_key_partition_mismatch",
+            "Events whose Kafka record key differs from their JSON key (unkeyed records are "
+            "not counted). Producers must key records by the stream key: otherwise one "
+            "key's events reach several partitions and members, and its state splits.",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "streamlstm_dead_letters",
             "Records written to the dead-letter topic.",

@@ -246,6 +246,8 @@ class Daemon:
         groups: list[Group] = []
         if len(batch):
             rows = batch.source
+            keys: list[bytes | None] = [key.encode() for key in batch.keys]
+            self.telemetry.key_mismatches(polled.key_mismatches(rows, keys))
             guarded = process_guarded(
                 partial(self._predict, polled.topic),
                 batch,
@@ -258,7 +260,7 @@ class Daemon:
                 rejections = merged(rejections, guarded.failures)
                 batch = batch.take(guarded.rows)
                 ticket.event_ts = batch.ts
-            keys: list[bytes | None] = [key.encode() for key in batch.keys]
+                keys = [keys[i] for i in guarded.rows.tolist()]
             values = cast("list[bytes | None]", guarded.values)  # list is invariant
             groups.append((self.delivery.sink.output_topic, keys, values, None))
             ticket.predictions = len(batch)

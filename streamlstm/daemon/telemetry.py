@@ -154,6 +154,10 @@ class Telemetry:
             m.last_model_update.set(time.time())
         return int(np.count_nonzero(output.anomaly_score >= self.anomaly_threshold))
 
+    def key_mismatches(self, n: int) -> None:
+        if n:
+            self.metrics.key_partition_mismatch.inc(n)
+
     def rejected(self, reasons: list[str]) -> None:
         for reason in reasons:
             self.metrics.events_rejected.labels(reason).inc()
