@@ -202,6 +202,9 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     total.inc(float(values.sum()))
 
 
+IDLE_TIMEOUT_SECONDS = 10.0  # a connection silent this long is closed (each holds a thread)
+
+
 class MetricsServer:
     """HTTP endpoint: /metrics, /healthz, /readyz. Runs in a daemon thread.
 
@@ -216,6 +219,7 @@ class MetricsServer:
         port: int,
         ready: Callable[[], bool] | None = None,
         unhealthy: Callable[[], str | None] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     ) -> None:
         self.metrics = metrics
         self.ready = ready or (lambda: True)
@@ -223,6 +227,8 @@ class MetricsServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout  # socket timeout: idle or stalled clients are dropped
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
