@@ -25,6 +25,7 @@ from kafka.structs import MemberState
 from streamlstm.config import Settings
 
 log = logging.getLogger(__name__)
+_KEY = operator.attrgetter("key")
 
 
 @dataclass
@@ -50,7 +51,9 @@ class Polled:
         """
         if not len(keys):
             return 0
-        by_event = [self.records[m].key for m in source.tolist()]
+        by_event = list(map(_KEY, self.records))
+        if not np.array_equal(source, np.arange(len(by_event))):  # arrays or rejections
+            by_event = list(map(by_event.__getitem__, source.tolist()))
         unkeyed = by_event.count(None)  # None != key counts below: take them out
         return sum(map(operator.ne, by_event, keys)) - unkeyed
 

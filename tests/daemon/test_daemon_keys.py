@@ -51,6 +51,9 @@ def test_polled_counts_events_keyed_by_another_key() -> None:
     keys = [k.encode() for k in ["a", "a", "c", "a", "b", "c", "x", "y", "a"]]
     assert polled.key_mismatches(source, keys) == 4
     assert polled.key_mismatches(source[:0], []) == 0
+    # As many events as records, yet not one per record: an array beside a rejection.
+    polled = _polled([(b"a", [_event("a"), _event("a")]), (b"z", 42), (b"c", _event("c"))])
+    assert polled.key_mismatches(np.array([0, 0, 2]), [b"a", b"a", b"c"]) == 0
 
 
 def test_the_daemon_counts_key_mismatches() -> None:
