@@ -34,7 +34,7 @@ from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
-from streamlstm.daemon.guard import merged, process_guarded
+from streamlstm.daemon.guard import EngineGuard, merged
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.engine import Engine
 from streamlstm.events import Decoder, EventBatch
@@ -51,9 +51,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 8.0  # budget for flush + commit + leaving the group (SIGTERM to exit < 10 s)
 GAUGE_SECONDS = 1.0  # how often lag, keys, evictions and readiness are refreshed
 STATUS_SECONDS = 60.0  # how often a one-line status goes to the log
-# /healthz fails once the loop has not turned for this long (stuck in the engine, on a
-# full pipe to a dead producer, in a shutdown that hangs). Setting to add:
-# metrics.liveness_seconds.
+# /healthz fails once the loop has not turned this long (stuck in the engine, on a full
+# pipe to a hung producer, in a shutdown that hangs); to become metrics.liveness_seconds.
 LIVENESS_SECONDS = 60.0
 
 Budget = Callable[[float], float]  # seconds left to spend, at most the argument
@@ -76,6 +75,7 @@ class Daemon:
         )
         self.live = self.telemetry.live
         self.delivery = Delivery(self.telemetry, settings.engine.max_batch)
+        self.guard = EngineGuard()  # a batch failing in the engine goes event by event
         self.source: Source | None = None
         self.server: MetricsServer | None = None
         self.trainer: BackgroundTrainer | None = None
@@ -248,7 +248,7 @@ class Daemon:
             rows = batch.source
             keys: list[bytes | None] = [key.encode() for key in batch.keys]
             self.telemetry.key_mismatches(polled.key_mismatches(rows, keys))
-            guarded = process_guarded(
+            guarded = self.guard.process(
                 partial(self._predict, polled.topic),
                 batch,
                 polled.partition[rows],

@@ -24,6 +24,7 @@ class PoisonEngine(Engine):
     """Raises for any batch holding the poisoned key, before or after applying it."""
 
     after = False
+    calls = 0
 
     def process(
         self,
@@ -31,6 +32,7 @@ class PoisonEngine(Engine):
         partition: np.ndarray | None = None,
         offset: np.ndarray | None = None,
     ) -> BatchOutput:
+        self.calls += 1
         if POISON in batch.keys and not self.after:
             raise RuntimeError("boom before")
         out = super().process(batch, partition, offset)
@@ -136,3 +138,22 @@ def test_a_poisoned_array_element_is_dead_lettered_alone_with_its_index() -> Non
     value, headers = by_element["2"]
     assert header(headers, "streamlstm.reason") == "internal_error"
     assert orjson.loads(value or b"") == _event(POISON, 1.0)
+
+
+def test_a_poisoned_key_does_not_slow_every_later_batch() -> None:
+    daemon, sink = _daemon()
+    engine = daemon.engine
+    assert isinstance(engine, PoisonEngine)
+    first = [orjson.dumps(_event(k, 1.0)) for k in ("a", POISON, "b")]
+    daemon._process(_polled(first))
+    assert engine.calls == 1 + 3  # the batch, then each event alone
+    # Later: the suspect's events run alone beside one batch of all the others.
+    later = [orjson.dumps(_event(f"k{i}", 2.0)) for i in range(50)]
+    later.insert(10, orjson.dumps(_event(POISON, 2.0)))
+    engine.calls = 0
+    daemon._process(_polled(later, start=3))
+    assert engine.calls == 2
+    predictions, dead = _outputs(sink.sent[-1][1])
+    assert [p["key"] for p in predictions] == [f"k{i}" for i in range(50)]  # batch order
+    assert [header(h, "streamlstm.offset") for _, h in dead] == ["13"]
+    assert daemon.guard.suspects == {POISON: None}
