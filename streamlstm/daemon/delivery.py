@@ -3,7 +3,8 @@
 Each poll's outputs are one :class:`~streamlstm.io.Ticket`. The producer reports on
 them asynchronously; :meth:`Delivery.check_acks` is the one place those reports are
 accounted (on the loop, at shutdown and during a rebalance alike), failed records are
-sent again (:meth:`Delivery.resend`), consumption pauses while too much waits
+sent again (:meth:`Delivery.resend`, followed by a repeat of every later ticket, so
+each key's outputs end in input order), consumption pauses while too much waits
 (:meth:`Delivery.apply_backpressure`), and commits never pass an output that was not
 acknowledged (the :class:`~streamlstm.io.OffsetTracker` only offers those).
 """
