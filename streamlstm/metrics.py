@@ -7,6 +7,8 @@ result); a stream key is never a label, since keys are unbounded.
 Each :class:`Metrics` owns its own registry, so several daemons (or tests) can live in
 one process. The endpoint serves ``/metrics``, ``/healthz`` (the process is alive) and
 ``/readyz`` (partitions assigned and the broker reachable, as set by the daemon).
+``/healthz`` fails (503, with the reason) when the daemon says it is stuck: a loop that
+no longer turns is a process to restart, even if its HTTP thread still answers.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ class Metrics:
         self.anomalies = Counter(
             "streamlstm_anomalies",
             "Events whose anomaly score reached engine.anomaly_threshold.",
+            registry=r,
+        )
+        self.key_partition_mismatch = Counter(
+            "streamlstm_key_partition_mismatch",
+            "Events whose Kafka record key differs from their JSON key (unkeyed records are "
+            "not counted). Producers must key records by the stream key: otherwise one "
+            "key's events reach several partitions and members, and its state splits.",
             registry=r,
         )
         self.dead_letters = Counter(
@@ -216,23 +225,43 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     total.inc(float(values.sum()))
 
 
+IDLE_TIMEOUT_SECONDS = 10.0  # a connection silent this long is closed (each holds a thread)
+
+
 class MetricsServer:
-    """HTTP endpoint: /metrics, /healthz, /readyz. Runs in a daemon thread."""
+    """HTTP endpoint: /metrics, /healthz, /readyz. Runs in a daemon thread.
+
+    ``ready`` answers /readyz; ``unhealthy`` returns why the process is stuck (or None),
+    which fails /healthz.
+    """
 
     def __init__(
-        self, metrics: Metrics, host: str, port: int, ready: Callable[[], bool] | None = None
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        ready: Callable[[], bool] | None = None,
+        unhealthy: Callable[[], str | None] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     ) -> None:
         self.metrics = metrics
         self.ready = ready or (lambda: True)
+        self.unhealthy = unhealthy or (lambda: None)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout  # socket timeout: idle or stalled clients are dropped
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._reply(200, server.metrics.exposition(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
-                    self._reply(200, b"ok\n")
+                    why = server.unhealthy()
+                    if why is None:
+                        self._reply(200, b"ok\n")
+                    else:
+                        self._reply(503, f"unhealthy: {why}\n".encode())
                 elif path == "/readyz":
                     ok = server.ready()
                     self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")

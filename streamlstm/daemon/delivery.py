@@ -3,7 +3,8 @@
 Each poll's outputs are one :class:`~streamlstm.io.Ticket`. The producer reports on
 them asynchronously; :meth:`Delivery.check_acks` is the one place those reports are
 accounted (on the loop, at shutdown and during a rebalance alike), failed records are
-sent again (:meth:`Delivery.resend`), consumption pauses while too much waits
+sent again (:meth:`Delivery.resend`, followed by a repeat of every later ticket, so
+each key's outputs end in input order), consumption pauses while too much waits
 (:meth:`Delivery.apply_backpressure`), and commits never pass an output that was not
 acknowledged (the :class:`~streamlstm.io.OffsetTracker` only offers those).
 """
@@ -56,6 +57,7 @@ class Delivery:
     def send(self, ticket: Ticket, groups: list[Group]) -> None:
         """Hand one poll's outputs to the producer, without waiting."""
         assert self.sink is not None
+        ticket.sent = groups
         self.tracker.add(ticket)
         self.sink.send(ticket, groups)
 
@@ -81,6 +83,13 @@ class Delivery:
     def resend(self, ticket: Ticket) -> None:
         """Send a ticket's failed records again (the producer gave up on them).
 
+        Per-key order: records of tickets polled after this one may already be in the
+        output topic (a3 a4 produced, a1 a2 expired). So every record of every later
+        ticket is repeated after the failed ones, in poll order, whether it was
+        acknowledged or not: the last copy of each record then comes in input order
+        (a3 a4 a1 a2 a3 a4). Outputs are at-least-once, and a repeat carries the same
+        values. A later ticket's own failures are covered by its repeat.
+
         Retriable failures (the broker away, timeouts) are repeated with backoff for as
         long as it takes. A record refused SEND_ATTEMPTS times for good stops the daemon
         (exit 1) before anything at or after its input offset is committed: nothing is
@@ -101,13 +110,20 @@ class Delivery:
         sends, _, _ = ticket.take_failed()
         ticket.attempts = attempts
         ticket.retry_at = now + min(0.5 * attempts, MAX_BACKOFF_SECONDS)
+        later = self.tracker.behind(ticket)
+        repeated = sum(len(g[1]) for t in later for g in t.sent)
         log.warning(
-            "%d records were not acknowledged (%s); sending them again (attempt %d)",
+            "%d records were not acknowledged (%s); sending them again (attempt %d), and "
+            "the %d records sent after them, to keep each key's order",
             len(sends),
             shown,
             attempts + 1,
+            repeated,
         )
         self.sink.send_records(ticket, sends)
+        for t in later:
+            t.take_failed()  # in its repeat below
+            self.sink.send(t, t.sent)
 
     def apply_backpressure(self, source: Source) -> None:
         """Stop fetching while too many records wait for acknowledgement (broker slow/away)."""

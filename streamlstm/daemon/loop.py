@@ -14,32 +14,32 @@ What happens after the send (acknowledgements, resends, backpressure, commits) i
 :mod:`streamlstm.daemon.delivery`; what the daemon counts and logs is
 :mod:`streamlstm.daemon.telemetry`.
 
-Robustness: the broker may be down at start or go away; the daemon retries with
-backoff, says so in the log and on ``/readyz``, and carries on when it is back. On
-SIGTERM/SIGINT it stops polling, finishes the batch at hand, flushes, commits and exits
-0, within :data:`SHUTDOWN_SECONDS`.
+The broker may be down at start or go away: the daemon retries with backoff, says so on
+``/readyz``, and carries on. On SIGTERM it finishes the batch at hand, flushes, commits
+and exits 0 within :data:`SHUTDOWN_SECONDS`.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
-from types import FrameType
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, cast
 
+import numpy as np
 from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
+from streamlstm.daemon.guard import EngineGuard, merged
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.engine import Engine
-from streamlstm.events import Decoder
+from streamlstm.events import Decoder, EventBatch
 from streamlstm.io import Polled, Sink, Source, Ticket, dead_letters, ensure_topics
 from streamlstm.io.producer import Group
-from streamlstm.io.sink import prediction_group, send_groups
+from streamlstm.io.sink import encode_predictions, send_groups
 from streamlstm.learning.device import require_training_device
 from streamlstm.metrics import Metrics, MetricsServer
 
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 8.0  # budget for flush + commit + leaving the group (SIGTERM to exit < 10 s)
 GAUGE_SECONDS = 1.0  # how often lag, keys, evictions and readiness are refreshed
 STATUS_SECONDS = 60.0  # how often a one-line status goes to the log
+# /healthz fails once the loop has not turned this long (stuck in the engine, on a full
+# pipe to a hung producer, in a shutdown that hangs); to become metrics.liveness_seconds.
+LIVENESS_SECONDS = 60.0
 
 Budget = Callable[[float], float]  # seconds left to spend, at most the argument
 
@@ -73,6 +76,7 @@ class Daemon:
         )
         self.live = self.telemetry.live
         self.delivery = Delivery(self.telemetry, settings.engine.max_batch)
+        self.guard = EngineGuard()  # a batch failing in the engine goes event by event
         self.source: Source | None = None
         self.server: MetricsServer | None = None
         self.trainer: BackgroundTrainer | None = None
@@ -86,6 +90,8 @@ class Daemon:
         self._last_gauges = 0.0
         self._last_status = time.monotonic()
         self._owned: set[int] = set()  # input partitions this member holds keys of
+        self.liveness_seconds = LIVENESS_SECONDS
+        self._heartbeat = time.monotonic()  # the loop's last turn (or connection attempt)
 
     # -- control ---------------------------------------------------------------------
 
@@ -107,6 +113,13 @@ class Daemon:
         except Exception:
             return False
 
+    def unhealthy(self) -> str | None:
+        """Why ``/healthz`` fails: the loop has not turned for ``liveness_seconds``."""
+        stale = time.monotonic() - self._heartbeat
+        if stale > self.liveness_seconds:
+            return f"the loop has not turned for {stale:.0f}s"
+        return None
+
     @property
     def metrics_port(self) -> int | None:
         return self.server.port if self.server else None
@@ -115,11 +128,14 @@ class Daemon:
         """Serve /metrics, /healthz, /readyz (idempotent; ``run`` calls it)."""
         m = self.settings.metrics
         if m.enabled and self.server is None:
-            self.server = MetricsServer(self.metrics, m.host, m.port, ready=self.ready).start()
+            self.server = MetricsServer(
+                self.metrics, m.host, m.port, ready=self.ready, unhealthy=self.unhealthy
+            ).start()
             log.info("metrics on http://%s:%d/metrics", m.host, self.server.port)
 
     def run(self) -> int:
         """Run until :meth:`request_stop`; returns the exit code (0 after a clean stop)."""
+        self._heartbeat = time.monotonic()
         self.start_metrics()
         try:
             if self._connect():
@@ -140,6 +156,7 @@ class Daemon:
         k = self.settings.kafka
         delay = 0.5
         while not self._stop.is_set():
+            self._heartbeat = time.monotonic()
             try:
                 if k.create_topics:
                     ensure_topics(k)
@@ -191,6 +208,7 @@ class Daemon:
 
     def _turn(self) -> None:
         assert self.source is not None
+        self._heartbeat = time.monotonic()
         if self.delivery.check_acks():
             self._last_contact = time.monotonic()
         self.delivery.apply_backpressure(self.source)
@@ -206,7 +224,7 @@ class Daemon:
             self._last_contact = time.monotonic()
             try:
                 self._process(polled)
-            except Exception as exc:  # a bug, not bad data: never commit past this batch
+            except Exception as exc:  # not the engine (guarded): the producer, or a bug
                 raise Fatal("processing a batch failed") from exc
         now = time.monotonic()
         if now - self._last_commit >= self.settings.kafka.commit_interval_ms / 1000:
@@ -229,16 +247,25 @@ class Daemon:
         groups: list[Group] = []
         if len(batch):
             rows = batch.source
-            started = time.perf_counter()
-            output = self.engine.process(
-                batch, partition=polled.partition[rows], offset=polled.offset[rows]
+            keys: list[bytes | None] = [key.encode() for key in batch.keys]
+            self.telemetry.key_mismatches(polled.key_mismatches(rows, keys))
+            guarded = self.guard.process(
+                partial(self._predict, polled.topic),
+                batch,
+                polled.partition[rows],
+                polled.offset[rows],
+                polled.payloads,
+                rejections,
             )
-            seconds = time.perf_counter() - started
-            if self.trainer is not None:
-                self.trainer.notify(output)
-            groups.append(prediction_group(self.delivery.sink.output_topic, output))
+            if guarded.failures:  # the rare path: some events failed in the engine alone
+                rejections = merged(rejections, guarded.failures)
+                batch = batch.take(guarded.rows)
+                ticket.event_ts = batch.ts
+                keys = [keys[i] for i in guarded.rows.tolist()]
+            values = cast("list[bytes | None]", guarded.values)  # list is invariant
+            groups.append((self.delivery.sink.output_topic, keys, values, None))
             ticket.predictions = len(batch)
-            ticket.anomalies = self.telemetry.batch(polled.topic, output, seconds)
+            ticket.anomalies = guarded.anomalies
         if rejections:
             dl_sends, reasons = dead_letters(
                 polled.topic, self.settings.kafka.dead_letter_topic, polled.records, rejections
@@ -247,6 +274,21 @@ class Daemon:
             ticket.dead_letter_reasons = reasons
             self.telemetry.rejected(reasons)
         self.delivery.send(ticket, groups)
+
+    def _predict(
+        self, topic: str, batch: EventBatch, partition: np.ndarray, offset: np.ndarray
+    ) -> tuple[list[bytes], int]:
+        """Engine, encoding, then what may not be repeated (trainer, metrics)."""
+        started = time.perf_counter()
+        output = self.engine.process(batch, partition=partition, offset=offset)
+        seconds = time.perf_counter() - started
+        values = encode_predictions(output)
+        if self.trainer is not None:
+            try:
+                self.trainer.notify(output)
+            except Exception:  # the outputs stand; the trainer misses one batch
+                log.exception("the trainer failed to take a batch")
+        return values, self.telemetry.batch(topic, output, seconds)
 
     def _broker_trouble(self, operation: str, exc: BaseException) -> None:
         self.metrics.broker_errors.labels(operation).inc()
@@ -357,16 +399,3 @@ class Daemon:
                 log.warning("consumer close: %s", exc)
             self.source = None
         self.delivery.close_sink(budget(1.0))
-
-
-def install_signal_handlers(daemon: Daemon) -> None:
-    """SIGTERM and SIGINT ask the daemon to stop; a second SIGINT interrupts at once."""
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if daemon.stopping and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.info("received %s: stopping after the batch at hand", signal.Signals(signum).name)
-        daemon.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)

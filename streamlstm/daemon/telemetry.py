@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,9 +22,12 @@ from streamlstm.engine import BatchOutput
 from streamlstm.events import REASONS
 from streamlstm.io import Ticket
 from streamlstm.metrics import Metrics, observe_many
-from streamlstm.state import EVICTION_CAUSES, KeyedState
+from streamlstm.state import EVICTION_CAUSES, RESET_CAUSES, KeyedState
 
 log = logging.getLogger(__name__)
+
+
+LIVE_SAMPLES = 65_536  # latencies kept per live window (512 KiB); a uniform sample beyond
 
 
 @dataclass
@@ -35,23 +39,34 @@ class LiveWindow:
     predictions: int
     anomalies: int
     dead_letters: int
-    latencies: np.ndarray  # event latency of each acknowledged prediction, seconds
+    # Event latency of acknowledged predictions, seconds: all of them up to LIVE_SAMPLES,
+    # else a uniform sample of that many (percentiles stay unbiased).
+    latencies: np.ndarray
+    latency_count: int = 0  # latencies observed in the window (sampled or not)
+    latency_max: float = math.nan  # the largest of them, seconds
 
 
-@dataclass
 class LiveStats:
-    """Counters and recent latencies, shared between the loop and a reporter thread."""
+    """Counters and recent latencies, shared between the loop and a reporter thread.
 
-    events: int = 0
-    predictions: int = 0
-    anomalies: int = 0
-    dead_letters: int = 0
-    first_event_at: float | None = None  # perf_counter of the first decoded event
-    last_ack_at: float | None = None  # perf_counter of the last acknowledged output
-    _window: list[np.ndarray] = field(default_factory=list)
-    _since: float = field(default_factory=time.monotonic)
-    _marks: tuple[int, int, int, int] = (0, 0, 0, 0)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    Memory is fixed: a window keeps at most ``samples`` latencies (reservoir sampling),
+    however long nobody calls :meth:`take`.
+    """
+
+    def __init__(self, samples: int = LIVE_SAMPLES, seed: int = 0) -> None:
+        self.events = 0
+        self.predictions = 0
+        self.anomalies = 0
+        self.dead_letters = 0
+        self.first_event_at: float | None = None  # perf_counter of the first decoded event
+        self.last_ack_at: float | None = None  # perf_counter of the last acknowledged output
+        self._samples = np.empty(samples, dtype=np.float64)
+        self._seen = 0  # latencies offered in this window
+        self._max = math.nan
+        self._rng = np.random.default_rng(seed)
+        self._since = time.monotonic()
+        self._marks = (0, 0, 0, 0)
+        self._lock = threading.Lock()
 
     def add(self, predictions: int, anomalies: int, dead: int, latencies: np.ndarray) -> None:
         with self._lock:
@@ -60,9 +75,24 @@ class LiveStats:
             self.anomalies += anomalies
             self.dead_letters += dead
             if len(latencies):
-                self._window.append(latencies)
-                if len(self._window) > 10_000:  # nobody is taking: keep memory bounded
-                    del self._window[:5_000]
+                self._keep(np.asarray(latencies, dtype=np.float64))
+
+    def _keep(self, latencies: np.ndarray) -> None:
+        """Reservoir sampling (algorithm R), vectorised over one ticket's latencies."""
+        size, seen = len(self._samples), self._seen
+        biggest = float(latencies.max())
+        if not self._max >= biggest:  # also when NaN: nothing seen yet in this window
+            self._max = biggest
+        free = max(0, size - seen)
+        head = latencies[:free]
+        self._samples[seen : seen + len(head)] = head
+        rest = latencies[free:]
+        if len(rest):
+            index = seen + len(head) + np.arange(len(rest))
+            accept = self._rng.random(len(rest)) * (index + 1) < size
+            slots = self._rng.integers(0, size, int(accept.sum()))
+            self._samples[slots] = rest[accept]
+        self._seen = seen + len(latencies)
 
     def add_events(self, n: int) -> None:
         with self._lock:
@@ -78,9 +108,11 @@ class LiveStats:
             events, predictions, anomalies, dead = (
                 a - b for a, b in zip(marks, self._marks, strict=True)
             )
-            latencies = np.concatenate(self._window) if self._window else np.zeros(0)
-            window = LiveWindow(now - self._since, events, predictions, anomalies, dead, latencies)
-            self._window, self._since, self._marks = [], now, marks
+            kept = self._samples[: min(self._seen, len(self._samples))].copy()
+            window = LiveWindow(
+                now - self._since, events, predictions, anomalies, dead, kept, self._seen, self._max
+            )
+            self._seen, self._max, self._since, self._marks = 0, math.nan, now, marks
             return window
 
 
@@ -92,7 +124,7 @@ class Telemetry:
         self.live = LiveStats()
         self.anomaly_threshold = anomaly_threshold
         self._model_version = model_version
-        self._evictions_seen: dict[str, int] = {}
+        self._seen: dict[tuple[str, str], int] = {}  # store totals already counted
         self._status_mark = (0, time.monotonic())
         m = metrics
         m.ready.set(0)
@@ -103,6 +135,8 @@ class Telemetry:
             m.dead_letters.labels(reason)
         for cause in EVICTION_CAUSES:
             m.state_evictions.labels(cause)
+        for cause in RESET_CAUSES:
+            m.state_resets.labels(cause)
         for detector in DETECTORS:
             m.drift.labels(detector)
 
@@ -121,6 +155,10 @@ class Telemetry:
             m.model_version.set(output.model_version)
             m.last_model_update.set(time.time())
         return int(np.count_nonzero(output.anomaly_score >= self.anomaly_threshold))
+
+    def key_mismatches(self, n: int) -> None:
+        if n:
+            self.metrics.key_partition_mismatch.inc(n)
 
     def rejected(self, reasons: list[str]) -> None:
         for reason in reasons:
@@ -144,15 +182,20 @@ class Telemetry:
             self.live.add(t.predictions, t.anomalies, len(t.dead_letter_reasons), latencies)
 
     def gauges(self, store: KeyedState, lag: dict[int, int], ready: bool) -> None:
-        """Refresh the gauges (and the eviction counters, which the store keeps as totals)."""
+        """Refresh the gauges (and the eviction and reset counters, which the store keeps
+        as totals)."""
         m = self.metrics
         m.keys.set(len(store))
         m.state_bytes.set(len(store) * store.bytes_per_key() if len(store) else 0)
-        for cause, count in store.evictions.items():
-            seen = self._evictions_seen.get(cause, 0)
-            if count > seen:
-                m.state_evictions.labels(cause).inc(count - seen)
-                self._evictions_seen[cause] = count
+        for kind, totals, counter in (
+            ("eviction", store.evictions, m.state_evictions),
+            ("reset", store.resets, m.state_resets),
+        ):
+            for cause, count in totals.items():
+                seen = self._seen.get((kind, cause), 0)
+                if count > seen:
+                    counter.labels(cause).inc(count - seen)
+                    self._seen[kind, cause] = count
         for partition, records in lag.items():
             m.consumer_lag.labels(str(partition)).set(records)
         m.ready.set(1 if ready else 0)

@@ -11,6 +11,8 @@ The reports are applied by :meth:`streamlstm.io.sink.Sink.poll_acks` from the da
 loop (or by ``flush`` from the rebalance listener while the loop waits in ``poll``).
 
 >>> from kafka import TopicPartition
+
+from streamlstm.io.producer import Group
 >>> tracker = OffsetTracker()
 >>> tp = TopicPartition("events", 0)
 >>> a, b = Ticket({tp: 10}, polled_at=0.0), Ticket({tp: 20}, polled_at=0.0)
@@ -34,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from kafka import TopicPartition
 
+from streamlstm.io.producer import Group
+
 # (topic, key, value, headers) of one produced record, kept until acknowledged so a
 # failed send can be repeated.
 Send = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
@@ -56,6 +60,9 @@ class Ticket:
     retriable: bool = True  # every failure in ``failed`` is retriable
     attempts: int = 0  # times failed sends were repeated
     retry_at: float = 0.0  # monotonic time before which no repeat is tried
+    # The groups first sent for this poll, kept until the ticket is collected: when an
+    # earlier ticket's records are repeated, this one's are repeated after them.
+    sent: list[Group] = field(default_factory=list)
 
     def done(self) -> bool:
         """True when the producer reported on every record (successfully or not)."""
@@ -93,6 +100,15 @@ class OffsetTracker:
         """The oldest unfinished ticket."""
         with self._lock:
             return self._tickets[0] if self._tickets else None
+
+    def behind(self, ticket: Ticket) -> list[Ticket]:
+        """The tickets after ``ticket``, in poll order."""
+        with self._lock:
+            tickets = list(self._tickets)
+        for i, t in enumerate(tickets):
+            if t is ticket:
+                return tickets[i + 1 :]
+        return []
 
     def collect(self) -> list[Ticket]:
         """Pop finished, fully successful tickets from the front; advance acked offsets.

@@ -100,7 +100,7 @@ class _Child:
         self.conn = conn
         self.producer = producer
         self.cache = PartitionCache()
-        self.pending: deque[tuple[int, list[Any]]] = deque()  # (seq, futures) in send order
+        self.pending: deque[tuple[int, _Located]] = deque()  # (seq, futures) in send order
         self._checked = 0  # futures of pending[0] known to be done
         self._write = threading.Lock()
         self._ack_lock = threading.Lock()

@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -63,7 +63,8 @@ def encode_predictions(output: Predictions) -> list[bytes]:
 
 def prediction_group(topic: str, output: Predictions) -> Group:
     """The prediction records of ``output``: keyed by stream key, in event order."""
-    return (topic, [key.encode() for key in output.keys], encode_predictions(output), None)
+    values = cast("list[bytes | None]", encode_predictions(output))  # list is invariant
+    return (topic, [key.encode() for key in output.keys], values, None)
 
 
 def send_groups(sends: list[Send]) -> list[Group]:

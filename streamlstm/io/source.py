@@ -12,8 +12,9 @@ listener is async and awaits ``commit_async``.
 from __future__ import annotations
 
 import logging
+import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from kafka.structs import MemberState
 from streamlstm.config import Settings
 
 log = logging.getLogger(__name__)
+_KEY = operator.attrgetter("key")
 
 
 @dataclass
@@ -40,6 +42,20 @@ class Polled:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def key_mismatches(self, source: np.ndarray, keys: Sequence[bytes | None]) -> int:
+        """Events whose record was keyed by another key than their own (``keys``, UTF-8).
+
+        ``source[i]`` is the message of event ``i``. Records without a key are not
+        counted. C-speed loops only: it runs on every poll.
+        """
+        if not len(keys):
+            return 0
+        by_event = list(map(_KEY, self.records))
+        if not np.array_equal(source, np.arange(len(by_event))):  # arrays or rejections
+            by_event = list(map(by_event.__getitem__, source.tolist()))
+        unkeyed = by_event.count(None)  # None != key counts below: take them out
+        return sum(map(operator.ne, by_event, keys)) - unkeyed
 
 
 class _Listener(AsyncConsumerRebalanceListener):
