@@ -182,13 +182,10 @@ class Daemon:
                 continue
             self._broker_ok = True
             self._last_contact = time.monotonic()
+            topics = (k.input_topic, k.output_topic, k.dead_letter_topic)
             log.info(
                 "connected to Kafka at %s: %s -> %s (dead letters: %s), group %s",
-                k.bootstrap_servers,
-                k.input_topic,
-                k.output_topic,
-                k.dead_letter_topic,
-                k.group_id,
+                *(k.bootstrap_servers, *topics, k.group_id),
             )
             return True
         return False
