@@ -134,7 +134,11 @@ class EngineSettings(Section):
         "multiples of its typical step-to-step change (None: no cap).",
     )
     anomaly_threshold: float = Field(
-        0.99, ge=0.0, le=1.0, description="Anomaly score at or above which an event is counted."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Anomaly score at or above which an event is an alarm (0.5: fresh evidence "
+        "with a tail probability below 1e-5).",
     )
     max_message_bytes: int = Field(
         1_048_576, ge=64, description="Larger messages are rejected as `too_large`."
