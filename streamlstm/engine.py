@@ -125,6 +125,16 @@ class Engine:
                 model_version = ckpt.version
         return cls(model, settings, model_version)
 
+    def leader_shares(self) -> dict[str, float]:
+        """Share of the live keys each forecaster leads: the combination as a metric summary
+        (never per key: keys are unbounded)."""
+        rows = self.store.table[self.store.occupied()]
+        if len(rows) == 0:
+            return dict.fromkeys(combine.EXPERTS, 0.0)
+        led = combine.leaders(self.store.layout.field(rows, "hedge"))
+        counts = torch.bincount(led, minlength=len(combine.EXPERTS)).tolist()
+        return {name: n / len(rows) for name, n in zip(combine.EXPERTS, counts, strict=True)}
+
     def attach_learner(self, learner: StepConsumer | None) -> None:
         """Hand every batched step to ``learner`` (None detaches)."""
         self.learner = learner
