@@ -50,8 +50,9 @@ PUBLISHED = {  # cumulative test MSE, horizon 1, from the data's README
     "LSTD": 0.375,
 }
 
-# Chosen with --tune (rows < 3600 only); see docs/ett.md for what was tried.
-SETTINGS = {
+# The product's defaults are what the benchmark measures; --tuned adds these settings,
+# chosen with --tune (rows < 3600 only), as a labelled extra row.
+TUNED = {
     "model.inputs": "change",
     "model.hidden_size": "64",
     "model.num_layers": "2",
@@ -65,6 +66,7 @@ SETTINGS = {
     "training.seed": "0",
     "engine.max_step": "2",
 }
+SETTINGS: dict[str, str] = {}
 PRETRAIN_EPOCHS = 50
 
 
@@ -176,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--tune", action="store_true", help="shifted protocol on rows < 3600")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training.seed values")
-    p.add_argument("--no-cap", action="store_true", help="leave engine.max_step unset")
+    p.add_argument("--tuned", action="store_true", help="add the TUNED settings (not defaults)")
     p.add_argument("--docs", type=Path, help="write ett.md and ett.png here (e.g. docs)")
     p.add_argument("--set", action="append", default=[], help="extra setting overrides")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--save", type=Path, help="also write z-unit predictions (.npz) here")
     args = p.parse_args(argv)
-    if args.no_cap:
-        SETTINGS.pop("engine.max_step")
+    if args.tuned:
+        SETTINGS.update(TUNED)
 
     bounds = (0, 2160, 2880, 3600) if args.tune else (0, 2880, 3600, 14400)
     _, train_end, val_end, test_end = bounds

@@ -1,26 +1,39 @@
-"""Per-key anomaly scores: how unusual a key's recent errors are for that key.
+"""Per-key anomaly scores: how improbable a key's recent errors are for that key.
 
-Errors are first put in the key's own units (absolute error divided by the key's
-running standard deviation, per feature), so a sensor in volts and a ticker in
-dollars are scored alike. For each key we keep a *short* exponential average of
-these errors and a *long* exponential mean and variance. The score is
+Errors come in the key's own units (absolute error of the combined forecast divided by
+the key's running standard deviation), so a sensor in volts and a ticker in dollars are
+scored alike. For each key we keep exponential averages of these errors over three time
+scales (about 1, 7 and 35 events: a spike and a slow drift are both incidents) and a
+long mean and variance (``long_alpha``). For each scale, the tail probability of its
+average under the key's usual errors (the variance of an exponential average is
+``var * a / (2 - a)``) is the evidence (the "anomaly likelihood" of Ahmad et al., 2017,
+over several windows). A value far outside the key's usual range is evidence too, with a
+distribution-free bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are
+rarely Gaussian. Evidence is counted in decades of improbability, ``-log10 p``, less the
+decades that picking the most surprising of several tests costs (Bonferroni).
 
-    score = Phi((short - long_mean) / long_std)
+One alarm per incident: after strong evidence, the key's next alarm needs *fresh*
+evidence. The reported evidence is what exceeds the key's recent peak, which decays with
+the long window's half-life; a sustained incident is reported once, at its start, and a
+second, stronger one still shows.
 
-the standard normal CDF of how far the recent errors sit above the key's usual
-errors: about 0.5 for an ordinary event, close to 1 when the errors jump. This is
-the "anomaly likelihood" of Ahmad et al. (2017), over a short and a long window,
-vectorised over all keys of a batch. Until a key has ``min_events`` errors the
-score is 0: there is no baseline to compare with yet. The long statistics are
-updated after scoring, so an event is judged against the past only.
+The score maps evidence ``d`` (decades) to ``d / (d + SCALE)`` in [0, 1): 0.5 means a
+tail probability of 1e-5 beyond the key's recent peak, 0.75 means 1e-15. It never
+reaches 1.0, so the strongest evidence always ranks above the merely strong. Until a key
+has ``min_events`` errors its score is 0: there is no baseline to compare with yet. The
+long statistics are updated after scoring, so an event is judged against the past only.
 
 >>> import torch
 >>> stats = AnomalyStats.zeros(1)
 >>> for e in [0.1, 0.12, 0.09, 0.11] * 10:
-...     score = update(stats, torch.tensor([e]), short_alpha=0.5, long_alpha=0.01, min_events=20)
->>> round(float(score), 1) < 0.9
+...     score = update(stats, torch.tensor([e]), torch.tensor([0.5]), 0.5, 0.01, 20)
+>>> float(score) < 0.3
 True
->>> bool(update(stats, torch.tensor([3.0]), 0.5, 0.01, 20) > 0.99)
+>>> spike = float(update(stats, torch.tensor([3.0]), torch.tensor([0.5]), 0.5, 0.01, 20))
+>>> 0.5 < spike < 1.0
+True
+>>> again = float(update(stats, torch.tensor([3.0]), torch.tensor([0.5]), 0.5, 0.01, 20))
+>>> again < spike  # the same incident: no fresh evidence
 True
 """
 
@@ -31,40 +44,78 @@ from dataclasses import dataclass
 
 import torch
 
+# The three error averages smooth with short_alpha times these: about 1, 7 and 35 events
+# at the default short_alpha of 0.5.
+SCALES = (1.0, 0.25, 0.0625)
 _VAR_FLOOR = 1e-4  # errors in std units: below 1% of a std the spread carries no signal
+_LOG10 = math.log(10.0)
+# Decades of evidence that score 0.5: a tail probability of 1e-5, the anomaly-likelihood
+# threshold Ahmad et al. recommend (0.99999).
+SCALE = 5.0
+# The cost, in decades, of taking the most surprising of the error scales and the value test.
+_TESTS = math.log10(len(SCALES) + 1)
 
 
 @dataclass
 class AnomalyStats:
-    """Rows of per-key error statistics (views into the state store, or standalone)."""
+    """Rows of per-key evidence statistics (views into the state store, or standalone)."""
 
-    short: torch.Tensor  # [B] float32
-    mean: torch.Tensor  # [B] float32
-    var: torch.Tensor  # [B] float32
-    count: torch.Tensor  # [B] float32 (exact up to 2**24)
+    short: torch.Tensor  # [B, S] float32: error averages, one per time scale
+    mean: torch.Tensor  # [B] long mean of errors
+    var: torch.Tensor  # [B] long variance of errors
+    count: torch.Tensor  # [B] errors seen (exact up to 2**24)
+    peak: torch.Tensor  # [B] recent peak evidence (decades), decaying
 
     @staticmethod
     def zeros(batch: int) -> AnomalyStats:
-        return AnomalyStats(*(torch.zeros(batch) for _ in range(4)))
+        z = [torch.zeros(batch) for _ in range(4)]
+        return AnomalyStats(torch.zeros(batch, len(SCALES)), *z)
+
+
+def evidence_to_score(decades: torch.Tensor) -> torch.Tensor:
+    """Map decades of improbability to [0, 1) without ever tying at 1.0.
+
+    >>> evidence_to_score(torch.tensor([0.0, 5.0, 15.0])).tolist()
+    [0.0, 0.5, 0.75]
+    """
+    return decades / (decades + SCALE)
+
+
+def _decades(z: torch.Tensor) -> torch.Tensor:
+    """-log10 of the upper normal tail beyond ``z``, accurate far into the tail."""
+    return -torch.special.log_ndtr(-z) / _LOG10
 
 
 def update(
     stats: AnomalyStats,
     error: torch.Tensor,
+    value_z: torch.Tensor,
     short_alpha: float,
     long_alpha: float,
     min_events: int,
 ) -> torch.Tensor:
-    """Score ``error`` (std units, one per key) and fold it into ``stats`` in place."""
-    first = stats.count == 0
-    stats.short.copy_(torch.where(first, error, stats.short + short_alpha * (error - stats.short)))
-    z = (stats.short - stats.mean) / torch.sqrt(stats.var + _VAR_FLOOR)
-    score = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    score = torch.where(stats.count >= min_events, score, torch.zeros_like(score))
+    """Score ``error`` (std units, one per key) and fold it into ``stats`` in place.
+
+    ``value_z`` is how far the key's values sit from their running mean, in std units
+    (the largest over features).
+    """
+    alphas = short_alpha * torch.tensor(SCALES)
+    first = (stats.count == 0).unsqueeze(1)
+    e = error.unsqueeze(1)
+    stats.short.copy_(torch.where(first, e, stats.short + alphas * (e - stats.short)))
+    spread = torch.sqrt((stats.var + _VAR_FLOOR).unsqueeze(1) * alphas / (2.0 - alphas))
+    by_scale = _decades((stats.short - stats.mean.unsqueeze(1)) / spread).amax(1)
+    by_value = torch.log10(1.0 + value_z * value_z)  # Cantelli's bound, two-sided
+    decades = (torch.maximum(by_scale, by_value) - _TESTS).clamp(min=0.0)
+    decades = torch.where(stats.count >= min_events, decades, 0.0)
+    # One alarm per incident: report only what exceeds the key's decaying recent peak.
+    peak = stats.peak * (1.0 - long_alpha)
+    fresh = (decades - peak).clamp(min=0.0)
+    stats.peak.copy_(torch.maximum(peak, decades))
     # Exact running mean/variance for the first 1/long_alpha errors, then exponential.
     alpha = torch.clamp(1.0 / (stats.count + 1), min=long_alpha)
     delta = error - stats.mean
     stats.mean.add_(alpha * delta)
     stats.var.copy_((1.0 - alpha) * (stats.var + alpha * delta * delta))
     stats.count.add_(1)
-    return score
+    return evidence_to_score(fresh)

@@ -248,7 +248,11 @@ class EngineSettings(Section):
         "multiples of its typical step-to-step change (None: no cap).",
     )
     anomaly_threshold: float = Field(
-        0.99, ge=0.0, le=1.0, description="Anomaly score at or above which an event is counted."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Anomaly score at or above which an event is an alarm (0.5: fresh evidence "
+        "with a tail probability below 1e-5).",
     )
     max_message_bytes: int = Field(
         1_048_576, ge=64, description="Larger messages are rejected as `too_large`."
@@ -306,8 +310,18 @@ class TrainingSettings(Section):
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="Intra-op threads for training (None: cores - inference)."
     )
-    interval_events: int = Field(20_000, ge=1, description="Fine-tune after this many events.")
-    interval_seconds: float = Field(60.0, gt=0, description="...or after this many seconds.")
+    first_run_events: int = Field(
+        256,
+        ge=1,
+        description="Events before the first fine-tuning run (and least between runs).",
+    )
+    interval_growth: float = Field(
+        0.25, gt=0, description="Fine-tune again when the events seen have grown by this share."
+    )
+    interval_events: int = Field(20_000, ge=1, description="Most events between two runs.")
+    interval_seconds: float = Field(
+        60.0, gt=0, description="Daemon: also fine-tune after this many seconds with new events."
+    )
     replay_bytes: int = Field(64 * 2**20, ge=2**16, description="Memory budget of the buffer.")
     window: int = Field(64, ge=2, description="Steps per replay window (burn-in included).")
     burn_in: int = Field(8, ge=0, description="Steps run without gradient before a window.")

@@ -35,20 +35,19 @@ batched step, so a batch costs ``max events per key`` model calls, not one per e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from streamlstm import anomaly
+from streamlstm import anomaly, combine
 from streamlstm.config import Settings
 from streamlstm.drift import DriftMonitor
 from streamlstm.events import EventBatch
 from streamlstm.model import RecurrentModel, quantize_for_inference
 from streamlstm.state import KeyedState
+from streamlstm.steps import BatchOutput, StepConsumer, StepRecord
 
 # The scaler's floor is relative to the key's level: differences below float32's resolution
 # of the level are noise, whatever the unit (an absolute floor would treat millivolts and
@@ -63,76 +62,6 @@ _STEP_WINDOW = 100
 
 def _std(var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(var + _VAR_REL_EPS * mean * mean + _VAR_ABS_EPS)
-
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    """One batched recurrent step of distinct keys: what the engine hands to learning.
-
-    The tensors are the engine's: a consumer keeps references only to what the engine
-    does not change afterwards, and copies the state (the step overwrites it).
-    """
-
-    slots: torch.Tensor  # int64 [B] the keys' slots in the state store
-    x: torch.Tensor  # float32 [B, F] the network's inputs, before clipping
-    label_prev: torch.Tensor  # float32 [B, F] this event as the label of the key's last step
-    count: torch.Tensor  # float32 [B] the key's events including this one (a break: new key)
-    state: torch.Tensor  # float32 [B, layers, parts, hidden] recurrent state before the step
-    positions: torch.Tensor  # int64 [B] the events' places in the chunk (see begin)
-    own_label: torch.Tensor | None = None  # float32 [B, F] explicit labels (NaN: none)
-
-
-class StepConsumer(Protocol):
-    """Where the engine's steps go, chunk by chunk (the replay buffer; pretraining)."""
-
-    def begin(self, events: int, capacity: int) -> None:
-        """A chunk of ``events`` events starts; the state store has ``capacity`` slots."""
-
-    def record(self, step: StepRecord) -> None:
-        """One batched step of the chunk; a key's steps come in its event order."""
-
-    def end(self) -> None:
-        """The chunk is complete."""
-
-
-@dataclass
-class BatchOutput:
-    """Engine results in columns, row ``i`` for event ``i`` of the input batch."""
-
-    keys: list[str]
-    ts: np.ndarray  # float64 [N]
-    prediction: np.ndarray  # float32 [N, F], input units
-    error: np.ndarray  # float32 [N], NaN where there was nothing to score
-    squared_error: np.ndarray  # float32 [N], mean over features, NaN like error
-    anomaly_score: np.ndarray  # float32 [N], NaN where error is NaN
-    model_version: int
-    drift: np.ndarray | None = None  # bool [N], set by the drift detectors
-    scaled_error: np.ndarray | None = None  # float32 [N], error in the key's std units
-    detections: dict[str, int] = field(default_factory=dict)  # detector -> drifts this batch
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        """One JSON-ready dict per event (NaN becomes None)."""
-        predictions = self.prediction.tolist()
-        errors = self.error.tolist()
-        scores = self.anomaly_score.tolist()
-        ts = self.ts.tolist()
-        drift = self.drift.tolist() if self.drift is not None else None
-        for i, key in enumerate(self.keys):
-            error = errors[i]
-            record = {
-                "key": key,
-                "ts": ts[i],
-                "prediction": predictions[i],
-                "error": None if error != error else error,
-                "anomaly_score": None if error != error else scores[i],
-                "model_version": self.model_version,
-            }
-            if drift is not None and drift[i]:
-                record["drift"] = True
-            yield record
 
 
 def step_groups(slots: np.ndarray) -> list[np.ndarray]:
@@ -195,6 +124,16 @@ class Engine:
                 model.load_state_dict(ckpt.state_dict)
                 model_version = ckpt.version
         return cls(model, settings, model_version)
+
+    def leader_shares(self) -> dict[str, float]:
+        """Share of the live keys each forecaster leads: the combination as a metric summary
+        (never per key: keys are unbounded)."""
+        rows = self.store.table[self.store.occupied()]
+        if len(rows) == 0:
+            return dict.fromkeys(combine.EXPERTS, 0.0)
+        led = combine.leaders(self.store.layout.field(rows, "hedge"))
+        counts = torch.bincount(led, minlength=len(combine.EXPERTS)).tolist()
+        return {name: n / len(rows) for name, n in zip(combine.EXPERTS, counts, strict=True)}
 
     def attach_learner(self, learner: StepConsumer | None) -> None:
         """Hand every batched step to ``learner`` (None detaches)."""
@@ -323,7 +262,8 @@ class Engine:
             field("has_pending"),
         )
 
-        # 1. Score the pending prediction, in input units and in the key's std units.
+        # 1. Score the pending forecasts: the mix (the output) and each forecaster's (their
+        # weights), in input units and in the key's std units before this event.
         pending = has_pending > 0
         diff = x - field("pending")
         abs_err = diff.abs()
@@ -331,17 +271,21 @@ class Engine:
         squared = torch.where(pending, (diff * diff).mean(1), torch.nan)
         std_before = _std(var, mean)
         std_err = (abs_err / std_before).clamp(max=clip).mean(1)
-        score = self._score(field, std_err, pending)
+        last, step, ewma, hedge = field("last"), field("step"), field("ewma"), field("hedge")
+        seen = count > 0
+        made = torch.stack((field("net_pending"), last, ewma), 1)  # forecasts of this event
+        combine.learn(hedge, made, x, std_before, pending)
+        value_z = torch.where(seen, ((x - mean).abs() / std_before).amax(1), 0.0)
+        score = self._score(field, std_err, value_z, pending)
         # The change since the key's last event, in the units its last prediction was made
         # in: the correction that prediction should have made (its training target), and
         # the network's input when model.inputs is "change".
-        last, step = field("last"), field("step")
-        seen = count > 0
         moved = x - last
         change = torch.where(seen.unsqueeze(1), moved / std_before, 0.0)
         rate = (seen / count.clamp(min=1, max=_STEP_WINDOW)).unsqueeze(1)  # 0 on a first event
         step.add_(rate * (moved.abs() - step))
         last.copy_(x)
+        ewma.copy_(torch.where(seen.unsqueeze(1), ewma + combine.EWMA_ALPHA * (x - ewma), x))
 
         # 2. Online scaler: exact mean/variance for `scaler_window` events, then exponential.
         count += 1
@@ -364,8 +308,10 @@ class Engine:
         if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw
             limit = cfg.engine.max_step * step
             move = torch.maximum(torch.minimum(move, limit), -limit)
-        pred = x + move
         state.copy_(new_state)
+        field("net_pending").copy_(x + move)
+        forecasts = torch.stack((x + move, x, ewma), 1)
+        pred = combine.mix(hedge, forecasts)
         field("pending").copy_(pred)
 
         # 4. With an explicit target the prediction is scored at once, not left pending.
@@ -375,12 +321,15 @@ class Engine:
         else:
             labelled = ~torch.isnan(target).any(1)
             has_pending.copy_((~labelled).float())
+            truth = torch.where(labelled.unsqueeze(1), target, x)
+            combine.learn(hedge, forecasts, truth, std, labelled)
             target_diff = pred - target
             target_err = target_diff.abs()
             err = torch.where(labelled, target_err.mean(1), err)
             squared = torch.where(labelled, (target_diff * target_diff).mean(1), squared)
             target_std_err = (target_err / std).clamp(max=clip).mean(1)
-            score = torch.where(labelled, self._score(field, target_std_err, labelled), score)
+            target_score = self._score(field, target_std_err, value_z, labelled)
+            score = torch.where(labelled, target_score, score)
             std_err = torch.where(labelled, target_std_err, std_err)
             scored = pending | labelled
 
@@ -404,17 +353,27 @@ class Engine:
         )
 
     def _score(
-        self, field: Callable[[str], torch.Tensor], std_err: torch.Tensor, scored: torch.Tensor
+        self,
+        field: Callable[[str], torch.Tensor],
+        std_err: torch.Tensor,
+        value_z: torch.Tensor,
+        scored: torch.Tensor,
     ) -> torch.Tensor:
         """Anomaly score for rows in ``scored``; other rows' statistics are left alone."""
         cfg = self.settings.state
-        names = ("err_short", "err_mean", "err_var", "err_count")
-        before = anomaly.AnomalyStats(*(field(n).clone() for n in names))
+        names = ("err_scales", "err_mean", "err_var", "err_count", "err_peak")
+        before = [field(n).clone() for n in names]
         after = anomaly.AnomalyStats(*(field(n) for n in names))
         score = anomaly.update(
-            after, std_err, cfg.anomaly_short_alpha, cfg.anomaly_long_alpha, cfg.anomaly_min_events
+            after,
+            std_err,
+            value_z,
+            cfg.anomaly_short_alpha,
+            cfg.anomaly_long_alpha,
+            cfg.anomaly_min_events,
         )
         if not bool(scored.all()):
-            for name in names:
-                field(name).copy_(torch.where(scored, field(name), getattr(before, name[4:])))
+            for name, old in zip(names, before, strict=True):
+                keep = scored.unsqueeze(1) if old.dim() == 2 else scored
+                field(name).copy_(torch.where(keep, field(name), old))
         return torch.where(scored, score, 0.0)

@@ -147,6 +147,13 @@ class Metrics:
         )
 
         # Learning and drift.
+        self.forecaster_lead_share = Gauge(
+            "streamlstm_forecaster_lead_share",
+            "Share of the live keys whose forecast combination each forecaster leads "
+            "(network, persistence, ewma).",
+            ["forecaster"],
+            registry=r,
+        )
         self.finetune_runs = Counter(
             "streamlstm_finetune_runs",
             "Fine-tuning runs by outcome (adopted, rejected by the validation gate, failed).",

@@ -24,7 +24,7 @@ non-finite (an overflow; a fault) is reset to a fresh key's row and counted
 >>> store.assign(["a", "b", "a"], ts=np.array([0.0, 1.0, 2.0])).tolist()
 [0, 1, 0]
 >>> len(store), store.layout.width, store.bytes_per_row
-(2, 60, 269)
+(2, 72, 317)
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from itertools import repeat
 
 import numpy as np
 import torch
+
+from streamlstm.anomaly import SCALES
+from streamlstm.combine import EXPERTS
 
 EVICTION_CAUSES = ("ttl", "capacity")
 RESET_CAUSES = ("non_finite",)
@@ -54,13 +57,13 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 36)
+    (slice(8, 11, None), 48)
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
     # so they are gathered with the row and travel with the key's snapshot.
     PH = ("ph_mean", "ph_n", "ph_inc", "ph_dec", "ph_min", "ph_max", "ph_drift")
-    SCALARS = ("count", "has_pending", "err_short", "err_mean", "err_var", "err_count", *PH)
+    SCALARS = ("count", "has_pending", "err_mean", "err_var", "err_count", "err_peak", *PH)
 
     def __init__(self, state_shape: tuple[int, int, int], width: int) -> None:
         self.state_shape = state_shape
@@ -68,9 +71,13 @@ class RowLayout:
             "recurrent": math.prod(state_shape),
             "mean": width,
             "var": width,
-            "pending": width,
+            "pending": width,  # the combined forecast of the key's next values
+            "net_pending": width,  # the network's own forecast (``streamlstm.combine``)
+            "ewma": width,  # the EWMA forecaster's level
             "last": width,  # the key's previous values (for change inputs and labels)
             "step": width,  # its typical absolute step-to-step change (engine.max_step)
+            "hedge": len(EXPERTS),  # discounted losses of the forecasters
+            "err_scales": len(SCALES),  # error averages over the anomaly time scales
         }
         sizes.update(dict.fromkeys(self.SCALARS, 1))
         self.columns: dict[str, slice] = {}

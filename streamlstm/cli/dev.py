@@ -186,7 +186,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "  streamlstm bench engine            batched engine vs the textbook loop\n"
         "  streamlstm bench engine --json     one JSON object, for scripts\n"
         "  streamlstm bench training          inference speed while fine-tuning, vs off\n"
-        "  streamlstm bench e2e --batch 50    the daemon vs a bare Kafka consumer, end to end",
+        "  streamlstm bench e2e --batch 50    the daemon vs a bare Kafka consumer, end to end\n"
+        "  streamlstm bench anomaly DIR       NAB-layout corpus: NAB scores, forecast vs naive",
     )
     which = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     engine = which.add_parser(
@@ -244,6 +245,24 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--bootstrap", help="use this Kafka instead of an embedded broker")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.set_defaults(handler=run_bench_e2e)
+    anomaly = which.add_parser(
+        "anomaly",
+        help="anomaly scores on a labelled corpus (NAB layout), scored by NAB's rules",
+        description="Replays every data/<category>/*.csv of DIR through the engine as replay\n"
+        "does (one key per file, learning on), scores anomaly_score with NAB's rules\n"
+        "(labels/combined_windows.json; standard, low-FP and low-FN profiles) and compares\n"
+        "each file's forecast MSE with persistence. Settings are the defaults unless --set.",
+        formatter_class=Formatter,
+    )
+    anomaly.add_argument("corpus", type=Path, metavar="DIR", help="corpus in NAB's layout")
+    anomaly.add_argument(
+        "--one-stream", action="store_true", help="all files as keys of one stream"
+    )
+    anomaly.add_argument("--workers", type=int, default=1, help="files replayed in parallel")
+    anomaly.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    anomaly.add_argument("--json", action="store_true", help="print one JSON object")
+    settings_args(anomaly)
+    anomaly.set_defaults(handler=run_bench_anomaly)
 
 
 def run_bench_e2e(args: argparse.Namespace) -> int:
@@ -261,6 +280,20 @@ def run_bench_e2e(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
     )
     print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
+    return 0
+
+
+def run_bench_anomaly(args: argparse.Namespace) -> int:
+    from streamlstm.devtools.bench_anomaly import bench_anomaly
+
+    report = bench_anomaly(
+        args.corpus,
+        settings_from_args(args, **{"model.input_size": 1}),
+        one_stream=args.one_stream,
+        progress=not args.no_progress,
+        workers=args.workers,
+    )
+    print(json.dumps(report.as_dict()) if args.json else report.format())
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamlstm.cli.common import (
     command,
@@ -19,6 +20,13 @@ from streamlstm.cli.common import (
     user_input,
 )
 from streamlstm.config import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from streamlstm.offline.eventfiles import FileEvents
+    from streamlstm.offline.plot import KeyTrace
+    from streamlstm.steps import BatchOutput
 
 # -- replay ----------------------------------------------------------------------
 
@@ -37,10 +45,20 @@ def add_replay(sub: argparse._SubParsersAction) -> None:
         "line every training.interval_events events, so reruns give the same output.\n"
         "Each event yields one JSON line: key, ts, prediction (the key's next values),\n"
         "error and anomaly_score of the previous prediction (null on a key's first\n"
-        "event) and model_version. A summary with MAE/MSE goes to stderr.",
+        "event) and model_version. A summary with MAE/MSE goes to stderr.\n"
+        "--plot draws one key (--plot-key, default: the first) over time: values,\n"
+        "prediction, anomaly score and alarms; --windows shades labelled anomalies.",
     )
     p.add_argument("input", type=Path, help="events: .jsonl (one message per line) or .csv")
     p.add_argument("--output", "-o", type=Path, help="JSONL output file (default: stdout)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="draw one key's backtest")
+    p.add_argument("--plot-key", metavar="KEY", help="the key to draw (default: the first)")
+    p.add_argument(
+        "--windows",
+        type=Path,
+        metavar="JSON",
+        help="labelled anomaly windows to shade: {name: [[start, end], ...]} (NAB layout)",
+    )
     file_args(p)
     _learning_args(p)
     settings_args(p)
@@ -87,6 +105,11 @@ def run_replay(args: argparse.Namespace) -> int:
         from streamlstm.learning.inline import InlineTrainer
 
         trainer = InlineTrainer(engine, settings, write_checkpoints=args.save_checkpoints)
+    trace = None
+    if args.plot:
+        from streamlstm.offline.plot import KeyTrace
+
+        trace = KeyTrace(args.plot_key or (data.batch.keys[0] if len(data.batch) else ""))
     if args.output:
         with user_input(args.output):
             out = args.output.open("wb")
@@ -94,14 +117,38 @@ def run_replay(args: argparse.Namespace) -> int:
         out = sys.stdout.buffer
     try:
         summary = replay(
-            engine, data, out, progress=False if args.no_progress else None, trainer=trainer
+            engine,
+            data,
+            out,
+            on_batch=None if trace is None else _trace_batch(trace),
+            progress=False if args.no_progress else None,
+            trainer=trainer,
         )
     finally:
         if args.output:
             out.close()
     for line in summary.lines():
         print(line, file=sys.stderr)
+    if trace is not None:
+        _plot(args, trace, data, settings.engine.anomaly_threshold)
     return 0
+
+
+def _trace_batch(trace: KeyTrace) -> Callable[[BatchOutput], None]:
+    return lambda out: trace.add(out.keys, out.ts, out.prediction, out.anomaly_score)
+
+
+def _plot(args: argparse.Namespace, trace: KeyTrace, data: FileEvents, threshold: float) -> None:
+    import numpy as np
+
+    from streamlstm.offline.plot import plot_key, read_windows
+
+    mine = np.fromiter((k == trace.key for k in data.batch.keys), bool, len(data.batch))
+    if not mine.any():
+        raise ConfigError(f"--plot-key: no events of key {trace.key!r} in {args.input}")
+    windows = read_windows(args.windows, args.input) if args.windows else None
+    alarms = plot_key(trace, data.batch.values[mine], args.plot, threshold, windows)
+    print(f"plot: {args.plot} (key {trace.key!r}, {alarms} alarms)", file=sys.stderr)
 
 
 # -- pretrain --------------------------------------------------------------------

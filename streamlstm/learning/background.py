@@ -38,6 +38,7 @@ from streamlstm.learning.gate import (
     weights_from_bytes,
     weights_to_bytes,
 )
+from streamlstm.learning.schedule import Schedule
 from streamlstm.learning.windows import ReplayReader
 from streamlstm.model import RecurrentModel
 
@@ -154,7 +155,9 @@ class BackgroundTrainer:
         self.total_run_seconds = 0.0
         self.last_outcome: RunOutcome | None = None
         self.restarts = 0  # workers restarted after dying or overrunning their deadline
-        self._events = 0
+        self._events = 0  # since the last run
+        self._seen = 0  # in all
+        self.schedule = Schedule.from_settings(settings)
         self._last_run = time.monotonic()
         self._drift_pending = False
         self._busy = False
@@ -310,14 +313,18 @@ class BackgroundTrainer:
         if not self.enabled or self._worker is None:
             return
         self._events += len(output)
+        self._seen += len(output)
         t = self.settings
         if t.drift.finetune_on_drift and any(output.detections.values()):
             self._drift_pending = True
         if self._busy or self._restart_at is not None:
             return
         due = (
-            self._events >= t.training.interval_events
-            or time.monotonic() - self._last_run >= t.training.interval_seconds
+            self.schedule.due(self._seen, self._events)
+            or (
+                self._events > 0
+                and time.monotonic() - self._last_run >= t.training.interval_seconds
+            )
             or self._drift_pending
         )
         if due:

@@ -1,8 +1,8 @@
 """Fine-tuning in line with the events (``replay``): runs at fixed event counts.
 
 The same file, config and seed give the same outputs, because runs happen at the same
-events (after every ``training.interval_events``, and at once on drift) whatever the
-batch size.
+events (on the :class:`~streamlstm.learning.schedule.Schedule`, and at once on drift)
+whatever the batch size.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from streamlstm.engine import BatchOutput, Engine
 from streamlstm.learning.buffer import ReplayBuffer
 from streamlstm.learning.device import require_training_device
 from streamlstm.learning.gate import FineTuner, RunOutcome, record_run_metrics
+from streamlstm.learning.schedule import Schedule
 
 if TYPE_CHECKING:
     from streamlstm.metrics import Metrics
@@ -43,18 +44,19 @@ class InlineTrainer:
         )
         engine.attach_learner(self.buffer)
         self.tuner = FineTuner(engine.model, settings, engine.model_version, write_checkpoints)
+        self.schedule = Schedule.from_settings(settings)
         self.outcomes: list[RunOutcome] = []
         self._since = 0
         self.events = 0
 
     def events_until_run(self) -> int:
-        return max(1, self.settings.training.interval_events - self._since)
+        return max(1, self.schedule.interval(self.events) - self._since)
 
     def on_batch(self, output: BatchOutput) -> None:
         self._since += len(output)
         self.events += len(output)
         drifted = self.settings.drift.finetune_on_drift and any(output.detections.values())
-        if self._since >= self.settings.training.interval_events or drifted:
+        if self.schedule.due(self.events, self._since) or drifted:
             self._since = 0
             outcome = self.tuner.run(self.buffer.reader())
             record_run_metrics(self.metrics, outcome)

@@ -1,0 +1,80 @@
+"""Per-key online combination of forecasters: never much worse than the best of them.
+
+Every key runs three forecasters side by side: the recurrent network, persistence (the
+key's last values) and an exponentially weighted moving average of its values. Each
+event, every forecaster's previous forecast is scored in the key's own standard
+deviations, and the key's forecast is the mixture
+
+    prediction = sum_k w_k f_k,   w_k ∝ exp(-eta * (L_k - L_min) / (L_min + floor))
+
+where ``L_k`` is forecaster k's squared error, discounted over the key's recent events
+(Hedge / exponentiated weights, as OneNet combines its branches). Dividing by the best
+forecaster's own loss makes the rule scale-free: what moves weight is how many times
+worse a forecaster has been lately, whether the key is smooth or noisy. A bad network
+therefore costs a key a few events before persistence leads, and a good one takes the
+lead as soon as it earns it.
+
+>>> import torch
+>>> loss = torch.zeros(2, len(EXPERTS))
+>>> truth = torch.tensor([[1.0], [1.0]])
+>>> forecasts = torch.tensor([[[1.0], [0.0], [0.0]], [[0.0], [1.0], [0.0]]])  # [B, K, F]
+>>> for _ in range(20):
+...     learn(loss, forecasts, truth, torch.ones(2, 1), torch.tensor([True, True]))
+>>> leaders(loss).tolist()  # key 0: the network was right; key 1: persistence was
+[0, 1]
+>>> mix(loss, forecasts).round(decimals=3).tolist()
+[[1.0], [1.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXPERTS = ("network", "persistence", "ewma")
+
+# Squared errors are clipped at this many std units squared: one wild event must not
+# decide the weights for the next hundred.
+LOSS_CLIP = 25.0
+# Discount per event of a key: the weights follow the last ~1 / (1 - DISCOUNT) = 32 events,
+# long enough to average out noise, short enough to follow a change of regime.
+DISCOUNT = 1.0 - 1.0 / 32
+# Weight ratio exp(-ETA * r) for a forecaster whose recent loss is (1 + r) times the best:
+# 10% worse halves a weight relative to the leader only after ~... (ETA * 0.1 = 0.5).
+ETA = 5.0
+# The loss floor (std units squared) below which differences are noise: keeps the relative
+# loss finite on a key that every forecaster predicts perfectly.
+LOSS_FLOOR = 1e-3
+# Smoothing of the EWMA forecaster: its forecast is the average of the last few values.
+EWMA_ALPHA = 0.5
+
+
+def learn(
+    loss: torch.Tensor,
+    forecasts: torch.Tensor,
+    truth: torch.Tensor,
+    std: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    """Fold each forecaster's error on ``truth`` into the keys' discounted losses, in place.
+
+    loss [B, K]; forecasts [B, K, F]; truth and std [B, F]; only rows in ``mask`` learn.
+    """
+    err = (forecasts - truth.unsqueeze(1)) / std.unsqueeze(1)
+    step = (err * err).clamp(max=LOSS_CLIP).mean(2)
+    loss.copy_(torch.where(mask.unsqueeze(1), DISCOUNT * loss + step, loss))
+
+
+def weights(loss: torch.Tensor) -> torch.Tensor:
+    """Each key's mixture weights [B, K] from its discounted losses [B, K]."""
+    best = loss.min(1, keepdim=True).values
+    return torch.softmax(-ETA * (loss - best) / (best + LOSS_FLOOR), dim=1)
+
+
+def mix(loss: torch.Tensor, forecasts: torch.Tensor) -> torch.Tensor:
+    """The combined forecast [B, F] of forecasts [B, K, F]."""
+    return (weights(loss).unsqueeze(2) * forecasts).sum(1)
+
+
+def leaders(loss: torch.Tensor) -> torch.Tensor:
+    """Index into :data:`EXPERTS` of each key's leading forecaster [B]."""
+    return loss.argmin(1)
