@@ -229,7 +229,7 @@ class Daemon:
             self._last_commit = now
         if now - self._last_gauges >= GAUGE_SECONDS:
             self._check_contact(now)
-            self.telemetry.gauges(self.engine.store, self._lag(), self.ready())
+            self.telemetry.gauges(self.engine, self._lag(), self.ready())
             self._last_gauges = now
         if now - self._last_status >= STATUS_SECONDS:
             pending = self.delivery.tracker.pending_sends

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamlstm.drift import DETECTORS
-from streamlstm.engine import BatchOutput
+from streamlstm.engine import BatchOutput, Engine
 from streamlstm.events import REASONS
 from streamlstm.io import Ticket
 from streamlstm.metrics import Metrics, observe_many
-from streamlstm.state import EVICTION_CAUSES, RESET_CAUSES, KeyedState
+from streamlstm.state import EVICTION_CAUSES, RESET_CAUSES
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +181,12 @@ class Telemetry:
                 m.dead_letters.labels(reason).inc()
             self.live.add(t.predictions, t.anomalies, len(t.dead_letter_reasons), latencies)
 
-    def gauges(self, store: KeyedState, lag: dict[int, int], ready: bool) -> None:
+    def gauges(self, engine: Engine, lag: dict[int, int], ready: bool) -> None:
         """Refresh the gauges (and the eviction and reset counters, which the store keeps
         as totals)."""
-        m = self.metrics
+        m, store = self.metrics, engine.store
+        for forecaster, share in engine.leader_shares().items():
+            m.forecaster_lead_share.labels(forecaster).set(share)
         m.keys.set(len(store))
         m.state_bytes.set(len(store) * store.bytes_per_key() if len(store) else 0)
         for kind, totals, counter in (
