@@ -10,16 +10,9 @@ it; anything unexpected while decoding one message or one array element is rejec
 ``internal_error`` instead of escaping. Each message is parsed once; a rejected array
 element carries its own re-serialised JSON (:attr:`Rejection.payload`).
 
-Beyond types and shapes, the decoder rejects what the engine cannot represent:
-
-* ``bad_key``: a key that is not valid Unicode text (a lone surrogate escape such as
-  ``"\\ud800"``), so it could never be encoded into an output record.
-* ``bad_ts``: a time before ``min_ts`` (default 0, the epoch), after :data:`MAX_TS`
-  (the last second of year 9999: a millisecond timestamp lands there), or, when
-  ``max_future_seconds`` is given (the daemon), later than that far past the wall clock.
-  One such event would advance event time and evict every key by TTL. There is no
-  bound on history: backtests and backfills replay old events.
-* ``bad_value``: ``|v| > MAX_ABS_VALUE`` in ``values`` or ``target`` (see there).
+What an event must be (types, widths, and the ranges the engine can represent: keys,
+times, magnitudes) is :mod:`streamlstm.validation`; this module parses, batches and
+reports.
 
 >>> decoder = Decoder(width=2)
 >>> batch, rejected = decoder.decode([b'{"key": "a", "ts": 1, "values": [1, 2]}', b'{oops'])
@@ -31,15 +24,15 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
+
+from streamlstm.validation import MIN_TS, InvalidEvent, range_failures, validate_event
 
 if TYPE_CHECKING:
     from streamlstm.config import Settings
@@ -58,16 +51,6 @@ REASONS = (
     "bad_value",
     "internal_error",
 )
-MAX_KEY_BYTES = 256
-# The engine keeps per-key statistics in float32 (max 3.4e38) and squares differences of
-# values: (x - mean)**2, (x - prediction)**2, summed into variances and errors. With
-# |v| <= 1e15 a squared difference is at most (2e15)**2 = 4e30, which leaves a headroom of
-# about 1e8 (sums over many events, predictions overshooting the inputs) before float32
-# overflows to inf and the key's outputs turn to NaN for good. Float32 keeps 7 significant
-# digits, so a value this large is already only approximately what was sent.
-MAX_ABS_VALUE = 1e15
-MIN_TS = 0.0  # default lower bound of ``ts``: the epoch (configurable per decoder)
-MAX_TS = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()  # 253402300799
 
 
 @dataclass(slots=True)
@@ -128,50 +111,6 @@ class EventBatch:
         )
 
 
-class InvalidEvent(Exception):
-    """Raised inside validation; callers turn it into a :class:`Rejection`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-def parse_ts(raw: Any) -> float:
-    """Epoch seconds from a number or an ISO-8601 string (naive times are UTC)."""
-    kind = type(raw)
-    if kind is float or kind is int:
-        ts = float(raw)
-    elif kind is str:
-        try:
-            moment = datetime.fromisoformat(raw)
-        except ValueError:
-            raise InvalidEvent("bad_type", f"ts {raw[:40]!r} is not ISO-8601") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        ts = moment.timestamp()
-    else:
-        raise InvalidEvent("bad_type", "ts must be epoch seconds or an ISO-8601 string")
-    if not math.isfinite(ts):
-        raise InvalidEvent("non_finite", "ts is not finite")
-    return ts
-
-
-def _numbers(raw: Any, width: int, name: str) -> list[float]:
-    if type(raw) is not list:
-        if width == 1 and type(raw) in (int, float):
-            raw = [raw]
-        else:
-            raise InvalidEvent("bad_type", f"{name} must be a list of numbers")
-    if len(raw) != width:
-        raise InvalidEvent("wrong_width", f"{name} has {len(raw)} numbers, expected {width}")
-    for v in raw:
-        kind = type(v)
-        if kind is not float and kind is not int:
-            raise InvalidEvent("bad_type", f"{name} holds a {kind.__name__}, expected numbers")
-    return raw
-
-
 class Decoder:
     """Decodes payloads of a fixed feature width and counts rejections by reason.
 
@@ -216,7 +155,7 @@ class Decoder:
         source: list[int] = []
         elements: list[int | None] = []
         rejections: list[Rejection] = []
-        validate = self._validate
+        validate, width = validate_event, self.width
 
         for m, payload in enumerate(payloads):
             try:
@@ -239,7 +178,7 @@ class Decoder:
                     lenient = True
                 if type(doc) is dict:
                     try:
-                        key, t, vals, target = validate(doc, lenient)
+                        key, t, vals, target = validate(doc, width, lenient)
                     except InvalidEvent as bad:
                         rejections.append(Rejection(m, None, bad.reason, bad.detail))
                         continue
@@ -255,7 +194,7 @@ class Decoder:
                 elif type(doc) is list:
                     for i, obj in enumerate(doc):
                         try:
-                            key, t, vals, target = validate(obj, lenient)
+                            key, t, vals, target = validate(obj, width, lenient)
                         except InvalidEvent as bad:
                             payload_i = _dump(obj, lenient)
                             rejections.append(Rejection(m, i, bad.reason, bad.detail, payload_i))
@@ -279,34 +218,6 @@ class Decoder:
         self.rejected.update(r.reason for r in rejections)
         return batch, rejections
 
-    def _validate(
-        self, obj: Any, lenient: bool = True
-    ) -> tuple[str, float, list[float], list[float] | None]:
-        if type(obj) is not dict:
-            raise InvalidEvent(
-                "not_object", f"array element is a {type(obj).__name__}, not an object"
-            )
-        try:
-            key = obj["key"]
-            raw_ts = obj["ts"]
-            raw_values = obj["values"]
-        except KeyError as missing:
-            raise InvalidEvent("missing_field", f"field {missing.args[0]!r} is missing") from None
-        if type(key) is not str or not key:
-            raise InvalidEvent("bad_type", "key must be a non-empty string")
-        if lenient:  # orjson refuses lone surrogates; Python's json lets them through
-            try:
-                key.encode()
-            except UnicodeEncodeError:
-                raise InvalidEvent("bad_key", "key is not valid Unicode (lone surrogate)") from None
-        if len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES:
-            raise InvalidEvent("key_too_long", f"key is longer than {MAX_KEY_BYTES} bytes")
-        t = parse_ts(raw_ts)
-        vals = _numbers(raw_values, self.width, "values")
-        raw_target = obj.get("target")
-        target = None if raw_target is None else _numbers(raw_target, self.width, "target")
-        return key, t, vals, target
-
     def _to_batch(
         self,
         keys: list[str],
@@ -317,12 +228,15 @@ class Decoder:
         elements: list[int | None],
         rejections: list[Rejection],
     ) -> EventBatch:
+        """The validated rows as columns, less those out of range (added to ``rejections``,
+        which end up sorted by message and element): ranges are checked once per batch."""
         n = len(keys)
         src = np.array(source, dtype=np.int64)
         try:
             value_arr = np.array(values, dtype=np.float64).reshape(n, self.width)
             ts_arr = np.array(ts, dtype=np.float64).reshape(n)
-            target_arr = None
+            target_arr: np.ndarray | None = None
+            given: np.ndarray | None = None  # rows that carry a target
             if any(t is not None for t in targets):
                 nan_row = [math.nan] * self.width
                 target_arr = np.array([nan_row if t is None else t for t in targets], np.float64)
@@ -333,30 +247,18 @@ class Decoder:
             rejections.sort(key=_order)
             return EventBatch([], np.zeros(0), np.zeros((0, self.width), np.float32), None, src[:0])
 
-        # Vectorised range checks, one reason per row, first match wins:
-        # non-finite (NaN, Infinity, or beyond float32) > too large for the engine > bad time.
-        abs_v = np.abs(value_arr)
-        non_finite = ~(abs_v < 3.4e38).all(axis=1)
-        too_big = (abs_v > MAX_ABS_VALUE).any(axis=1)
-        if target_arr is not None:
-            abs_t = np.abs(target_arr)
-            non_finite |= given & ~(abs_t < 3.4e38).all(axis=1)
-            too_big |= given & (abs_t > MAX_ABS_VALUE).any(axis=1)
-        hi = MAX_TS
-        if self.max_future_seconds is not None:
-            hi = min(hi, time.time() + self.max_future_seconds)
-        bad_ts = (ts_arr < self.min_ts) | (ts_arr > hi)
-        bad = non_finite | too_big | bad_ts
-        if bad.any():
-            for i in np.flatnonzero(bad):
-                if non_finite[i]:
-                    reason, detail = "non_finite", "values or target hold a non-finite number"
-                elif too_big[i]:
-                    reason = "bad_value"
-                    detail = f"values or target beyond +-{MAX_ABS_VALUE:g} (see MAX_ABS_VALUE)"
-                else:
-                    reason = "bad_ts"
-                    detail = f"ts {ts_arr[i]!r} outside [{self.min_ts!r}, {hi!r}]"
+        failures = range_failures(
+            ts_arr,
+            value_arr,
+            target_arr,
+            given,
+            min_ts=self.min_ts,
+            max_future_seconds=self.max_future_seconds,
+        )
+        if failures:
+            bad = np.zeros(n, dtype=bool)
+            for i, reason, detail in failures:
+                bad[i] = True
                 element = elements[i]
                 payload = None
                 if element is not None:

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "streamlstm"
 MAX_LINES = 400
 
 #: The pieces below the Kafka client: they run, and are tested, without a broker.
-CORE = ("config", "events", "model", "state", "anomaly", "drift", "engine")
+CORE = ("config", "events", "validation", "model", "state", "anomaly", "drift", "engine")
 #: Tools for people, never loaded by the daemon.
 NOT_RUNTIME = ("streamlstm.cli", "streamlstm.devtools")
 

@@ -4,11 +4,14 @@ The child process (default) reads the replay buffer from shared memory, so train
 never holds the event loop's GIL; ``notify`` is all the loop calls. Adopted weights
 come back as bytes and are offered to the engine, which swaps them in between batches.
 
-Supervision: the child exits within about a second when its parent dies (even by
-``kill -9``: a watchdog thread in the child polls its parent pid), a run that overruns
-``training.run_timeout_seconds`` is cancelled and then killed, and a worker that dies or
-is killed is restarted with exponential backoff (``streamlstm_trainer_restarts_total``;
-``BackgroundTrainer.healthy`` and ``streamlstm_trainer_up`` are false meanwhile).
+This module is the daemon's side: when runs happen, what their results do, and
+supervision; what the worker runs, and how it is started, is
+:mod:`streamlstm.learning.worker`. Supervision: the child exits within about a second
+when its parent dies (even by ``kill -9``: a watchdog thread in the child polls its parent
+pid), a run that overruns ``training.run_timeout_seconds`` is cancelled and then killed,
+and a worker that dies or is killed is restarted with exponential backoff
+(``streamlstm_trainer_restarts_total``; ``BackgroundTrainer.healthy`` and
+``streamlstm_trainer_up`` are false meanwhile).
 """
 
 from __future__ import annotations
@@ -16,46 +19,26 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
-
-import torch
 
 from streamlstm.config import Settings
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.learning.buffer import ReplayBuffer
 from streamlstm.learning.device import require_training_device
-from streamlstm.learning.gate import (
-    RESULTS,
-    FineTuner,
-    RunOutcome,
-    record_run_metrics,
-    weights_from_bytes,
-    weights_to_bytes,
-)
+from streamlstm.learning.gate import RESULTS, RunOutcome, record_run_metrics, weights_to_bytes
 from streamlstm.learning.schedule import Schedule
-from streamlstm.learning.windows import ReplayReader
-from streamlstm.model import RecurrentModel
+from streamlstm.learning.worker import WorkerSpec, new_worker
 
 if TYPE_CHECKING:
-    import multiprocessing.queues
-    import multiprocessing.synchronize
-
+    from streamlstm.learning.worker import Commands, Event, Results
     from streamlstm.metrics import Metrics
-
-    Commands = queue.Queue[str | None] | multiprocessing.queues.Queue[str | None]
-    Results = queue.Queue[RunOutcome] | multiprocessing.queues.Queue[RunOutcome]
-    _Event = threading.Event | multiprocessing.synchronize.Event
 
 log = logging.getLogger(__name__)
 
-#: How often the child checks that its parent is still there.
-WATCHDOG_SECONDS = 1.0
 #: First restart delay after a worker died, doubled on each death in a row up to the cap.
 RESTART_BACKOFF_SECONDS = 1.0
 RESTART_BACKOFF_CAP_SECONDS = 60.0
@@ -70,55 +53,6 @@ def training_threads(settings: Settings) -> int:
     if explicit is not None:
         return explicit
     return max(1, (os.cpu_count() or 1) - settings.engine.torch_threads)
-
-
-@dataclass
-class _WorkerSpec:
-    """Everything a worker needs; picklable for a spawned child process."""
-
-    settings: Settings
-    weights: bytes
-    version: int
-    reader: ReplayReader
-    threads: int
-    cancel: _Event | None = None
-    write_checkpoints: bool = True
-    parent_pid: int | None = None  # a child process exits once this is not its parent
-
-
-def _watch_parent(parent_pid: int, interval: float) -> None:
-    """In the child: exit as soon as the parent is gone. A parent killed with SIGKILL
-    never sends ``None``; the orphan would block in ``commands.get()`` forever, holding
-    its model and the mapped replay buffer. Orphans are re-parented, so the parent pid
-    changes."""
-    while True:
-        if os.getppid() != parent_pid:
-            os._exit(0)
-        time.sleep(interval)
-
-
-def _worker_main(spec: _WorkerSpec, commands: Commands, results: Results) -> None:
-    """Worker loop (thread or child process): one run per command until ``None``."""
-    if threading.current_thread() is threading.main_thread():
-        # A child process: Ctrl-C reaches the whole process group, but the parent decides
-        # when fine-tuning stops (it sends None), so an interrupt must not kill a run.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if spec.parent_pid is not None:
-            threading.Thread(
-                target=_watch_parent,
-                args=(spec.parent_pid, WATCHDOG_SECONDS),
-                name="parent-watchdog",
-                daemon=True,
-            ).start()
-    torch.set_num_threads(spec.threads)
-    model = RecurrentModel.from_settings(spec.settings.model)
-    model.load_state_dict(weights_from_bytes(spec.weights))
-    tuner = FineTuner(model, spec.settings, spec.version, spec.write_checkpoints, spec.cancel)
-    while True:
-        command = commands.get()
-        if command is None:
-            return
-        results.put(tuner.run(spec.reader))
 
 
 def _shared_memory_fits(nbytes: int, folder: str = "/dev/shm") -> bool:
@@ -173,7 +107,7 @@ class BackgroundTrainer:
         self._version = 0
         self._lock = threading.Lock()  # worker, queues and trigger: loop vs supervisor
         self._worker: threading.Thread | BaseProcess | None = None
-        self._cancel: _Event
+        self._cancel: Event
         self._commands: Commands
         self._results: Results
         self._receiver: threading.Thread | None = None
@@ -224,7 +158,7 @@ class BackgroundTrainer:
         """A fresh worker with fresh queues and cancel event (under ``_lock``): whatever
         an abandoned worker still sends goes nowhere."""
         assert self.buffer is not None
-        spec = _WorkerSpec(
+        spec = WorkerSpec(
             settings=self.settings,
             weights=self._weights,
             version=self._version,
@@ -237,26 +171,7 @@ class BackgroundTrainer:
             if old is not None and hasattr(old, "cancel_join_thread"):
                 old.cancel_join_thread()  # a dead reader: never wait to flush into it
                 old.close()
-        if self.executor == "process":
-            ctx = torch.multiprocessing.get_context("spawn")
-            spec.cancel = self._cancel = ctx.Event()
-            spec.parent_pid = os.getpid()
-            self._commands, self._results = ctx.Queue(), ctx.Queue()
-            self._worker = ctx.Process(
-                target=_worker_main,
-                args=(spec, self._commands, self._results),
-                name="streamlstm-finetune",
-                daemon=True,
-            )
-        else:
-            spec.cancel = self._cancel = threading.Event()
-            self._commands, self._results = queue.Queue(), queue.Queue()
-            self._worker = threading.Thread(
-                target=_worker_main,
-                args=(spec, self._commands, self._results),
-                name="finetune",
-                daemon=True,
-            )
+        self._worker, self._cancel, self._commands, self._results = new_worker(spec, self.executor)
         self._worker.start()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from streamlstm.events import Decoder, EventBatch, InvalidEvent, Rejection, parse_ts
+from streamlstm.events import Decoder, EventBatch, Rejection
+from streamlstm.validation import InvalidEvent, parse_ts
 
 
 @dataclass

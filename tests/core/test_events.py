@@ -9,7 +9,8 @@ import numpy as np
 import orjson
 import pytest
 
-from streamlstm.events import MAX_ABS_VALUE, REASONS, Decoder
+from streamlstm.events import REASONS, Decoder
+from streamlstm.validation import MAX_ABS_VALUE
 
 GOOD = {"key": "k", "ts": 1.5, "values": [1.0, 2.0]}
 
@@ -210,12 +211,12 @@ def test_each_message_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unexpected_errors_become_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import streamlstm.events as events
+    import streamlstm.validation as validation
 
     def broken(raw: object) -> float:
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr(events, "parse_ts", broken)
+    monkeypatch.setattr(validation, "parse_ts", broken)
     decoder = Decoder(width=2)
     batch, rejected = decoder.decode([enc(GOOD), enc([GOOD, GOOD])])
     assert len(batch) == 0

@@ -17,8 +17,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamlstm.events import MAX_ABS_VALUE, REASONS, Decoder, EventBatch, Rejection
+from streamlstm.events import REASONS, Decoder, EventBatch, Rejection
 from streamlstm.io.deadletter import dead_letters
+from streamlstm.validation import MAX_ABS_VALUE
 
 WIDTH = 2
 FUZZ = settings(

@@ -97,7 +97,7 @@ def test_falls_back_to_a_thread_when_shared_memory_is_too_small(
 def test_the_worker_trains_the_model_the_engine_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker rebuilds the engine's model from settings: same architecture, dropout
     included (it once dropped ``model.dropout``, so the child trained a different net)."""
-    import streamlstm.learning.background as trainer_module
+    import streamlstm.learning.worker as worker_module
 
     built: list[torch.nn.Module] = []
 
@@ -105,7 +105,7 @@ def test_the_worker_trains_the_model_the_engine_serves(monkeypatch: pytest.Monke
         def __init__(self, model: torch.nn.Module, *args: object) -> None:
             built.append(model)
 
-    monkeypatch.setattr(trainer_module, "FineTuner", Capture)
+    monkeypatch.setattr(worker_module, "FineTuner", Capture)
     settings = _settings("thread")
     settings.model.num_layers = 2
     settings.model.dropout = 0.25

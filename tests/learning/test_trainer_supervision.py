@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import streamlstm.learning.background as background
+import streamlstm.learning.worker as worker_module
 from streamlstm.cli import main
 from streamlstm.config import ConfigError, Settings, load_settings
 from streamlstm.engine import Engine
@@ -175,7 +176,7 @@ def test_a_run_past_its_deadline_is_cancelled_then_its_worker_replaced(
 ) -> None:
     hanging = type("Hanging", (_Hanging,), {"obey": obey, "release": threading.Event()})
     hanging.started = []
-    monkeypatch.setattr(background, "FineTuner", hanging)
+    monkeypatch.setattr(worker_module, "FineTuner", hanging)
     monkeypatch.setattr(background, "KILL_GRACE_SECONDS", 0.3)
     monkeypatch.setattr(background, "RESTART_BACKOFF_SECONDS", 0.2)
     settings = _settings(**{"training.executor": "thread", "training.run_timeout_seconds": "0.5"})
