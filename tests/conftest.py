@@ -105,8 +105,11 @@ class KafkaTools:
     def read(self, topic: str, expect: int, timeout: float = 60.0, settle: float = 0.0) -> list:
         """Every record of ``topic`` (all partitions), once ``expect`` are there.
 
-        ``settle`` keeps reading that many seconds more, to catch records beyond
-        ``expect`` (duplicates).
+        Once ``expect`` records are in, it reads on to the partitions' end offsets as
+        they are then, so a repeat already written is caught without waiting for one:
+        stop the writer first (or wait until it has acknowledged everything) for an
+        exact count. ``settle`` (seconds of reading on) is kept for callers that cannot
+        do that; prefer not to use it.
         """
         import time
 
@@ -115,24 +118,32 @@ class KafkaTools:
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         try:
             deadline = time.monotonic() + timeout
-            parts = None
-            while not parts and time.monotonic() < deadline:
-                parts = consumer.partitions_for_topic(topic)
-                if not parts:
-                    time.sleep(0.2)
-            tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+            parts = wait_for(
+                lambda: consumer.partitions_for_topic(topic),
+                timeout,
+                interval=0.2,
+                what=f"topic {topic} to exist",
+            )
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             records: list = []
-            settle_until = None
-            while time.monotonic() < deadline:
+
+            def take() -> None:
                 for recs in consumer.poll(timeout_ms=200).values():
                     records.extend(recs)
-                if len(records) >= expect:
-                    if settle_until is None:
-                        settle_until = time.monotonic() + settle
-                    if time.monotonic() >= settle_until:
-                        break
+
+            while len(records) < expect and time.monotonic() < deadline:
+                take()
+            if len(records) >= expect:
+                end = consumer.end_offsets(tps)
+                while time.monotonic() < deadline and any(
+                    consumer.position(tp) < end[tp] for tp in tps
+                ):
+                    take()
+                settle_until = time.monotonic() + settle
+                while time.monotonic() < min(settle_until, deadline):
+                    take()
             return sorted(records, key=lambda r: (r.partition, r.offset))
         finally:
             consumer.close(autocommit=False)
