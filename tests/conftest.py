@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -102,8 +105,11 @@ class KafkaTools:
     def read(self, topic: str, expect: int, timeout: float = 60.0, settle: float = 0.0) -> list:
         """Every record of ``topic`` (all partitions), once ``expect`` are there.
 
-        ``settle`` keeps reading that many seconds more, to catch records beyond
-        ``expect`` (duplicates).
+        Once ``expect`` records are in, it reads on to the partitions' end offsets as
+        they are then, so a repeat already written is caught without waiting for one:
+        stop the writer first (or wait until it has acknowledged everything) for an
+        exact count. ``settle`` (seconds of reading on) is kept for callers that cannot
+        do that; prefer not to use it.
         """
         import time
 
@@ -112,24 +118,32 @@ class KafkaTools:
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         try:
             deadline = time.monotonic() + timeout
-            parts = None
-            while not parts and time.monotonic() < deadline:
-                parts = consumer.partitions_for_topic(topic)
-                if not parts:
-                    time.sleep(0.2)
-            tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+            parts = wait_for(
+                lambda: consumer.partitions_for_topic(topic),
+                timeout,
+                interval=0.2,
+                what=f"topic {topic} to exist",
+            )
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
             records: list = []
-            settle_until = None
-            while time.monotonic() < deadline:
+
+            def take() -> None:
                 for recs in consumer.poll(timeout_ms=200).values():
                     records.extend(recs)
-                if len(records) >= expect:
-                    if settle_until is None:
-                        settle_until = time.monotonic() + settle
-                    if time.monotonic() >= settle_until:
-                        break
+
+            while len(records) < expect and time.monotonic() < deadline:
+                take()
+            if len(records) >= expect:
+                end = consumer.end_offsets(tps)
+                while time.monotonic() < deadline and any(
+                    consumer.position(tp) < end[tp] for tp in tps
+                ):
+                    take()
+                settle_until = time.monotonic() + settle
+                while time.monotonic() < min(settle_until, deadline):
+                    take()
             return sorted(records, key=lambda r: (r.partition, r.offset))
         finally:
             consumer.close(autocommit=False)
@@ -188,3 +202,74 @@ def live_exposition() -> str:
         return body.decode()
     finally:
         server.stop()
+
+
+# -- daemons as processes -----------------------------------------------------------
+
+
+def start_daemon(bootstrap: str, overrides: dict[str, str], log) -> subprocess.Popen:
+    """``streamlstm run`` as a child process, JSON log lines appended to ``log`` (a Path)."""
+    cmd = [sys.executable, "-m", "streamlstm.cli", "run", "--bootstrap", bootstrap, "--log-json"]
+    for name, value in overrides.items():
+        cmd += ["--set", f"{name}={value}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``), children before grandchildren."""
+    from pathlib import Path
+
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def crash_daemon(proc: subprocess.Popen) -> None:
+    """SIGKILL a :func:`start_daemon` daemon and its producer process, as a machine crash
+    would: nothing is flushed or committed on the way out.
+
+    The producer runs in a session of its own (a Ctrl-C must reach only the daemon), so
+    killing the daemon alone (or its process group) would leave it alive to deliver
+    what it holds.
+    """
+    import contextlib
+    import signal
+
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # freeze all first: none sees another die
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    proc.wait(timeout=10)
+
+
+_METRICS_LINE = re.compile(rb"metrics on http://[^\s/]+:(\d+)/metrics")
+
+
+def logged_metrics_port(log, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> int:
+    """The port a daemon's metrics server bound (``metrics.port = 0``), read from its log.
+
+    The daemon logs ``metrics on http://HOST:PORT/metrics`` once the server listens, so
+    there is no window in which another process can take the port (unlike probing a
+    free port first and passing it in). ``log`` must be this daemon's own log file.
+    """
+
+    def bound() -> int | None:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the daemon exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        found = _METRICS_LINE.search(log.read_bytes()) if log.exists() else None
+        return int(found.group(1)) if found else None
+
+    return wait_for(bound, timeout, what="the daemon to log its metrics port")

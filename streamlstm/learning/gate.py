@@ -5,9 +5,10 @@ candidate weights trained by the previous run are scored against the serving wei
 on the rows that arrived since that run, which neither has seen (prequential
 validation, so no recent data has to be held back from training). A better candidate
 is adopted: offered to the engine (swapped in between two batches), ``model_version``
-increments and a checkpoint is written; a worse one is discarded and counted, and after
-``training.lr_patience`` rejections in a row the learning rate backs off by
-``lr_factor`` (down to ``min_learning_rate``). Then it **trains** the candidate on
+increments and a checkpoint is written; a worse one is discarded and counted, and at the
+``training.lr_patience``-th rejection in a row the learning rate is multiplied by
+``lr_factor`` once (never below ``min_learning_rate``) and the count starts again
+(``lr_patience = 0`` counts as 1: every rejection backs off). Then it **trains** the candidate on
 windows sampled from the replay buffer, newest rows included: Adam (its moments
 persist from run to run, so a short run takes informed steps rather than Adam's
 sign-like first steps) on truncated-BPTT chunks of ``training.tbptt_steps`` with
@@ -198,7 +199,7 @@ class FineTuner:
         outcome.result = "rejected"
         self.trainee.load_state_dict(self.serving.state_dict())  # discard it
         self.rejected_in_a_row += 1
-        if self.rejected_in_a_row > t.lr_patience:
+        if self.rejected_in_a_row >= t.lr_patience:  # the lr_patience-th rejection in a row
             self.learning_rate = max(t.min_learning_rate, self.learning_rate * t.lr_factor)
             self.rejected_in_a_row = 0
 

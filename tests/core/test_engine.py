@@ -172,10 +172,3 @@ def test_weights_offered_apply_at_the_next_batch() -> None:
     after = engine.process(events)
     assert after.model_version == 7 and before.model_version == 0
     assert torch.allclose(engine.model.head.weight, new_weights["head.weight"])
-
-
-def test_gru_and_quantized_engines_run() -> None:
-    events = stream(["a", "b"], 10)
-    for overrides in ({"model.cell": "gru"}, {"model.quantize": True}):
-        out = trained_like_engine(**overrides).process(events)
-        assert np.isfinite(out.prediction).all()

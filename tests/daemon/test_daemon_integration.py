@@ -99,17 +99,23 @@ def scenario(kafka_tools: KafkaTools) -> Scenario:
 
         good = KEYS * STEPS + ARRAYS * ARRAY_WIDTH + 2
         expected_dead = len(MALFORMED) + 1
-        outputs = tools.read(f"{prefix}-out", good, settle=1.0)
-        dead = tools.read(f"{prefix}-dlq", expected_dead, settle=0.5)
-        inputs = tools.read(f"{prefix}-in", len(messages) + len(arrays))
         url = f"http://127.0.0.1:{daemon.metrics_port}/metrics"
 
         def scraped() -> str | None:
             text = http_get(url)[1].decode()
             done = f"streamlstm_predictions_total {float(good)}" in text
-            return text if done and "streamlstm_commits_total 0.0" not in text else None
+            # gauges are refreshed once a second: wait for the one with every key
+            keys = f"streamlstm_keys {float(KEYS + ARRAY_WIDTH + 1)}" in text
+            return text if done and keys and "streamlstm_commits_total 0.0" not in text else None
 
-        text = wait_for(scraped, 30, what="metrics to count every prediction and a commit")
+        text = wait_for(
+            scraped, 60, what="metrics to count every prediction, every key and a commit"
+        )
+        # Every output was acknowledged (repeats included): reading to the topics' ends
+        # now sees all there is, with no settle window.
+        outputs = tools.read(f"{prefix}-out", good)
+        dead = tools.read(f"{prefix}-dlq", expected_dead)
+        inputs = tools.read(f"{prefix}-in", len(messages) + len(arrays))
         return Scenario(tools, daemon, prefix, inputs, outputs, dead, text, good, sent, readyz)
     finally:
         daemon.request_stop()

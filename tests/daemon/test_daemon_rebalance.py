@@ -191,7 +191,7 @@ def test_rebalance_hands_partitions_over_without_loss_or_repeats(
         deadline = time.monotonic() + 20
         while b.live.predictions < len(set(sent) - unique_a) and time.monotonic() < deadline:
             time.sleep(0.1)
-        from_b = tools.read(f"{prefix}-out-b", b.live.predictions, timeout=20, settle=1.0)
+        from_b = tools.read(f"{prefix}-out-b", b.live.predictions, timeout=20)
     finally:
         flow.halt()
         for d in (a, b):
@@ -274,16 +274,17 @@ def _produce(bootstrap: str, topic: str, events: list[tuple[int, bytes, bytes]])
 
 
 def test_daemon_survives_a_broker_restart(tmp_path) -> None:
-    from streamlstm.devtools.broker import BrokerError, EmbeddedBroker, find_tansu, free_port
+    from streamlstm.devtools.broker import BrokerError, EmbeddedBroker, find_tansu
 
     try:
         find_tansu()
     except BrokerError as exc:
         pytest.skip(str(exc))
     started = time.monotonic()
-    port = free_port()
     prefix = f"out-{uuid.uuid4().hex[:8]}"
-    broker = EmbeddedBroker(port, log_path=tmp_path / "tansu-1.log").start()
+    # No port given: the broker retries on a fresh port if another process takes one.
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu-1.log").start()
+    port = broker.port
     tools = KafkaTools(broker.bootstrap)
     # acks=1: no idempotent producer. Its producer id lives in the broker, and Tansu's
     # memory storage forgets it; Kafka answers the client's epoch bump (KIP-360) for
@@ -329,7 +330,7 @@ def test_daemon_survives_a_broker_restart(tmp_path) -> None:
         # over from the old (lost) log is out of range and resets, it cannot skip them.
         after = _outage_events(100, 5)
         _produce(second.bootstrap, f"{prefix}-in", after)
-        outputs = tools.read(f"{prefix}-out", len(after), timeout=30, settle=1.0)
+        outputs = tools.read(f"{prefix}-out", len(after), timeout=30)
         assert thread.is_alive()
     finally:
         daemon.request_stop()

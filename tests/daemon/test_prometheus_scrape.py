@@ -19,6 +19,43 @@ from streamlstm.devtools.broker import free_port
 pytestmark = pytest.mark.integration
 
 
+def _start_prometheus(binary: str, config: Path, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """Prometheus on a free port; if another process takes the port first, a fresh one.
+
+    Prometheus must be given its port (it does not report one it chose), so a free port
+    is probed first; the race with other processes is handled by retrying.
+    """
+    for attempt in range(3):
+        web = free_port()
+        log = tmp_path / f"prometheus-{attempt}.log"
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{web}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+        )
+        url = f"http://127.0.0.1:{web}/-/ready"
+        try:
+            wait_for(
+                lambda: proc.poll() is not None or http_get(url)[0] == 200,  # noqa: B023
+                60,
+                what="Prometheus to be ready (or to exit)",
+            )
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.poll() is None:
+            return proc, web
+        if b"address already in use" not in log.read_bytes():
+            pytest.fail(f"Prometheus exited with {proc.returncode}: {log.read_text()[-2000:]}")
+    pytest.fail("Prometheus found its port taken three times in a row")
+
+
 def test_prometheus_scrapes_events_total(kafka_tools: KafkaTools, tmp_path: Path) -> None:
     prometheus = require_binary("prometheus")
     prefix = f"prom-{uuid.uuid4().hex[:8]}"
@@ -35,23 +72,13 @@ def test_prometheus_scrapes_events_total(kafka_tools: KafkaTools, tmp_path: Path
         kafka_tools.produce(f"{prefix}-in", events)
         kafka_tools.read(f"{prefix}-out", 25)
 
-        web = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: streamlstm\n    static_configs:\n"
             f"      - targets: ['127.0.0.1:{daemon.metrics_port}']\n"
         )
-        proc = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{web}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "prometheus.log").open("wb"),
-        )
+        proc, web = _start_prometheus(prometheus, config, tmp_path)
         query = urllib.parse.quote(f'streamlstm_events_total{{topic="{prefix}-in"}}')
 
         def answered() -> float | None:

@@ -122,14 +122,17 @@ def test_embedded_broker_start_and_stop() -> None:
 
 def test_stop_escalates_to_kill() -> None:
     # A process that ignores SIGTERM is killed after the timeout, and reaped.
-    proc = subprocess.Popen(["sh", "-c", 'trap "" TERM; exec sleep 30'])
-    time.sleep(0.2)
+    # The shell says "ready" once SIGTERM is ignored (the ignore survives the exec).
+    script = 'trap "" TERM; echo ready; exec sleep 30'
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     t0 = time.monotonic()
     tansu.stop_process(proc, timeout=0.5)
     assert proc.returncode is not None and proc.returncode < 0
     assert time.monotonic() - t0 < 5
     with pytest.raises(ChildProcessError):
         os.waitpid(proc.pid, os.WNOHANG)
+    proc.stdout.close()
 
 
 def test_start_failure_reports_broker_output(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
+from conftest import wait_for
 
 from streamlstm.devtools.broker import BrokerError, find_tansu
 
@@ -52,13 +52,14 @@ def test_demo_shows_live_figures_and_exits_cleanly_on_ctrl_c() -> None:
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+
+        def live_with_dead_letters() -> bool:
             dead = [int(m.group(1)) for line in list(lines) if (m := live.search(line))]
-            if len(dead) >= 2 and sum(dead) > 0:
-                break
-            time.sleep(0.2)
-        else:
+            return len(dead) >= 2 and sum(dead) > 0
+
+        try:
+            wait_for(live_with_dead_letters, 90, interval=0.2, what="live figures")
+        except pytest.fail.Exception:
             pytest.fail("no live figures with dead letters:\n" + "".join(lines))
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=20)

@@ -66,5 +66,11 @@ def test_inline_training_is_repeatable_and_independent_of_batch_size() -> None:
     _, again, _ = _run(True, **{"training.steps_per_run": "4"})
     _, small_batches, _ = _run(True, **{"training.steps_per_run": "4", "engine.max_batch": "97"})
     assert trainer is not None and trainer.counts()["adopted"] >= 1
-    np.testing.assert_array_equal(first, again)
-    np.testing.assert_array_equal(first, small_batches)
+    np.testing.assert_array_equal(first, again)  # same run twice: bit for bit
+    # Another batch size runs the same steps in batches of other shapes, and BLAS may sum
+    # a matrix product in another order for another shape: float32 results may then
+    # differ in the last bits (~1e-7 relative) while every run and verdict is the same.
+    # The promise is the same outputs, not the same bits: rtol 1e-5 is 100x float32
+    # rounding, atol 1e-6 covers values near 0; a different fine-tuning run or gate
+    # verdict would move predictions by far more.
+    np.testing.assert_allclose(first, small_batches, rtol=1e-5, atol=1e-6)

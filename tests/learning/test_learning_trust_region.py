@@ -27,13 +27,27 @@ def _run(max_step: str | None) -> tuple[np.ndarray, np.ndarray]:
     return values, np.array(preds)
 
 
+def _typical_steps(values: np.ndarray) -> np.ndarray:
+    """The engine's typical step per event: the mean absolute change over the first
+    100 changes, then an exponential average with rate 1/100 (``engine._STEP_WINDOW``)."""
+    typical = np.zeros_like(values)
+    for t in range(1, len(values)):
+        rate = 1.0 / min(t, 100)
+        typical[t] = typical[t - 1] + rate * (np.abs(values[t] - values[t - 1]) - typical[t - 1])
+    return typical
+
+
 def test_predictions_stay_within_k_typical_steps_of_the_last_values() -> None:
     values, capped = _run("2")
     _, free = _run(None)
-    steps = np.abs(np.diff(values, axis=0))
-    for t in range(1, 299):
-        typical = steps[:t].mean(0) if t <= 100 else None  # exact over the first 100 changes
-        if typical is not None:
-            assert np.all(np.abs(capped[t] - values[t]) <= 2 * typical + 1e-3)
-    assert np.abs(free - values).max() > 2 * np.abs(capped - values).max()  # it did bind
+    typical = _typical_steps(values)
+    moved = np.abs(capped - values)
+    bound = 2 * typical * (1 + 1e-4) + 1e-3  # float32 engine against a float64 reference
+    for t in range(1, 300):  # before the level shift at 200, and after it
+        assert np.all(moved[t] <= bound[t]), (t, moved[t], bound[t])
+    assert np.abs(free - values).max() > 2 * moved.max()  # it did bind
+    after = slice(200, 300)
+    # ...after the shift too: there the free net moves past the cap, the capped one not
+    assert np.any(np.abs(free - values)[after] > bound[after])
+    assert moved[after].max() > 0.5 * bound[after].max()  # not trivially inside it
     assert np.abs(capped[0] - values[0]).max() < 1e-6  # no change seen yet: persistence
