@@ -273,7 +273,7 @@ def pretrain(
         else:
             since += 1
             since_lr += 1
-            if since_lr > t.lr_patience:
+            if since_lr >= t.lr_patience:
                 lr = max(t.min_learning_rate, lr * t.lr_factor)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

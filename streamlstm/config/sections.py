@@ -1,23 +1,12 @@
-"""Settings: one pydantic model per section, loaded from defaults, a TOML file, env and CLI.
-
-Precedence, highest first: CLI overrides (``--set section.field=value``), environment
-variables ``STREAMLSTM_<SECTION>__<FIELD>``, the TOML file given with ``--config``,
-then the defaults below. Every field is validated at start-up; :func:`load_settings`
-raises :class:`ConfigError` with one line naming the field and what is allowed.
-
->>> s = load_settings(overrides={"model.hidden_size": "32"})
->>> s.model.hidden_size, s.model.num_layers, s.model.cell
-(32, 2, 'lstm')
-"""
+"""The settings' sections: one pydantic model per section, with its defaults and checks."""
 
 from __future__ import annotations
 
-import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -97,7 +86,9 @@ class KafkaSettings(Section):
     def _check_kafka(self) -> KafkaSettings:
         """Combinations kafka-python or the broker would refuse only after start-up (then
         retried forever as "cannot reach Kafka"), or would silently ignore."""
-        for problem in _kafka_problems(self):
+        from streamlstm.config.kafka_checks import kafka_problems
+
+        for problem in kafka_problems(self):
             raise ValueError(problem)
         return self
 
@@ -118,100 +109,6 @@ class KafkaSettings(Section):
             if self.sasl_password is not None:
                 kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
         return kwargs
-
-
-#: kafka-python's defaults the daemon does not override (consumer/producer/admin
-#: ``request_timeout_ms`` and ``connections_max_idle_ms``); its consumer requires
-#: ``fetch_max_wait_ms < request_timeout_ms < connections_max_idle_ms``.
-KAFKA_REQUEST_TIMEOUT_MS = 30_000
-KAFKA_CONNECTIONS_MAX_IDLE_MS = 540_000
-#: Python modules kafka-python needs for a compression codec (``kafka.codec``).
-_CODEC_MODULES = {"snappy": ("snappy",), "zstd": ("zstandard",), "lz4": ("lz4", "lz4f")}
-
-
-def _kafka_problems(k: KafkaSettings) -> list[str]:
-    """One line per bad combination of Kafka settings, each naming the setting to change."""
-    import importlib.util
-
-    problems = []
-    for server in k.bootstrap_servers.split(","):
-        host, colon, port = server.strip().rpartition(":")
-        if not colon:
-            host, port = port, "9092"
-        if not host or host.endswith(":") or not port.isdigit() or not 0 < int(port) < 65536:
-            problems.append(
-                f"kafka.bootstrap_servers: expected a comma-separated host:port list "
-                f"(got {k.bootstrap_servers!r})"
-            )
-            break
-    if k.fetch_max_wait_ms >= KAFKA_REQUEST_TIMEOUT_MS:
-        problems.append(
-            f"kafka.fetch_max_wait_ms: must be below kafka-python's request timeout "
-            f"({KAFKA_REQUEST_TIMEOUT_MS} ms) (got {k.fetch_max_wait_ms})"
-        )
-    if k.heartbeat_interval_ms >= k.session_timeout_ms:
-        problems.append(
-            f"kafka.heartbeat_interval_ms: must be below kafka.session_timeout_ms "
-            f"({k.session_timeout_ms}) (got {k.heartbeat_interval_ms})"
-        )
-    topics = {"input_topic": k.input_topic, "output_topic": k.output_topic}
-    topics["dead_letter_topic"] = k.dead_letter_topic
-    names = list(topics)
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            if topics[a] == topics[b]:
-                problems.append(
-                    f"kafka.{b}: must differ from kafka.{a} (both {topics[a]!r}: the daemon "
-                    "would read its own output)"
-                )
-    sasl = k.security_protocol.startswith("SASL_")
-    if sasl and k.sasl_mechanism is None:
-        problems.append(
-            f"kafka.sasl_mechanism: must be set when kafka.security_protocol is "
-            f"{k.security_protocol}"
-        )
-    if not sasl:
-        for name in ("sasl_mechanism", "sasl_username", "sasl_password"):
-            if getattr(k, name) is not None:
-                problems.append(
-                    f"kafka.{name}: set, but kafka.security_protocol is {k.security_protocol} "
-                    "(it would be ignored: use SASL_SSL or SASL_PLAINTEXT, or remove it)"
-                )
-    if k.sasl_mechanism == "OAUTHBEARER":
-        problems.append(
-            "kafka.sasl_mechanism: OAUTHBEARER needs a token provider object, which "
-            "streamlstm's settings cannot give; use PLAIN or SCRAM-SHA-256/512"
-        )
-    elif sasl and k.sasl_mechanism is not None:
-        for name in ("sasl_username", "sasl_password"):
-            if getattr(k, name) is None:
-                problems.append(f"kafka.{name}: required for SASL {k.sasl_mechanism}")
-    if k.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            if getattr(k, name) is not None:
-                problems.append(
-                    f"kafka.{name}: set, but kafka.security_protocol is {k.security_protocol} "
-                    "(it would be ignored: use SSL or SASL_SSL, or remove it)"
-                )
-    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        path = getattr(k, name)
-        if path is not None and not path.is_file():
-            problems.append(f"kafka.{name}: no such file ({str(path)!r})")
-    if k.ssl_keyfile is not None and k.ssl_certfile is None:
-        problems.append("kafka.ssl_certfile: required when kafka.ssl_keyfile is set")
-    if k.producer_acks == "0" and not k.allow_unsafe_acks:
-        problems.append(
-            'kafka.producer_acks: "0" lets input offsets be committed for outputs the '
-            'broker may never have stored; use "all" or "1", or set '
-            "kafka.allow_unsafe_acks = true (got '0')"
-        )
-    modules = _CODEC_MODULES.get(k.compression_type, ())
-    if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
-        problems.append(
-            f"kafka.compression_type: {k.compression_type} needs the Python package "
-            f"{modules[0]!r}, which is not installed"
-        )
-    return problems
 
 
 class ModelSettings(Section):
@@ -448,80 +345,3 @@ class _FileSource(PydanticBaseSettingsSource):
 
 
 _FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("streamlstm_config_file", default=None)
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror})") from None
-    try:
-        if path.suffix in {".yaml", ".yml"}:
-            import yaml  # optional: only for YAML files
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = tomllib.loads(text)
-    except Exception as exc:
-        raise ConfigError(f"config file {path}: not valid TOML/YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a table of sections")
-    return data
-
-
-def _overrides_to_tree(overrides: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for dotted, value in overrides.items():
-        section, _, field = dotted.partition(".")
-        if not field:
-            raise ConfigError(f"override {dotted!r}: expected SECTION.FIELD=VALUE")
-        tree.setdefault(section, {})[field] = value
-    return tree
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``section.field: what is wrong (got VALUE)``."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "settings"
-        msg = err["msg"]
-        if err["type"] == "value_error":
-            # A cross-field rule (model validator): its message starts with the field.
-            msg = msg.removeprefix("Value error, ")
-            if loc != "settings" and msg.startswith(loc.partition(".")[0] + "."):
-                loc = ""
-            if loc in ("", "settings"):
-                parts.append(msg)
-                continue
-        if err["type"] == "extra_forbidden":
-            msg = "unknown setting (see `streamlstm config` for the valid names)"
-        got = err.get("input")
-        shown = (
-            "" if isinstance(got, dict) or err["type"] == "extra_forbidden" else f" (got {got!r})"
-        )
-        parts.append(f"{loc}: {msg}{shown}")
-    return "; ".join(parts)
-
-
-def load_settings(
-    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> Settings:
-    """Build validated settings; raise :class:`ConfigError` naming the bad field."""
-    file_data = _read_file(Path(config_file)) if config_file else {}
-    token = _FILE_DATA.set(file_data)
-    try:
-        return Settings(**_overrides_to_tree(overrides or {}))
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
-    finally:
-        _FILE_DATA.reset(token)
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """Split ``section.field=value`` from the command line."""
-    name, sep, value = text.partition("=")
-    if not sep or "." not in name:
-        raise ConfigError(
-            f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. model.hidden_size=32"
-        )
-    return name.strip(), value.strip()
