@@ -22,6 +22,7 @@ demo: setup
 test: setup
 	./scripts/ensure-prometheus
 	$(PY) -m ruff check streamlstm tests
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 lint: setup

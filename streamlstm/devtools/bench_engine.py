@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -68,7 +69,7 @@ def reference_settings(keys: int, batch: int, threads: int) -> Settings:
     )
 
 
-def _median_rate(run: callable, events: int, rounds: int) -> float:
+def _median_rate(run: Callable[[], object], events: int, rounds: int) -> float:
     rates = []
     for _ in range(rounds):
         started = time.perf_counter()

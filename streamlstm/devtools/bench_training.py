@@ -59,8 +59,8 @@ def bench_training(
     """Alternate off/on slices of ``slice_seconds``; ratio of the median rates."""
     settings = reference_settings(keys, batch, threads=1)
     t = settings.training
-    t.executor = executor
-    t.interval_events = 1  # start the next run as soon as the last one ends
+    t.executor = executor  # type: ignore[assignment]
+    t.first_run_events = t.interval_events = 1  # the next run as soon as the last ends
     t.interval_seconds = 1e-3
     t.replay_bytes = 16 * 2**20
     settings.drift.finetune_on_drift = False

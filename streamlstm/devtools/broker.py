@@ -267,7 +267,7 @@ class EmbeddedBroker:
 def run_foreground(port: int | None = None) -> None:
     """Run an embedded broker until Ctrl-C or SIGTERM, printing its bootstrap address."""
     stop_requested = threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         stop_requested.set()

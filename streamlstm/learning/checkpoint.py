@@ -153,7 +153,7 @@ def remove_stale_temp_files(directory: str | Path, now: float | None = None) -> 
     ``DEAD_WRITER_TEMP_SECONDS`` when the pid in their name is gone. Returns them."""
     folder = Path(directory)
     now = time.time() if now is None else now
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(folder.iterdir())
     except OSError:

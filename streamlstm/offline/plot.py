@@ -107,10 +107,10 @@ def read_windows(path: Path, data_file: Path) -> list[tuple[float, float]]:
     name), as epoch seconds."""
     import json
 
-    table = json.loads(Path(path).read_text())
+    table: dict[str, list[list[str]]] = json.loads(Path(path).read_text())
     spans = next((v for k, v in table.items() if Path(k).name == Path(data_file).name), [])
-    as_s = [(np.datetime64(a.strip()), np.datetime64(b.strip())) for a, b in spans]
-    return [
-        (float(a.astype("datetime64[s]").astype(int)), float(b.astype("datetime64[s]").astype(int)))
-        for a, b in as_s
-    ]
+
+    def epoch(stamp: str) -> float:
+        return float(np.datetime64(stamp.strip(), "s").astype(np.int64))
+
+    return [(epoch(a), epoch(b)) for a, b in spans]

@@ -54,7 +54,7 @@ def metrics_reference() -> list[MetricDoc]:
             MetricDoc(
                 attribute=attribute,
                 name=name,
-                type=kind,
+                type=str(kind),
                 labels=labels,
                 help=metric._documentation,
                 series=series,
