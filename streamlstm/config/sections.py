@@ -281,6 +281,12 @@ class MetricsSettings(Section):
     enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz.")
     host: str = Field("0.0.0.0", description="Address the HTTP endpoint binds.")
     port: int = Field(9400, ge=0, le=65535, description="Port of the HTTP endpoint (0: any).")
+    liveness_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="/healthz fails once the loop has not turned this long (longer than the "
+        "worst normal stall: the producer process takes up to ~35 s to start).",
+    )
 
 
 class LogSettings(Section):

@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 8.0  # budget for flush + commit + leaving the group (SIGTERM to exit < 10 s)
 GAUGE_SECONDS = 1.0  # how often lag, keys, evictions and readiness are refreshed
 STATUS_SECONDS = 60.0  # how often a one-line status goes to the log
-# /healthz fails once the loop has not turned this long (stuck in the engine, on a full
-# pipe to a hung producer, in a shutdown that hangs); to become metrics.liveness_seconds.
-LIVENESS_SECONDS = 60.0
 
 Budget = Callable[[float], float]  # seconds left to spend, at most the argument
 
@@ -90,7 +87,9 @@ class Daemon:
         self._last_gauges = 0.0
         self._last_status = time.monotonic()
         self._owned: set[int] = set()  # input partitions this member holds keys of
-        self.liveness_seconds = LIVENESS_SECONDS
+        # /healthz fails once the loop has not turned this long (stuck in the engine, on a
+        # full pipe to a hung producer, in a shutdown that hangs).
+        self.liveness_seconds = settings.metrics.liveness_seconds
         self._heartbeat = time.monotonic()  # the loop's last turn (or connection attempt)
 
     # -- control ---------------------------------------------------------------------

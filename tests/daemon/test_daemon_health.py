@@ -14,7 +14,7 @@ from streamlstm.config import load_settings
 from streamlstm.daemon import Daemon
 from streamlstm.io import Polled, Ticket
 
-WINDOW = 0.3  # seconds without a turn before /healthz fails (LIVENESS_SECONDS in tests)
+WINDOW = 0.3  # seconds without a turn before /healthz fails (metrics.liveness_seconds in tests)
 
 
 class FakeSource:
@@ -100,10 +100,10 @@ def test_healthz_fails_when_the_loop_stops_turning() -> None:
             "metrics.host": "127.0.0.1",
             "metrics.port": "0",
             "kafka.poll_timeout_ms": "20",
+            "metrics.liveness_seconds": str(WINDOW),
         }
     )
     daemon = FakeDaemon(settings)
-    daemon.liveness_seconds = WINDOW
     source, sink = FakeSource(), BlockingSink()
     daemon.fake_source, daemon.fake_sink = source, sink  # type: ignore[attr-defined]
     thread = threading.Thread(target=daemon.run, daemon=True)
