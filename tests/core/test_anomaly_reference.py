@@ -1,0 +1,85 @@
+"""The engine's forecast mix and anomaly score against a plain numpy reference.
+
+The reference re-derives every number from the documented rules, for one key, in
+float64: the scaler's std *before* each event, each forecaster's discounted loss, the
+mixture, the error averages and the long statistics updated *after* scoring (an event
+is judged against the past only), fresh evidence beyond the decaying peak. An untrained
+network forecasts persistence exactly (its head starts at zero), so the reference needs
+no network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import log_ndtr
+
+from streamlstm import anomaly, combine
+from streamlstm.config import load_settings
+from streamlstm.engine import Engine
+from streamlstm.events import EventBatch
+
+
+def reference(values: np.ndarray, window: int, clip: float, short: float, long: float, least: int):
+    width = values.shape[1]
+    mean, var, count = np.zeros(width), np.zeros(width), 0
+    last, ewma, net = np.zeros(width), np.zeros(width), np.zeros(width)
+    loss, pending = np.zeros(3), np.zeros(width)
+    alphas = short * np.array(anomaly.SCALES)
+    avg, m, v, n, peak = np.zeros(3), 0.0, 0.0, 0, 0.0
+    predictions, scores = [], []
+    for x in values:
+        score = math.nan
+        if count > 0:
+            std = np.sqrt(var + 1e-14 * mean * mean + 1e-30)
+            e = float(np.minimum(np.abs(x - pending) / std, clip).mean())
+            made = np.stack([net, last, ewma])
+            step = np.minimum(((made - x) / std) ** 2, combine.LOSS_CLIP).mean(1)
+            loss = combine.DISCOUNT * loss + step
+            value_z = float((np.abs(x - mean) / std).max())
+            avg = np.full(3, e) if n == 0 else avg + alphas * (e - avg)
+            spread = np.sqrt((v + 1e-4) * alphas / (2 - alphas))
+            by_scale = float((-log_ndtr(-(avg - m) / spread) / math.log(10)).max())
+            by_value = math.log10(1 + value_z**2)
+            d = max(max(by_scale, by_value) - math.log10(4), 0.0) if n >= least else 0.0
+            decayed = peak * (1 - long)
+            fresh, peak = max(d - decayed, 0.0), max(decayed, d)
+            score = fresh / (fresh + anomaly.SCALE)
+            a = max(1 / (n + 1), long)  # the long statistics learn the error after scoring
+            m, v, n = m + a * (e - m), (1 - a) * (v + a * (e - m) ** 2), n + 1
+        ewma = x.copy() if count == 0 else ewma + combine.EWMA_ALPHA * (x - ewma)
+        last = x.copy()
+        count += 1
+        a = 1 / min(count, window)
+        delta = x - mean
+        mean, var = mean + a * delta, (1 - a) * (var + a * delta * delta)
+        net = x.copy()
+        best = loss.min()
+        w = np.exp(-combine.ETA * (loss - best) / (best + combine.LOSS_FLOOR))
+        pending = (w / w.sum()) @ np.stack([net, x, ewma])
+        predictions.append(pending)
+        scores.append(score)
+    return np.array(predictions), np.array(scores)
+
+
+def test_forecast_mix_and_anomaly_score_match_the_numpy_reference() -> None:
+    settings = load_settings(overrides={"model.input_size": "2", "model.hidden_size": "8"})
+    rng = np.random.default_rng(3)
+    values = np.cumsum(rng.normal(size=(400, 2)), axis=0) + 50.0
+    values[300] += 25.0  # a spike
+    values[340:] += 12.0  # a level shift
+    engine = Engine.from_settings(settings)
+    out = engine.process(EventBatch.from_arrays(["k"] * 400, np.arange(400.0), values))
+    s, e = settings.state, settings.engine
+    pred, score = reference(
+        values,
+        s.scaler_window,
+        e.input_clip,
+        s.anomaly_short_alpha,
+        s.anomaly_long_alpha,
+        s.anomaly_min_events,
+    )
+    np.testing.assert_allclose(out.prediction, pred, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out.anomaly_score, score, atol=1e-5, equal_nan=True)
+    assert score[300] > 0.5  # the reference itself flags the spike
