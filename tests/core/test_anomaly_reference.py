@@ -50,7 +50,7 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             m, v, n = m + a * (e - m), (1 - a) * (v + a * (e - m) ** 2), n + 1
         ewma = x.copy() if count == 0 else ewma + combine.EWMA_ALPHA * (x - ewma)
         last = x.copy()
-        count += 1
+        count += 1  # noqa: SIM113 (the scaler count, as in the engine)
         a = 1 / min(count, window)
         delta = x - mean
         mean, var = mean + a * delta, (1 - a) * (var + a * delta * delta)
