@@ -273,8 +273,8 @@ class Engine:
         std_err = (abs_err / std_before).clamp(max=clip).mean(1)
         last, step, ewma, hedge = field("last"), field("step"), field("ewma"), field("hedge")
         seen = count > 0
-        made = torch.stack((field("net_pending"), last, ewma), 1)  # forecasts of this event
-        combine.learn(hedge, made, x, std_before, pending)
+        forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
+        combine.learn(hedge, forecasters, x, std_before, pending)  # their forecasts of x
         value_z = torch.where(seen, ((x - mean).abs() / std_before).amax(1), 0.0)
         score = self._score(field, std_err, value_z, pending)
         # The change since the key's last event, in the units its last prediction was made
@@ -309,9 +309,8 @@ class Engine:
             limit = cfg.engine.max_step * step
             move = torch.maximum(torch.minimum(move, limit), -limit)
         state.copy_(new_state)
-        field("net_pending").copy_(x + move)
-        forecasts = torch.stack((x + move, x, ewma), 1)
-        pred = combine.mix(hedge, forecasts)
+        field("net_pending").copy_(x + move)  # `last` and `ewma` already hold theirs
+        pred = combine.mix(hedge, forecasters)
         field("pending").copy_(pred)
 
         # 4. With an explicit target the prediction is scored at once, not left pending.
@@ -322,7 +321,7 @@ class Engine:
             labelled = ~torch.isnan(target).any(1)
             has_pending.copy_((~labelled).float())
             truth = torch.where(labelled.unsqueeze(1), target, x)
-            combine.learn(hedge, forecasts, truth, std, labelled)
+            combine.learn(hedge, forecasters, truth, std, labelled)
             target_diff = pred - target
             target_err = target_diff.abs()
             err = torch.where(labelled, target_err.mean(1), err)

@@ -67,14 +67,18 @@ class RowLayout:
 
     def __init__(self, state_shape: tuple[int, int, int], width: int) -> None:
         self.state_shape = state_shape
+        self.value_width = width
         sizes = {
             "recurrent": math.prod(state_shape),
             "mean": width,
             "var": width,
             "pending": width,  # the combined forecast of the key's next values
-            "net_pending": width,  # the network's own forecast (``streamlstm.combine``)
-            "ewma": width,  # the EWMA forecaster's level
-            "last": width,  # the key's previous values (for change inputs and labels)
+            # The forecasters' own next values, side by side in ``combine.EXPERTS`` order
+            # (one [B, 3, F] view, no copy): the network's, persistence's (the key's last
+            # values, also its change inputs and labels) and the EWMA's level.
+            "net_pending": width,
+            "last": width,
+            "ewma": width,
             "step": width,  # its typical absolute step-to-step change (engine.max_step)
             "hedge": len(EXPERTS),  # discounted losses of the forecasters
             "err_scales": len(SCALES),  # error averages over the anomaly time scales
@@ -90,6 +94,13 @@ class RowLayout:
     def block(self, rows: torch.Tensor, first: str, last: str) -> torch.Tensor:
         """A ``[B, n]`` view of consecutive scalar columns ``first`` .. ``last``."""
         return rows[:, self.columns[first].start : self.columns[last].stop]
+
+    def forecasters(self, rows: torch.Tensor) -> torch.Tensor:
+        """A ``[B, len(EXPERTS), width]`` view of the forecasters' next values."""
+        first = self.columns["net_pending"].start
+        return rows[:, first : first + len(EXPERTS) * self.value_width].view(
+            len(rows), len(EXPERTS), self.value_width
+        )
 
     def field(self, rows: torch.Tensor, name: str) -> torch.Tensor:
         """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``."""
