@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import orjson
 import pytest
 
 import streamlstm.events as events
-from streamlstm.events import Decoder, InvalidEvent, Rejection
+from streamlstm.events import MAX_TS, Decoder, EventBatch, InvalidEvent, Rejection
 
 GOOD = {"key": "k", "ts": 1.5, "values": [1.0, 2.0]}
 
@@ -166,3 +167,48 @@ def test_from_settings_width_defaults_to_one_without_an_input_size() -> None:
     settings = load_settings()
     assert settings.model.input_size is None
     assert Decoder.from_settings(settings).width == 1
+
+
+def test_a_batch_slice_keeps_its_targets_and_sources() -> None:
+    batch = EventBatch.from_arrays(["a", "b", "c"], [1, 2, 3], [[1], [2], [3]], [[9], [8], [7]])
+    part = batch.take(slice(1, 3))
+    assert part.keys == ["b", "c"] and part.source.tolist() == [1, 2]
+    assert part.target is not None and part.target.tolist() == [[8.0], [7.0]]
+    bare = EventBatch(["a", "b"], np.zeros(2), np.zeros((2, 1), np.float32))
+    assert bare.take(slice(0, 1)).source.tolist() == []
+
+
+def test_a_target_does_not_hide_bad_values_and_a_bad_target_only_its_own_row() -> None:
+    messages = [
+        b'{"key": "k", "ts": 1, "values": [NaN, 2], "target": [1, 2]}',
+        enc({"key": "k", "ts": 1, "values": [1e20, 2], "target": [1, 2]}),
+        enc({"key": "k", "ts": 1, "values": [1, 2], "target": [1e20, 2]}),
+        enc({"key": "good", "ts": 2, "values": [1, 2], "target": [3, 4]}),
+        enc({"key": "plain", "ts": 3, "values": [5, 6]}),
+    ]
+    batch, rejected = Decoder(width=2).decode(messages)
+    assert [(r.message, r.reason) for r in rejected] == [
+        (0, "non_finite"),
+        (1, "bad_value"),
+        (2, "bad_value"),
+    ]
+    assert all(r.payload is None for r in rejected)  # whole messages: the message stands in
+    assert batch.keys == ["good", "plain"] and batch.source.tolist() == [3, 4]
+    assert batch.values.dtype == np.float32 and batch.target is not None
+    assert batch.target.dtype == np.float32
+    assert batch.target[0].tolist() == [3.0, 4.0] and np.isnan(batch.target[1]).all()
+
+
+def test_a_range_failed_element_is_written_back_with_its_fields() -> None:
+    elements = [
+        {"key": "a", "ts": 1.0, "values": [1e20, 2.0], "target": [1.0, 2.0]},
+        {"key": "b", "ts": 2.0, "values": [1e20, 2.0]},
+    ]
+    _, rejected = Decoder(width=2).decode([enc(elements)])
+    assert [orjson.loads(r.payload) for r in rejected] == elements
+
+
+def test_the_last_second_of_year_9999_is_a_valid_time() -> None:
+    batch, rejected = Decoder(width=2).decode([enc({**GOOD, "ts": MAX_TS})])
+    assert len(batch) == 1 and not rejected
+    assert Decoder(width=2).max_message_bytes == 1_048_576  # the documented default
