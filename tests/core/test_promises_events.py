@@ -153,6 +153,7 @@ def test_building_the_batch_never_raises_either() -> None:
         ["a", "b"], [1.0, 2.0], [[1.0], [2.0]], [None, None], [4, 2], [None, 7], rejections
     )
     assert len(batch) == 0 and batch.values.shape == (0, 2) and batch.ts.shape == (0,)
+    assert batch.values.dtype == np.float32
     assert batch.keys == [] and batch.target is None and batch.source.tolist() == []
     assert [(r.message, r.element, r.reason) for r in rejections] == [
         (2, 7, "internal_error"),

@@ -134,3 +134,19 @@ def test_memory_per_key_counts_the_key_string_and_the_index() -> None:
     keys = [f"{'k' * 200}-{i}" for i in range(10)]
     store.assign(keys, np.zeros(len(keys)))
     assert store.bytes_per_key() >= store.bytes_per_row + sys.getsizeof(keys[0]) + 8
+
+
+def test_the_table_grows_geometrically() -> None:
+    store = _store(initial_capacity=2)
+    store.assign(["a", "b", "c"], np.zeros(3))
+    assert store.capacity == 4  # doubled, not just enough: growth stays amortised
+    store.assign([f"k{i}" for i in range(7)], np.zeros(7))
+    assert store.capacity == 10  # at least what the batch needs
+
+
+def test_a_new_key_reflects_no_offset_and_no_partition_yet() -> None:
+    store = _store(max_keys=1)
+    slot = int(store.assign(["a"], np.zeros(1))[0])
+    store.offset[slot] = 41
+    store.assign(["b"], np.zeros(1))  # a is evicted; b reuses its slot
+    assert int(store.offset[slot]) == -1 and int(store.partition[slot]) == -1
