@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench mutation clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,5 +32,10 @@ lint: setup
 bench: setup
 	$(VENV)/bin/streamlstm bench engine
 
+# Mutation testing of the core modules against the fast unit tests (not part of `make test`;
+# minutes to an hour). One module: make mutation MODULES="streamlstm.events"
+mutation: setup
+	VENV=$(VENV) ./scripts/mutation $(MODULES)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info mutants

@@ -1,0 +1,79 @@
+"""Engine promises checked against an exact reference, so a planted bug cannot hide."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from streamlstm.config import load_settings
+from streamlstm.engine import Engine
+from streamlstm.events import EventBatch
+
+WIDTH = 3
+
+
+def _engine(**overrides: str) -> Engine:
+    base = {
+        "model.input_size": str(WIDTH),
+        "model.hidden_size": "8",
+        "training.enabled": "false",
+        "drift.enabled": "false",
+    }
+    engine = Engine.from_settings(load_settings(overrides={**base, **overrides}))
+    with torch.no_grad():  # a non-zero head: predictions are not just persistence
+        gen = torch.Generator().manual_seed(3)
+        engine.model.head.weight.copy_(torch.randn(engine.model.head.weight.shape, generator=gen))
+    return engine
+
+
+def _reference_std_error(values: np.ndarray, predictions: np.ndarray, clip: float) -> list[float]:
+    """The std-unit error of each event of one key, in float64.
+
+    Event i (i >= 1) scores the prediction made at event i-1: the absolute error in units
+    of the key's standard deviation over events 0 .. i-1 (exact population variance,
+    with the scaler's floor), clipped at ``clip``, averaged over features.
+    """
+    out = [float("nan")]
+    for i in range(1, len(values)):
+        seen = values[:i].astype(np.float64)
+        mean = seen.mean(0)
+        var = seen.var(0)  # ddof=0: the scaler's exact phase
+        std = np.sqrt(var + 1e-14 * mean * mean + 1e-30)
+        err = np.abs(values[i].astype(np.float64) - predictions[i - 1].astype(np.float64))
+        out.append(float(np.minimum(err / std, clip).mean()))
+    return out
+
+
+def test_std_unit_error_uses_the_std_from_before_the_event() -> None:
+    """``scaled_error`` divides by the key's std *before* the scored event updates it.
+
+    An outlier must not shrink its own std-unit error by widening the std first.
+    """
+    engine = _engine()
+    clip = engine.settings.engine.input_clip
+    assert engine.settings.state.scaler_window > 20  # the scaler is exact over this test
+    rng = np.random.default_rng(7)
+    series = {
+        "a": 5.0 + rng.normal(size=(12, WIDTH)),
+        "b": -300.0 + 40.0 * rng.normal(size=(12, WIDTH)),
+    }
+    series["a"][8] += 6.0  # an outlier: a few std, below the clip
+    series["b"][5, 0] += 4000.0  # far beyond the clip in one feature
+    keys, ts, rows = [], [], []
+    for t in range(12):  # interleaved, several events per key per batch
+        for key in ("a", "b"):
+            keys.append(key)
+            ts.append(1_000.0 + t)
+            rows.append(series[key][t])
+    batch = EventBatch.from_arrays(keys, np.array(ts), np.array(rows))
+    outputs = [engine.process(batch.take(slice(i, i + 7))) for i in range(0, len(batch), 7)]
+    scaled = np.concatenate([o.scaled_error for o in outputs])
+    prediction = np.concatenate([o.prediction for o in outputs])
+    for key in ("a", "b"):
+        mine = np.array([k == key for k in keys])
+        expected = _reference_std_error(series[key].astype(np.float32), prediction[mine], clip)
+        assert np.isnan(scaled[mine][0])
+        np.testing.assert_allclose(scaled[mine][1:], expected[1:], rtol=1e-5, atol=1e-6)
+    # The outliers really are scored by the std before them: large, and clipped for b.
+    assert scaled[keys.index("a") + 2 * 8] > 3.0
+    assert scaled[keys.index("b") + 2 * 5] > clip / WIDTH
