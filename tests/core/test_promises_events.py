@@ -10,7 +10,9 @@ import orjson
 import pytest
 
 import streamlstm.events as events
-from streamlstm.events import MAX_TS, Decoder, EventBatch, InvalidEvent, Rejection
+import streamlstm.validation as validation
+from streamlstm.events import Decoder, EventBatch, Rejection
+from streamlstm.validation import MAX_TS, InvalidEvent
 
 GOOD = {"key": "k", "ts": 1.5, "values": [1.0, 2.0]}
 
@@ -75,9 +77,9 @@ def test_naive_iso_times_are_utc_whatever_the_machine_time_zone(
     monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
     try:
-        naive, aware = events.parse_ts("2024-01-01T01:00:00"), "2024-01-01T01:00:00+02:00"
+        naive, aware = validation.parse_ts("2024-01-01T01:00:00"), "2024-01-01T01:00:00+02:00"
         assert naive == 1704070800.0
-        assert events.parse_ts(aware) == 1704070800.0 - 7200
+        assert validation.parse_ts(aware) == 1704070800.0 - 7200
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -104,7 +106,7 @@ def test_a_bug_inside_an_array_element_is_its_own_internal_error(
     def broken(raw: object) -> float:
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr(events, "parse_ts", broken)
+    monkeypatch.setattr(validation, "parse_ts", broken)
     _, rejected = Decoder(width=2).decode([enc([GOOD, {**GOOD, "key": "q"}])])
     assert [(r.message, r.element) for r in rejected] == [(0, 0), (0, 1)]
     for r, key in zip(rejected, ("k", "q"), strict=True):

@@ -114,8 +114,8 @@ def test_restore_keeps_event_time_touches_only_its_keys_and_is_clean() -> None:
     assert float(target.last_ts[slot]) == 1234.5
     assert torch.all(target.table[slot] == 5.0) and torch.all(target.table[other] == 7.0)
     assert target.take_dirty().numel() == 0  # restored rows are what the changelog holds
-    # The restored event time still counts for the TTL.
-    target.assign(["other"], np.array([1234.5 + 60.0]))
+    # The restored event time still counts for the TTL (both partitions move past it).
+    target.assign(["other", "b"], np.full(2, 1234.5 + 60.0), np.array([1, 0]))
     assert "a" not in target
 
 
