@@ -131,32 +131,37 @@ def test_validation_scores_only_rows_newer_than_the_cut() -> None:
 
 
 def test_engine_labels_are_next_values_in_the_previous_steps_units() -> None:
-    # The label of step t is the correction (v[t+1] - v[t]) / std[t]. An untrained model
-    # predicts persistence, so its mean absolute value (each feature clipped, as in
-    # training) is the engine's std-unit error of event t+1.
+    # The label of step t is the correction (v[t+1] - v[t]) / std[t], std[t] the key's
+    # scaler before event t+1 (exact mean/variance over its first events): its mean absolute
+    # value, each feature clipped as in training, is persistence's std-unit error of t+1.
     overrides = {"model.input_size": "3", "model.hidden_size": "4", "training.window": "6"}
     settings = load_settings(overrides={**overrides, "training.burn_in": "0"})
     engine = Engine.from_settings(settings)
     buf = ReplayBuffer.from_settings(settings, engine.model.state_shape, 3)
     engine.attach_learner(buf)
     rng = np.random.default_rng(2)
-    scaled: dict[str, list[float]] = {}
+    seen: dict[str, list[np.ndarray]] = {"a": [], "b": []}
     for b in range(40):
-        keys = ["a", "b"]
-        out = engine.process(
-            EventBatch.from_arrays(keys, [b, b + 0.5], rng.normal(size=(2, 3)) * [1, 10, 100])
-        )
-        for k, e in zip(keys, out.scaled_error.tolist(), strict=True):
-            scaled.setdefault(k, []).append(e)
+        values = rng.normal(size=(2, 3)) * [1, 10, 100]
+        engine.process(EventBatch.from_arrays(["a", "b"], [b, b + 0.5], values))
+        seen["a"].append(values[0])
+        seen["b"].append(values[1])
+
+    def persistence_error(v: np.ndarray, t: int) -> float:
+        past = v[:t]
+        std = np.sqrt(past.var(0) + 1e-14 * past.mean(0) ** 2 + 1e-30)
+        return float(np.minimum(np.abs(v[t] - v[t - 1]) / std, 10.0).mean())
+
     reader = buf.reader()
     cands = reader.candidates()
     w = reader.gather(cands)
     assert len(w) > 4
     slot_key = {engine.store.slot(k): k for k in ("a", "b")}
     for i in range(len(w)):
-        key = slot_key[int(w.slot[i])]
+        v = np.array(seen[slot_key[int(w.slot[i])]])
         first_step = int(buf.ring.step[cands.pos[i, 0]])
         got = w.y[:, i].clamp(-10, 10).abs().mean(1)
-        want = torch.tensor(scaled[key][first_step + 1 : first_step + 1 + w.x.shape[0]])
+        steps = range(first_step + 1, first_step + 1 + w.x.shape[0])
+        want = torch.tensor([persistence_error(v, t) for t in steps], dtype=torch.float32)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not math.isnan(float(w.y.sum()))
