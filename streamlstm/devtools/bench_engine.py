@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from streamlstm import combine
 from streamlstm.config import Settings, load_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
@@ -100,23 +101,34 @@ class NaiveLoop:
     def process(self, keys: list[str], values: np.ndarray) -> None:
         m = self.model
         shape = (m.num_layers, 1, m.hidden_size)
+        width = m.input_size
         for key, row in zip(keys, torch.from_numpy(values), strict=True):
-            h, c, mean, var, count, pending = self.states.get(key) or (
-                torch.zeros(shape), torch.zeros(shape), torch.zeros(m.input_size),
-                torch.zeros(m.input_size), 0, None,
-            )  # fmt: skip
+            state = self.states.get(key)
+            if state is None:
+                zeros = torch.zeros(width)
+                state = (torch.zeros(shape), torch.zeros(shape), zeros, zeros, 0, None)
+                state += (torch.zeros(1, len(combine.EXPERTS)), zeros, zeros, zeros)
+            h, c, mean, var, count, pending, loss, net, last, ewma = state
             if pending is not None:
                 _error = (row - pending).abs().mean()
+                std_before = torch.sqrt(var + 1e-14 * mean * mean + 1e-30)
+                made = torch.stack((net, last, ewma)).unsqueeze(0)
+                combine.learn(loss, made, row.unsqueeze(0), std_before.unsqueeze(0), _TRUE)
+            ewma = row if count == 0 else ewma + combine.EWMA_ALPHA * (row - ewma)
             count += 1
             alpha = 1.0 / min(count, self.window)
             delta = row - mean
             mean = mean + alpha * delta
             var = (1 - alpha) * (var + alpha * delta * delta)
-            std = torch.sqrt(var + 1e-8)
+            std = torch.sqrt(var + 1e-14 * mean * mean + 1e-30)
             xn = ((row - mean) / std).clamp(-self.clip, self.clip)
             out, (h, c) = m.rnn(xn.view(1, 1, -1), (h, c))
-            pending = (xn + m.head(out[0, 0])) * std + mean
-            self.states[key] = (h, c, mean, var, count, pending)
+            net = row + m.head(out[0, 0]) * std
+            pending = combine.mix(loss, torch.stack((net, row, ewma)).unsqueeze(0))[0]
+            self.states[key] = (h, c, mean, var, count, pending, loss, net, row, ewma)
+
+
+_TRUE = torch.tensor([True])
 
 
 def bench_engine(
