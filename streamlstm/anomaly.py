@@ -52,6 +52,7 @@ _LOG10 = math.log(10.0)
 # Decades of evidence that score 0.5: a tail probability of 1e-5, the anomaly-likelihood
 # threshold Ahmad et al. recommend (0.99999).
 SCALE = 5.0
+_SCALES = torch.tensor(SCALES)
 # The cost, in decades, of taking the most surprising of the error scales and the value test.
 _TESTS = math.log10(len(SCALES) + 1)
 
@@ -99,10 +100,15 @@ def update(
     ``value_z`` is how far the key's values sit from their running mean, in std units
     (the largest over features).
     """
-    alphas = short_alpha * torch.tensor(SCALES)
-    first = (stats.count == 0).unsqueeze(1)
+    alphas = short_alpha * _SCALES
     e = error.unsqueeze(1)
-    stats.short.copy_(torch.where(first, e, stats.short + alphas * (e - stats.short)))
+    first = stats.count == 0
+    if bool(first.any()):
+        stats.short.copy_(
+            torch.where(first.unsqueeze(1), e, stats.short + alphas * (e - stats.short))
+        )
+    else:
+        stats.short.add_(alphas * (e - stats.short))
     spread = torch.sqrt((stats.var + _VAR_FLOOR).unsqueeze(1) * alphas / (2.0 - alphas))
     by_scale = _decades((stats.short - stats.mean.unsqueeze(1)) / spread).amax(1)
     by_value = torch.log10(1.0 + value_z * value_z)  # Cantelli's bound, two-sided

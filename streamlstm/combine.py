@@ -61,7 +61,10 @@ def learn(
     """
     err = (forecasts - truth.unsqueeze(1)) / std.unsqueeze(1)
     step = (err * err).clamp(max=LOSS_CLIP).mean(2)
-    loss.copy_(torch.where(mask.unsqueeze(1), DISCOUNT * loss + step, loss))
+    if bool(mask.all()):  # the usual case: every key had forecasts to score
+        loss.mul_(DISCOUNT).add_(step)
+    else:
+        loss.copy_(torch.where(mask.unsqueeze(1), DISCOUNT * loss + step, loss))
 
 
 def weights(loss: torch.Tensor) -> torch.Tensor:

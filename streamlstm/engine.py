@@ -275,7 +275,8 @@ class Engine:
         seen = count > 0
         forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
         combine.learn(hedge, forecasters, x, std_before, pending)  # their forecasts of x
-        value_z = torch.where(seen, ((x - mean).abs() / std_before).amax(1), 0.0)
+        delta = x - mean  # from the key's mean before this event: novelty, then the scaler
+        value_z = torch.where(seen, (delta.abs() / std_before).amax(1), 0.0)
         score = self._score(field, std_err, value_z, pending)
         # The change since the key's last event, in the units its last prediction was made
         # in: the correction that prediction should have made (its training target), and
@@ -285,12 +286,14 @@ class Engine:
         rate = (seen / count.clamp(min=1, max=_STEP_WINDOW)).unsqueeze(1)  # 0 on a first event
         step.add_(rate * (moved.abs() - step))
         last.copy_(x)
-        ewma.copy_(torch.where(seen.unsqueeze(1), ewma + combine.EWMA_ALPHA * (x - ewma), x))
+        if bool(seen.all()):
+            ewma.add_(combine.EWMA_ALPHA * (x - ewma))
+        else:
+            ewma.copy_(torch.where(seen.unsqueeze(1), ewma + combine.EWMA_ALPHA * (x - ewma), x))
 
         # 2. Online scaler: exact mean/variance for `scaler_window` events, then exponential.
         count += 1
         alpha = (1.0 / count.clamp(max=cfg.state.scaler_window)).unsqueeze(1)
-        delta = x - mean
         mean += alpha * delta
         var.copy_((1.0 - alpha) * (var + alpha * delta * delta))
         std = _std(var, mean)
@@ -361,7 +364,8 @@ class Engine:
         """Anomaly score for rows in ``scored``; other rows' statistics are left alone."""
         cfg = self.settings.state
         names = ("err_scales", "err_mean", "err_var", "err_count", "err_peak")
-        before = [field(n).clone() for n in names]
+        partial_rows = not bool(scored.all())  # the usual case: every key had a forecast
+        before = [field(n).clone() for n in names] if partial_rows else []
         after = anomaly.AnomalyStats(*(field(n) for n in names))
         score = anomaly.update(
             after,
@@ -371,7 +375,7 @@ class Engine:
             cfg.anomaly_long_alpha,
             cfg.anomaly_min_events,
         )
-        if not bool(scored.all()):
+        if partial_rows:
             for name, old in zip(names, before, strict=True):
                 keep = scored.unsqueeze(1) if old.dim() == 2 else scored
                 field(name).copy_(torch.where(keep, field(name), old))
