@@ -6,7 +6,7 @@
   ADWIN's samples alike whatever the batch sizes (which follow the load); ADWIN then
   says when the stream as a whole got harder. The event closing the block is marked.
 * **Per key**: the Page-Hinkley test, vectorised over all keys of a batch. Its
-  statistics are columns of the key's state row (``RowLayout.PH``), so they are
+  statistics are columns of the key's state row (``streamlstm.rows.RowLayout.PH``), so they are
   gathered with the row, persisted with it, and cost a few element-wise tensor ops
   per batched step. The semantics are exactly ``river.drift.PageHinkley``'s
   (``tests/test_drift_page_hinkley.py`` feeds both the same sequences), including its

@@ -70,8 +70,9 @@ class Metrics:
         self.key_partition_mismatch = Counter(
             "streamlstm_key_partition_mismatch",
             "Events whose Kafka record key differs from their JSON key (unkeyed records are "
-            "not counted). Producers must key records by the stream key: otherwise one "
-            "key's events reach several partitions and members, and its state splits.",
+            "not counted), and held keys arriving on another partition. Producers must key "
+            "records by the stream key: otherwise one key's events reach several "
+            "partitions and members, and its state splits.",
             registry=r,
         )
         self.dead_letters = Counter(

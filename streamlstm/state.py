@@ -39,8 +39,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from streamlstm.anomaly import SCALES
-from streamlstm.combine import EXPERTS
+from streamlstm.rows import RowLayout
 
 EVICTION_CAUSES = ("ttl", "capacity")
 RESET_CAUSES = ("non_finite",)
@@ -50,64 +49,6 @@ RESET_CAUSES = ("non_finite",)
 CAPACITY_HEADROOM = 0.02
 # Events without a partition (offline replay, tests) count as this one.
 NO_PARTITION = -1
-
-
-class RowLayout:
-    """Named column ranges of a key's float32 row.
-
-    >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
-    >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 48)
-    """
-
-    # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
-    # so they are gathered with the row and travel with the key's snapshot.
-    PH = ("ph_mean", "ph_n", "ph_inc", "ph_dec", "ph_min", "ph_max", "ph_drift")
-    SCALARS = ("count", "has_pending", "err_mean", "err_var", "err_count", "err_peak", *PH)
-
-    def __init__(self, state_shape: tuple[int, int, int], width: int) -> None:
-        self.state_shape = state_shape
-        self.value_width = width
-        sizes = {
-            "recurrent": math.prod(state_shape),
-            "mean": width,
-            "var": width,
-            "pending": width,  # the combined forecast of the key's next values
-            # The forecasters' own next values, side by side in ``combine.EXPERTS`` order
-            # (one [B, 3, F] view, no copy): the network's, persistence's (the key's last
-            # values, also its change inputs and labels) and the EWMA's level.
-            "net_pending": width,
-            "last": width,
-            "ewma": width,
-            "step": width,  # its typical absolute step-to-step change (engine.max_step)
-            "hedge": len(EXPERTS),  # discounted losses of the forecasters
-            "err_scales": len(SCALES),  # error averages over the anomaly time scales
-        }
-        sizes.update(dict.fromkeys(self.SCALARS, 1))
-        self.columns: dict[str, slice] = {}
-        start = 0
-        for name, size in sizes.items():
-            self.columns[name] = slice(start, start + size)
-            start += size
-        self.width = start
-
-    def block(self, rows: torch.Tensor, first: str, last: str) -> torch.Tensor:
-        """A ``[B, n]`` view of consecutive scalar columns ``first`` .. ``last``."""
-        return rows[:, self.columns[first].start : self.columns[last].stop]
-
-    def forecasters(self, rows: torch.Tensor) -> torch.Tensor:
-        """A ``[B, len(EXPERTS), width]`` view of the forecasters' next values."""
-        first = self.columns["net_pending"].start
-        return rows[:, first : first + len(EXPERTS) * self.value_width].view(
-            len(rows), len(EXPERTS), self.value_width
-        )
-
-    def field(self, rows: torch.Tensor, name: str) -> torch.Tensor:
-        """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``."""
-        view = rows[:, self.columns[name]]
-        if name == "recurrent":
-            return view.view(len(rows), *self.state_shape)
-        return view[:, 0] if name in self.SCALARS else view
 
 
 class KeyedState:
@@ -131,6 +72,7 @@ class KeyedState:
         self.on_evict = on_evict
         self.clock = clock
         self.evictions: Counter[str] = Counter()
+        self.partition_moves = 0  # held keys seen arriving on another partition
         self.resets: Counter[str] = Counter()
         # Keys freed per eviction at max_keys (0 for small tables: exactly the overflow).
         self.capacity_headroom = int(max_keys * CAPACITY_HEADROOM)
@@ -219,12 +161,18 @@ class KeyedState:
         self.last_used[torch.from_numpy(known)] = self._tick  # the sweeps spare them
         if len(ts):
             self.evict_expired()
+        held = slots >= 0
         if len(missing):
             self._allocate(keys, slots, missing)
             self.last_used[torch.from_numpy(slots)] = self._tick
         index = torch.from_numpy(slots)
         if partition is not None:
-            self.partition[index] = torch.from_numpy(np.asarray(partition, dtype=np.int32))
+            part = torch.from_numpy(np.asarray(partition, dtype=np.int32))
+            # A held key arriving on another partition: its producer does not key records
+            # by stream key, so the key's state may be split across members.
+            moved = (self.partition[index] != part) & torch.from_numpy(held)
+            self.partition_moves += int(moved.sum())
+            self.partition[index] = part
         return slots
 
     def _allocate(self, keys: list[str], slots: np.ndarray, missing: np.ndarray) -> None:

@@ -198,6 +198,10 @@ class Telemetry:
                 if count > seen:
                     counter.labels(cause).inc(count - seen)
                     self._seen[kind, cause] = count
+        moves = store.partition_moves - self._seen.get(("moves", ""), 0)
+        if moves > 0:
+            m.key_partition_mismatch.inc(moves)
+            self._seen["moves", ""] = store.partition_moves
         for partition, records in lag.items():
             m.consumer_lag.labels(str(partition)).set(records)
         m.ready.set(1 if ready else 0)

@@ -216,3 +216,13 @@ def test_resets_have_a_metric() -> None:
     text = Metrics().exposition().decode()
     assert "# TYPE streamlstm_state_resets_total counter" in text
     assert RESET_CAUSES == ("non_finite",)
+
+
+def test_a_held_key_arriving_on_another_partition_is_counted() -> None:
+    """Producers that do not key records by stream key split a key's state: counted."""
+    store = KeyedState(state_shape=(1, 2, 4), width=1)
+    store.assign(["a", "b"], np.zeros(2), np.array([0, 1]))
+    store.assign(["a", "b", "c"], np.ones(3), np.array([0, 1, 2]))
+    assert store.partition_moves == 0  # same partitions, and a new key is no move
+    store.assign(["a"], np.full(1, 2.0), np.array([3]))
+    assert store.partition_moves == 1

@@ -1,0 +1,73 @@
+"""What a key's state row holds: named column ranges of one contiguous float32 row.
+
+The recurrent state, the scaler, the forecasters' pending values, the combination's
+losses and the anomaly and drift statistics of a key sit side by side, so a batch of keys
+is gathered and written back in one operation each (``streamlstm.state``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from streamlstm.anomaly import SCALES
+from streamlstm.combine import EXPERTS
+
+
+class RowLayout:
+    """Named column ranges of a key's float32 row.
+
+    >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
+    >>> layout.columns["mean"], layout.width
+    (slice(8, 11, None), 48)
+    """
+
+    # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
+    # so they are gathered with the row and travel with the key's snapshot.
+    PH = ("ph_mean", "ph_n", "ph_inc", "ph_dec", "ph_min", "ph_max", "ph_drift")
+    SCALARS = ("count", "has_pending", "err_mean", "err_var", "err_count", "err_peak", *PH)
+
+    def __init__(self, state_shape: tuple[int, int, int], width: int) -> None:
+        self.state_shape = state_shape
+        self.value_width = width
+        sizes = {
+            "recurrent": math.prod(state_shape),
+            "mean": width,
+            "var": width,
+            "pending": width,  # the combined forecast of the key's next values
+            # The forecasters' own next values, side by side in ``combine.EXPERTS`` order
+            # (one [B, 3, F] view, no copy): the network's, persistence's (the key's last
+            # values, also its change inputs and labels) and the EWMA's level.
+            "net_pending": width,
+            "last": width,
+            "ewma": width,
+            "step": width,  # its typical absolute step-to-step change (engine.max_step)
+            "hedge": len(EXPERTS),  # discounted losses of the forecasters
+            "err_scales": len(SCALES),  # error averages over the anomaly time scales
+        }
+        sizes.update(dict.fromkeys(self.SCALARS, 1))
+        self.columns: dict[str, slice] = {}
+        start = 0
+        for name, size in sizes.items():
+            self.columns[name] = slice(start, start + size)
+            start += size
+        self.width = start
+
+    def block(self, rows: torch.Tensor, first: str, last: str) -> torch.Tensor:
+        """A ``[B, n]`` view of consecutive scalar columns ``first`` .. ``last``."""
+        return rows[:, self.columns[first].start : self.columns[last].stop]
+
+    def forecasters(self, rows: torch.Tensor) -> torch.Tensor:
+        """A ``[B, len(EXPERTS), width]`` view of the forecasters' next values."""
+        first = self.columns["net_pending"].start
+        return rows[:, first : first + len(EXPERTS) * self.value_width].view(
+            len(rows), len(EXPERTS), self.value_width
+        )
+
+    def field(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``."""
+        view = rows[:, self.columns[name]]
+        if name == "recurrent":
+            return view.view(len(rows), *self.state_shape)
+        return view[:, 0] if name in self.SCALARS else view
