@@ -10,7 +10,7 @@ state reflects, the source partition, and bookkeeping for eviction and persisten
 The table grows geometrically. Keys idle longer than ``ttl_seconds`` in *event* time
 are evicted, judged against a bounded **watermark**, never against one event: the
 minimum over the partitions the store serves of each partition's latest event time
-(an idle partition's time runs on with the wall clock), capped by the wall clock. So a
+(a partition silent in wall time for 1% of the TTL is idle and left out), capped by the wall clock. So a
 far-future timestamp wipes nothing, and a caught-up partition does not expire the keys
 of a lagging one; old data (a replay) is judged in its own time. The sweep runs when
 the watermark has advanced by 1% of the TTL. Past ``max_keys`` the least recently used
@@ -226,12 +226,16 @@ class KeyedState:
 
     def watermark(self) -> float:
         """Event time every served partition has reached: the minimum over partitions of
-        their latest event times, an idle partition's running on with the wall clock since
-        it was last seen, all capped by the wall clock (-inf before any event)."""
+        their latest event times, capped by the wall clock (-inf before any event). A
+        partition silent for longer than the sweep cadence (1% of the TTL) in wall time is
+        idle and does not hold the others back; the wall clock only decides idleness, never
+        event time, so a replay is judged the same however fast it runs."""
         if not self._partition_time:
             return -math.inf
         now = self.clock()
-        mark = min(t + max(0.0, now - seen) for t, seen in self._partition_time.values())
+        times = self._partition_time.values()
+        active = [t for t, seen in times if now - seen <= 0.01 * self.ttl_seconds]
+        mark = min(active) if active else max(t for t, _ in times)
         return min(mark, now)
 
     def evict_expired(self, watermark: float | None = None) -> int:

@@ -107,7 +107,7 @@ def test_idle_partition_does_not_hold_the_watermark_forever() -> None:
     store = make(clock)
     feed(store, ["quiet"], NOW, partition=1)  # partition 1 never sends again
     feed(store, ["busy"], NOW, partition=0)
-    clock.now = NOW + 500  # its clock runs on in wall time while it is idle
+    clock.now = NOW + 500  # silent for 500 s of wall time: idle, left out of the watermark
     feed(store, ["busy"], NOW + 500, partition=0)
     assert sorted(store.keys()) == ["busy"]
 
