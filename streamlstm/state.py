@@ -9,10 +9,10 @@ state reflects, the source partition, and bookkeeping for eviction and persisten
 
 The table grows geometrically. Keys idle longer than ``ttl_seconds`` in *event* time
 are evicted, judged against a bounded **watermark**, never against one event: the
-minimum over the partitions the store serves of each partition's latest event time
-(a partition silent in wall time for 1% of the TTL is idle and left out), capped by the wall clock. So a
-far-future timestamp wipes nothing, and a caught-up partition does not expire the keys
-of a lagging one; old data (a replay) is judged in its own time. The sweep runs when
+minimum over the partitions the store serves of each partition's latest event time (a
+partition silent in wall time for 1% of the TTL is idle and left out), capped by the
+wall clock. So a far-future timestamp wipes nothing, and a caught-up partition does not
+expire the keys of a lagging one; old data (a replay) is judged in its own time. The sweep runs when
 the watermark has advanced by 1% of the TTL. Past ``max_keys`` the least recently used
 keys go first, in bulk down to a low-water mark, so a full table under key churn costs
 about what an empty one does. Keys are tagged with their source partition, so one
