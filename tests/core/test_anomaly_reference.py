@@ -64,22 +64,43 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
 
 
 def test_forecast_mix_and_anomaly_score_match_the_numpy_reference() -> None:
+    """Two keys whose first events fall in the same batches as the other's later ones (the
+    engine scores both in one batched step)."""
     settings = load_settings(overrides={"model.input_size": "2", "model.hidden_size": "8"})
     rng = np.random.default_rng(3)
-    values = np.cumsum(rng.normal(size=(400, 2)), axis=0) + 50.0
-    values[300] += 25.0  # a spike
-    values[340:] += 12.0  # a level shift
+    series = {
+        "a": np.cumsum(rng.normal(size=(400, 2)), axis=0) + 50.0,
+        "b": np.cumsum(rng.normal(size=(250, 2)), axis=0) * 10.0 - 7.0,
+    }
+    series["a"][300] += 25.0  # a spike
+    series["a"][340:] += 12.0  # a level shift
+    order = [("a", t) for t in range(150)]
+    for t in range(150, 400):
+        order += [("a", t), ("b", t - 150)]
+    keys = [k for k, _ in order]
+    values = np.array([series[k][t] for k, t in order])
     engine = Engine.from_settings(settings)
-    out = engine.process(EventBatch.from_arrays(["k"] * 400, np.arange(400.0), values))
+    outs = [  # batches of 37: b's first scored events share steps with a's later ones
+        engine.process(
+            EventBatch.from_arrays(
+                keys[i : i + 37], np.zeros(37)[: len(keys[i : i + 37])], values[i : i + 37]
+            )
+        )
+        for i in range(0, len(keys), 37)
+    ]
+    prediction = np.concatenate([o.prediction for o in outs])
+    anomaly_score = np.concatenate([o.anomaly_score for o in outs])
     s, e = settings.state, settings.engine
-    pred, score = reference(
-        values,
-        s.scaler_window,
-        e.input_clip,
-        s.anomaly_short_alpha,
-        s.anomaly_long_alpha,
-        s.anomaly_min_events,
-    )
-    np.testing.assert_allclose(out.prediction, pred, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(out.anomaly_score, score, atol=1e-5, equal_nan=True)
-    assert score[300] > 0.5  # the reference itself flags the spike
+    for key, v in series.items():
+        mine = np.array([k == key for k in keys])
+        pred, score = reference(
+            v,
+            s.scaler_window,
+            e.input_clip,
+            s.anomaly_short_alpha,
+            s.anomaly_long_alpha,
+            s.anomaly_min_events,
+        )
+        np.testing.assert_allclose(prediction[mine], pred, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(anomaly_score[mine], score, atol=1e-5, equal_nan=True)
+    assert reference(series["a"], 10_000, 10.0, 0.5, 0.01, 20)[1][300] > 0.5  # the spike
