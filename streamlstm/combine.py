@@ -38,8 +38,8 @@ LOSS_CLIP = 25.0
 # Discount per event of a key: the weights follow the last ~1 / (1 - DISCOUNT) = 32 events,
 # long enough to average out noise, short enough to follow a change of regime.
 DISCOUNT = 1.0 - 1.0 / 32
-# Weight ratio exp(-ETA * r) for a forecaster whose recent loss is (1 + r) times the best:
-# 10% worse halves a weight relative to the leader only after ~... (ETA * 0.1 = 0.5).
+# Weight ratio exp(-ETA * r) to the leader for a forecaster whose recent loss is (1 + r)
+# times the best: 10% worse keeps 0.61 of the leader's weight, twice as bad 0.007.
 ETA = 5.0
 # The loss floor (std units squared) below which differences are noise: keeps the relative
 # loss finite on a key that every forecaster predicts perfectly.

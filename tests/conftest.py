@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from streamlstm.config import Settings, load_settings
+
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
@@ -72,6 +74,21 @@ def daemon_overrides(prefix: str, metrics_port: int = 0) -> dict[str, str]:
         "metrics.host": "127.0.0.1",
         "metrics.port": str(metrics_port),
     }
+
+
+def unit_daemon_settings(topic: str, **overrides: str) -> Settings:
+    """An in-process daemon's settings for unit tests with fakes: tiny model, no training,
+    no metrics server, input topic ``topic``."""
+    return load_settings(
+        overrides={
+            "model.input_size": "1",
+            "model.hidden_size": "4",
+            "training.enabled": "false",
+            "metrics.enabled": "false",
+            "kafka.input_topic": topic,
+            **overrides,
+        }
+    )
 
 
 class KafkaTools:

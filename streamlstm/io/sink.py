@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import orjson
 
@@ -59,12 +59,6 @@ def encode_predictions(output: Predictions) -> list[bytes]:
     """One JSON document per event (``key, ts, prediction, error, anomaly_score, ...``)."""
     dumps = orjson.dumps
     return [dumps(r) for r in output.records()]
-
-
-def prediction_group(topic: str, output: Predictions) -> Group:
-    """The prediction records of ``output``: keyed by stream key, in event order."""
-    values = cast("list[bytes | None]", encode_predictions(output))  # list is invariant
-    return (topic, [key.encode() for key in output.keys], values, None)
 
 
 def send_groups(sends: list[Send]) -> list[Group]:

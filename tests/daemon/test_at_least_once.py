@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from conftest import unit_daemon_settings
 from kafka import TopicPartition
 
 import streamlstm.daemon.loop as loop
-from streamlstm.config import Settings, load_settings
+from streamlstm.config import Settings
 from streamlstm.daemon import Daemon
 from streamlstm.io import Polled, Ticket
 
@@ -27,16 +28,9 @@ P0, P1, P2 = (TopicPartition(TOPIC, p) for p in range(3))
 
 
 def _settings() -> Settings:
-    return load_settings(
-        overrides={
-            "model.input_size": "1",
-            "model.hidden_size": "4",
-            "training.enabled": "false",
-            "metrics.enabled": "false",
-            "kafka.input_topic": TOPIC,
-            "kafka.commit_interval_ms": "0",  # commit on every turn
-            "kafka.poll_timeout_ms": "0",
-        }
+    return unit_daemon_settings(
+        TOPIC,
+        **{"kafka.commit_interval_ms": "0", "kafka.poll_timeout_ms": "0"},  # commit each turn
     )
 
 

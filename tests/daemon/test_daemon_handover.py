@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from conftest import unit_daemon_settings
 from kafka import TopicPartition
 
 import streamlstm.daemon.loop as loop
-from streamlstm.config import Settings, load_settings
+from streamlstm.config import Settings
 from streamlstm.daemon import Daemon
 from streamlstm.drift import DETECTORS
 from streamlstm.io import Polled
@@ -27,16 +28,7 @@ TOPIC = "in"
 
 
 def _settings(**overrides: str) -> Settings:
-    return load_settings(
-        overrides={
-            "model.input_size": "1",
-            "model.hidden_size": "4",
-            "training.enabled": "false",
-            "metrics.enabled": "false",
-            "kafka.input_topic": TOPIC,
-            **overrides,
-        }
-    )
+    return unit_daemon_settings(TOPIC, **overrides)
 
 
 def _fake_sink() -> Any:
