@@ -53,6 +53,7 @@ _LOG10 = math.log(10.0)
 # threshold Ahmad et al. recommend (0.99999).
 SCALE = 5.0
 _SCALES = torch.tensor(SCALES)
+_MAX_VALUE_Z = 1e6
 # The cost, in decades, of taking the most surprising of the error scales and the value test.
 _TESTS = math.log10(len(SCALES) + 1)
 
@@ -111,7 +112,10 @@ def update(
         stats.short.add_(alphas * (e - stats.short))
     spread = torch.sqrt((stats.var + _VAR_FLOOR).unsqueeze(1) * alphas / (2.0 - alphas))
     by_scale = _decades((stats.short - stats.mean.unsqueeze(1)) / spread).amax(1)
-    by_value = torch.log10(1.0 + value_z * value_z)  # Cantelli's bound, two-sided
+    # Cantelli's bound, two-sided; a value a million stds out is as novel as it gets (and
+    # the square of a larger one would overflow float32 into inf - inf = NaN below).
+    z = value_z.clamp(max=_MAX_VALUE_Z)
+    by_value = torch.log10(1.0 + z * z)
     decades = (torch.maximum(by_scale, by_value) - _TESTS).clamp(min=0.0)
     decades = torch.where(stats.count >= min_events, decades, 0.0)
     # One alarm per incident: report only what exceeds the key's decaying recent peak.

@@ -146,7 +146,10 @@ def _plot(args: argparse.Namespace, trace: KeyTrace, data: FileEvents, threshold
     mine = np.fromiter((k == trace.key for k in data.batch.keys), bool, len(data.batch))
     if not mine.any():
         raise ConfigError(f"--plot-key: no events of key {trace.key!r} in {args.input}")
-    windows = read_windows(args.windows, args.input) if args.windows else None
+    windows = None
+    if args.windows:
+        with user_input(args.windows):
+            windows = read_windows(args.windows, args.input)
     alarms = plot_key(trace, data.batch.values[mine], args.plot, threshold, windows)
     print(f"plot: {args.plot} (key {trace.key!r}, {alarms} alarms)", file=sys.stderr)
 

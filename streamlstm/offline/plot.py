@@ -108,6 +108,8 @@ def read_windows(path: Path, data_file: Path) -> list[tuple[float, float]]:
     import json
 
     table: dict[str, list[list[str]]] = json.loads(Path(path).read_text())
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected {{file name: [[start, end], ...]}}")
     spans = next((v for k, v in table.items() if Path(k).name == Path(data_file).name), [])
 
     def epoch(stamp: str) -> float:

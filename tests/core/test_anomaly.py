@@ -81,3 +81,10 @@ def test_a_value_far_outside_the_keys_range_is_evidence() -> None:
     stats = _stats_after([1.0] * 100)
     novel = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1e4]), 0.5, 0.01, 20)
     assert float(calm) < 0.1 and float(novel) > 0.5
+
+
+def test_an_absurd_value_scores_high_and_leaves_the_statistics_finite() -> None:
+    stats = _stats_after([1.0] * 100)
+    score = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1e30]), 0.5, 0.01, 20)
+    assert 0.5 < float(score) < 1.0
+    assert all(bool(torch.isfinite(t).all()) for t in vars(stats).values())
