@@ -11,8 +11,9 @@ Beyond types and shapes, events the engine cannot represent are rejected:
 
 * ``bad_key``: a key that is not valid Unicode text (a lone surrogate escape such as
   ``"\\ud800"``), so it could never be encoded into an output record.
-* ``bad_ts``: a time before ``min_ts`` (default 0, the epoch), after :data:`MAX_TS`
-  (the last second of year 9999: a millisecond timestamp lands there), or, when
+* ``bad_ts``: a time before ``min_ts`` (default: year 1, so pre-1970 history passes),
+  after :data:`MAX_TS` (the last second of year 9999: a millisecond timestamp lands there),
+  or, when
   ``max_future_seconds`` is given (the daemon), later than that far past the wall clock.
   One such event would advance event time and evict every key by TTL. There is no
   bound on history: backtests and backfills replay old events.
@@ -39,7 +40,9 @@ MAX_KEY_BYTES = 256
 # overflows to inf and the key's outputs turn to NaN for good. Float32 keeps 7 significant
 # digits, so a value this large is already only approximately what was sent.
 MAX_ABS_VALUE = 1e15
-MIN_TS = 0.0  # default lower bound of ``ts``: the epoch (configurable per decoder)
+# Default lower bound of ``ts``: the first second of year 1, the earliest time a calendar
+# (and Python's datetime) can name. History is never refused; only the impossible is.
+MIN_TS = datetime(1, 1, 1, tzinfo=UTC).timestamp()  # -62135596800
 MAX_TS = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()  # 253402300799
 
 #: One row of a batch that failed a range check: its index, reason and detail.

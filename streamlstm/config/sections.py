@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from streamlstm.validation import MIN_TS
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message is one line naming the field."""
@@ -155,10 +157,10 @@ class EngineSettings(Section):
         1_048_576, ge=64, description="Larger messages are rejected as `too_large`."
     )
     min_ts: float = Field(
-        0.0,
+        MIN_TS,
         description="Events before this time (epoch seconds) are rejected as `bad_ts`. "
-        "Old events are legitimate (backfills, replays); the default only rejects "
-        "negative times.",
+        "Old events are legitimate (backfills, replays, pre-1970 history); the default, "
+        "the start of year 1, only rejects times no calendar names.",
     )
     max_future_seconds: float | None = Field(
         86_400.0,
