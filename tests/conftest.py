@@ -119,14 +119,12 @@ class KafkaTools:
         finally:
             producer.close(timeout=5)
 
-    def read(self, topic: str, expect: int, timeout: float = 60.0, settle: float = 0.0) -> list:
+    def read(self, topic: str, expect: int, timeout: float = 60.0) -> list:
         """Every record of ``topic`` (all partitions), once ``expect`` are there.
 
-        Once ``expect`` records are in, it reads on to the partitions' end offsets as
-        they are then, so a repeat already written is caught without waiting for one:
-        stop the writer first (or wait until it has acknowledged everything) for an
-        exact count. ``settle`` (seconds of reading on) is kept for callers that cannot
-        do that; prefer not to use it.
+        Once ``expect`` records are in, it reads on to each partition's high watermark, so
+        a repeat already written is caught without waiting for one: stop the writer first
+        (or wait until it has acknowledged everything) for an exact count.
         """
         import time
 
@@ -153,14 +151,7 @@ class KafkaTools:
             while len(records) < expect and time.monotonic() < deadline:
                 take()
             if len(records) >= expect:
-                end = consumer.end_offsets(tps)
-                while time.monotonic() < deadline and any(
-                    consumer.position(tp) < end[tp] for tp in tps
-                ):
-                    take()
-                settle_until = time.monotonic() + settle
-                while time.monotonic() < min(settle_until, deadline):
-                    take()
+                read_to_high_watermark(consumer, tps, take, deadline - time.monotonic())
             return sorted(records, key=lambda r: (r.partition, r.offset))
         finally:
             consumer.close(autocommit=False)
@@ -192,6 +183,22 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return err.code, err.read()
     except OSError:
         return 0, b""
+
+
+def read_to_high_watermark(consumer, tps: list, take, timeout: float) -> None:
+    """Call ``take`` (one poll) until every partition's position reaches the high watermark
+    of the latest fetch. Not ``end_offsets()``: the embedded broker under-counts it for
+    topics written in batches, and the fetch's high watermark is right on every broker."""
+
+    def caught_up() -> bool:
+        take()
+        marks = [consumer.highwater(tp) for tp in tps]
+        return all(
+            mark is not None and consumer.position(tp) >= mark
+            for tp, mark in zip(tps, marks, strict=True)
+        )
+
+    wait_for(caught_up, max(timeout, 1.0), interval=0.0, what="partitions read to their end")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):

@@ -20,6 +20,7 @@ from conftest import (
     daemon_overrides,
     http_get,
     logged_metrics_port,
+    read_to_high_watermark,
     start_daemon,
     wait_for,
 )
@@ -63,13 +64,7 @@ class _Outputs:
 
     def drain(self) -> set[tuple[str, float]]:
         """Everything written so far (nothing else is writing): read up to the end."""
-        end = self.consumer.end_offsets(self.tps)
-        wait_for(
-            lambda: self.poll() >= 0 and all(self.consumer.position(tp) >= end[tp] for tp in end),
-            30,
-            interval=0.0,
-            what="the output topic read to its end",
-        )
+        read_to_high_watermark(self.consumer, self.tps, self.poll, 30)
         return set(self.seen)
 
     def close(self) -> None:
