@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import KafkaTools, daemon_overrides, http_get, wait_for
+from conftest import KafkaTools, daemon_overrides, http_get, logged_metrics_port, wait_for
 
-from streamlstm.devtools.broker import free_port
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
 from streamlstm.io.deadletter import header
@@ -96,8 +95,8 @@ def _good_stream() -> tuple[list[tuple[bytes | None, bytes | None]], list[tuple]
     return keyed, arrays, good
 
 
-def _daemon(bootstrap: str, prefix: str, port: int, log: Path) -> subprocess.Popen:
-    settings = daemon_overrides(prefix, port)
+def _daemon(bootstrap: str, prefix: str, log: Path) -> subprocess.Popen:
+    settings = daemon_overrides(prefix)  # metrics on port 0: the daemon logs the one it bound
     settings["engine.max_message_bytes"] = str(MAX_MESSAGE_BYTES)
     cmd = [sys.executable, "-m", "streamlstm.cli", "run", "--bootstrap", bootstrap, "--log-json"]
     for name, value in settings.items():
@@ -131,9 +130,9 @@ def test_hostile_records_are_dead_lettered_and_no_key_is_touched(
     keyed, arrays, good = _good_stream()
     expected_dead = len(HOSTILE) + ARRAYS * len(BAD_ELEMENTS)
     log = tmp_path / "daemon.log"
-    port = free_port()
-    proc = _daemon(tools.bootstrap, prefix, port, log)
+    proc = _daemon(tools.bootstrap, prefix, log)
     try:
+        port = logged_metrics_port(log, proc)
         ready = f"http://127.0.0.1:{port}/readyz"
         wait_for(lambda: http_get(ready)[0] == 200, 60, what="daemon ready")
         tools.produce(f"{prefix}-in", keyed)  # type: ignore[arg-type]
