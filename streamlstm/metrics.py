@@ -190,6 +190,20 @@ class Metrics:
             "training.run_timeout_seconds.",
             registry=r,
         )
+        self.trainer_role = Gauge(
+            "streamlstm_trainer_role",
+            "1 on the one member that fine-tunes (the owner of input partition 0, with "
+            "training.enabled), 0 on the others.",
+            registry=r,
+        )
+        self.model_records = Counter(
+            "streamlstm_model_records",
+            "Model-topic records: published (this member's trainer adopted them), adopted "
+            "(swapped in), rejected (integrity or architecture check failed), stale (not "
+            "newer than the weights served).",
+            ["result"],
+            registry=r,
+        )
         self.checkpoint_failures = Counter(
             "streamlstm_checkpoint_failures",
             "Adopted weights whose checkpoint could not be written (they are served anyway).",

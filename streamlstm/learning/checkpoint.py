@@ -255,9 +255,7 @@ def decode_checkpoint(
             for k in sorted(set(arch) | set(expect))
             if arch.get(k) != expect.get(k)
         )
-        raise CheckpointError(
-            f"{where}: {ARCHITECTURE_MISMATCH}: {diff}; {hint}"
-        )
+        raise CheckpointError(f"{where}: {ARCHITECTURE_MISMATCH}: {diff}; {hint}")
     return Checkpoint(
         path=None,
         version=int(payload["version"]),
