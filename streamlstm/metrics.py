@@ -181,7 +181,8 @@ class Metrics:
         self.trainer_up = Gauge(
             "streamlstm_trainer_up",
             "1 while the fine-tuning worker is running; 0 while it is dead or backing off "
-            "before a restart (and when fine-tuning is disabled).",
+            "before a restart (and when fine-tuning is disabled or this member does not "
+            "hold the trainer role).",
             registry=r,
         )
         self.trainer_restarts = Counter(
