@@ -54,8 +54,9 @@ FOLLOW_SECONDS = 0.05
 CATCH_UP_SECONDS = 10.0
 #: Start-up: longest read of the model topic before the first batch.
 START_READ_SECONDS = 15.0
-#: After the model topic could not be reached, try again after this long.
-RETRY_SECONDS = 5.0
+#: After the model topic could not be reached, try again after this long (the attempt
+#: itself may take a few seconds of the loop's time).
+RETRY_SECONDS = 30.0
 RESULTS = ("published", "adopted", "rejected", "stale")
 
 
@@ -89,9 +90,12 @@ class ModelSync:
         record from the first batch. False (and retried by :meth:`turn`) if unreachable."""
         self.started = True
         k = self.settings.kafka
-        try:
-            if k.create_topics:
+        if k.create_topics:
+            try:
                 ensure_model_topic(k, self.topic)
+            except Exception as exc:  # e.g. no permission to create: it may exist anyway
+                self._unreachable("create", exc)
+        try:
             self.follower = ModelFollower(self.settings, self.topic)
         except Exception as exc:
             self._unreachable("start", exc)
@@ -129,21 +133,27 @@ class ModelSync:
         if not self.started or now < self._next_follow:
             return
         self._next_follow = now + FOLLOW_SECONDS
-        if self.follower is None and (now < self._retry_at or not self.start()):
-            return
-        assert self.follower is not None
-        try:
-            self._offer(self.follower.poll(0))
-        except Exception as exc:
-            self._unreachable("poll", exc)
+        if self.follower is None:
+            if now >= self._retry_at:
+                self.start()
+        else:
+            try:
+                self._offer(self.follower.poll(0))
+            except Exception as exc:
+                self._unreachable("poll", exc)
         self._reconcile(now)
 
     def _reconcile(self, now: float) -> None:
         want = self.role and self.settings.training.enabled and not self._no_trainer
         if want and self.trainer is None:
-            assert self.follower is not None
-            if not self.follower.caught_up() and now - self._role_since < CATCH_UP_SECONDS:
+            caught_up = self.follower is not None and self.follower.caught_up()
+            if not caught_up and now - self._role_since < CATCH_UP_SECONDS:
                 return  # first read what the last trainer published
+            if not caught_up:
+                log.warning(
+                    "model topic %s not read to its end after %.0fs: training anyway, from v%d",
+                    *(self.topic, CATCH_UP_SECONDS, self.version),
+                )
             self._start_trainer()
         elif not want and self.trainer is not None:
             log.info("trainer role moved away (input partition 0 gone): stopping fine-tuning")
@@ -158,12 +168,6 @@ class ModelSync:
             self._no_trainer = True
             return
         self.engine.adopt_offered()  # train from the newest weights, not the ones before
-        if self.publisher is None:
-            try:
-                self.publisher = ModelPublisher(self.settings, self.topic)
-            except Exception as exc:
-                self._unreachable("publisher", exc)
-                return
         trainer = BackgroundTrainer(self.engine, self.settings, self.metrics)
         trainer.on_adopted = self._publish
         self.trainer = trainer.start()
@@ -214,9 +218,14 @@ class ModelSync:
     def _publish(self, outcome: RunOutcome) -> None:
         """Publish weights the trainer adopted (and its engine already serves)."""
         self.version = max(self.version, outcome.version)
+        if self.publisher is None:
+            try:
+                self.publisher = ModelPublisher(self.settings, self.topic)
+            except Exception as exc:
+                self.metrics.broker_errors.labels("model_publish").inc()
+                log.error("weights v%d not published: %s", outcome.version, short(exc))
+                return
         publisher = self.publisher
-        if publisher is None:
-            return
         value = encode_checkpoint(
             outcome.state_dict(),
             self.expect,

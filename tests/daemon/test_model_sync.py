@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -228,3 +229,29 @@ def test_adopted_weights_are_published_as_a_checked_record(follower: _Follower) 
     follower.pending.append(value)  # its own record comes back: already served
     sync.turn(next(_CLOCK))
     assert _records(metrics, "stale") == 1 and _records(metrics, "adopted") == 0
+
+
+def test_an_unreachable_model_topic_delays_the_trainer_but_does_not_stop_it(
+    monkeypatch: pytest.MonkeyPatch, follower: _Follower
+) -> None:
+    def refused(settings: Settings, topic: str) -> _Follower:
+        raise ConnectionError("no broker")
+
+    monkeypatch.setattr(modelsync, "ModelFollower", refused)
+    settings = _settings(**{"training.enabled": "true", "training.executor": "thread"})
+    metrics = Metrics()
+    sync = ModelSync(Engine.from_settings(settings), settings, metrics)
+    try:
+        assert not sync.start()
+        sync.owned({0})
+        now = time.monotonic()  # the role's clock
+        sync.turn(now)
+        assert sync.trainer is None  # waits to read what an earlier trainer published...
+        sync.turn(now + modelsync.CATCH_UP_SECONDS + 1)
+        assert sync.trainer is not None  # ...but not for ever: fine-tuning must go on
+        errors = metrics.registry.get_sample_value(
+            "streamlstm_broker_errors_total", {"operation": "model_topic"}
+        )
+        assert errors is not None and errors >= 1
+    finally:
+        sync.close()
