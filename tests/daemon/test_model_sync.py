@@ -255,3 +255,12 @@ def test_an_unreachable_model_topic_delays_the_trainer_but_does_not_stop_it(
         assert errors is not None and errors >= 1
     finally:
         sync.close()
+
+
+def test_the_model_topic_is_named_after_the_input_and_must_be_its_own() -> None:
+    from streamlstm.config import ConfigError, load_settings
+
+    assert _settings().model_topic == f"{TOPIC}.model"
+    assert _settings(**{"training.model_topic": "weights"}).model_topic == "weights"
+    with pytest.raises((ConfigError, ValueError), match=r"training\.model_topic"):
+        load_settings(overrides={"kafka.output_topic": "w", "training.model_topic": "w"})
