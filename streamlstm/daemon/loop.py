@@ -12,7 +12,8 @@ The engine never waits for the network, nor for the producer's per-record work: 
 of batch k are produced in the child while batch k+1 is polled, decoded and predicted.
 What happens after the send (acknowledgements, resends, backpressure, commits) is
 :mod:`streamlstm.daemon.delivery`; what the daemon counts and logs is
-:mod:`streamlstm.daemon.telemetry`.
+:mod:`streamlstm.daemon.telemetry`; which member trains and how its weights reach every
+member is :mod:`streamlstm.daemon.modelsync`.
 
 The broker may be down at start or go away: the daemon retries with backoff, says so on
 ``/readyz``, and carries on. On SIGTERM it finishes the batch at hand, flushes, commits
