@@ -148,6 +148,11 @@ class Engine:
         """Queue new weights; they take effect at the start of the next batch, never inside one."""
         self._offered = (state_dict, version)
 
+    def adopt_offered(self) -> None:
+        """Swap offered weights in now; only between batches (as :meth:`process` does), e.g.
+        so that a trainer starting up starts from the weights the group serves."""
+        self._adopt_offered()
+
     def _adopt_offered(self) -> None:
         offered, self._offered = self._offered, None
         if offered is None:

@@ -181,13 +181,28 @@ class Metrics:
         self.trainer_up = Gauge(
             "streamlstm_trainer_up",
             "1 while the fine-tuning worker is running; 0 while it is dead or backing off "
-            "before a restart (and when fine-tuning is disabled).",
+            "before a restart (and when fine-tuning is disabled or this member does not "
+            "hold the trainer role).",
             registry=r,
         )
         self.trainer_restarts = Counter(
             "streamlstm_trainer_restarts",
             "Fine-tuning workers restarted after dying or overrunning "
             "training.run_timeout_seconds.",
+            registry=r,
+        )
+        self.trainer_role = Gauge(
+            "streamlstm_trainer_role",
+            "1 on the one member that fine-tunes (the owner of input partition 0, with "
+            "training.enabled), 0 on the others.",
+            registry=r,
+        )
+        self.model_records = Counter(
+            "streamlstm_model_records",
+            "Model-topic records: published (this member's trainer adopted them), adopted "
+            "(swapped in), rejected (integrity or architecture check failed), stale (not "
+            "newer than the weights served).",
+            ["result"],
             registry=r,
         )
         self.checkpoint_failures = Counter(

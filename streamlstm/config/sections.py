@@ -256,6 +256,12 @@ class TrainingSettings(Section):
     )
     checkpoint_dir: Path | None = Field(None, description="Where checkpoints are written/read.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept.")
+    model_topic: str | None = Field(
+        None,
+        min_length=1,
+        description="Daemon: compacted topic the trainer publishes adopted weights to and "
+        "every member adopts them from (None: `<kafka.input_topic>.model`).",
+    )
     seed: int = Field(0, ge=0, description="Seed for sampling and training.")
 
 
@@ -323,7 +329,17 @@ class Settings(BaseSettings):
             raise ValueError("training.burn_in: must be smaller than training.window")
         if self.engine.max_batch > self.state.max_keys:
             raise ValueError("engine.max_batch: must not exceed state.max_keys")
+        k = self.kafka
+        if self.model_topic in (k.input_topic, k.output_topic, k.dead_letter_topic):
+            raise ValueError(
+                f"training.model_topic: must differ from the kafka topics ({self.model_topic!r})"
+            )
         return self
+
+    @property
+    def model_topic(self) -> str:
+        """The model topic: ``training.model_topic``, else ``<kafka.input_topic>.model``."""
+        return self.training.model_topic or f"{self.kafka.input_topic}.model"
 
     @classmethod
     def settings_customise_sources(

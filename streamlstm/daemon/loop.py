@@ -12,7 +12,8 @@ The engine never waits for the network, nor for the producer's per-record work: 
 of batch k are produced in the child while batch k+1 is polled, decoded and predicted.
 What happens after the send (acknowledgements, resends, backpressure, commits) is
 :mod:`streamlstm.daemon.delivery`; what the daemon counts and logs is
-:mod:`streamlstm.daemon.telemetry`.
+:mod:`streamlstm.daemon.telemetry`; which member trains and how its weights reach every
+member is :mod:`streamlstm.daemon.modelsync`.
 
 The broker may be down at start or go away: the daemon retries with backoff, says so on
 ``/readyz``, and carries on. On SIGTERM it finishes the batch at hand, flushes, commits
@@ -34,6 +35,7 @@ from kafka import TopicPartition
 from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
 from streamlstm.daemon.guard import EngineGuard, merged
+from streamlstm.daemon.modelsync import ModelSync
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.engine import Engine
 from streamlstm.events import Decoder, EventBatch
@@ -76,7 +78,7 @@ class Daemon:
         self.guard = EngineGuard()  # a batch failing in the engine goes event by event
         self.source: Source | None = None
         self.server: MetricsServer | None = None
-        self.trainer: BackgroundTrainer | None = None
+        self.models = ModelSync(self.engine, settings, self.metrics)  # trainer role, weights
         self.exit_code = 0
         self._stop = threading.Event()
         self._deadline: float | None = None  # monotonic end of the shutdown budget
@@ -120,6 +122,11 @@ class Daemon:
         return None
 
     @property
+    def trainer(self) -> BackgroundTrainer | None:
+        """The fine-tuning trainer while this member holds the trainer role."""
+        return self.models.trainer
+
+    @property
     def metrics_port(self) -> int | None:
         return self.server.port if self.server else None
 
@@ -138,7 +145,6 @@ class Daemon:
         self.start_metrics()
         try:
             if self._connect():
-                self._start_trainer()
                 while not self._stop.is_set():
                     self._turn()
         except Fatal as exc:
@@ -181,6 +187,7 @@ class Daemon:
                 continue
             self._broker_ok = True
             self._last_contact = time.monotonic()
+            self.models.start(self._stop)  # the newest published weights, before any batch
             topics = (k.input_topic, k.output_topic, k.dead_letter_topic)
             log.info(
                 "connected to Kafka at %s: %s -> %s (dead letters: %s), group %s",
@@ -188,17 +195,6 @@ class Daemon:
             )
             return True
         return False
-
-    def _start_trainer(self) -> None:
-        if not self.settings.training.enabled:
-            return
-        try:
-            from streamlstm.learning.background import BackgroundTrainer
-        except ImportError as exc:
-            log.warning("training.enabled, but no trainer is available (%s): not fine-tuning", exc)
-            return
-        self.trainer = BackgroundTrainer(self.engine, self.settings, self.metrics)
-        self.trainer.start()
 
     # -- the loop --------------------------------------------------------------------
 
@@ -223,6 +219,7 @@ class Daemon:
             except Exception as exc:  # not the engine (guarded): the producer, or a bug
                 raise Fatal("processing a batch failed") from exc
         now = time.monotonic()
+        self.models.turn(now)
         if now - self._last_commit >= self.settings.kafka.commit_interval_ms / 1000:
             self.delivery.commit_async(self.source)
             self._last_commit = now
@@ -333,6 +330,7 @@ class Daemon:
         """
         self._forget(self._owned - {tp.partition for tp in assigned})
         self._owned = {tp.partition for tp in assigned}
+        self.models.owned(self._owned)
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
         """Membership expired: another member owns these now, from their last commit."""
@@ -340,6 +338,7 @@ class Daemon:
         gone = {tp.partition for tp in lost}
         self._forget(gone)
         self._owned -= gone
+        self.models.owned(self._owned)
 
     def _forget(self, partitions: set[int]) -> None:
         """Drop the key state and lag series of partitions another member now owns."""
@@ -359,11 +358,7 @@ class Daemon:
             assert self._deadline is not None
             return max(0.0, min(cap, self._deadline - time.monotonic()))
 
-        if self.trainer is not None:
-            try:
-                self.trainer.stop(timeout=left(2.0))
-            except Exception:
-                log.exception("stopping the trainer")
+        self.models.close(left(2.0))
         delivery, sink = self.delivery, self.delivery.sink
         if sink is not None and self.source is not None:
             log.info("stopping: flushing %d in-flight records", delivery.tracker.pending_sends)

@@ -32,17 +32,37 @@ def ensure_topics(kafka: KafkaSettings, timeout_s: float = 10.0, connect_s: floa
     )
 
 
+def ensure_model_topic(
+    kafka: KafkaSettings, topic: str, timeout_s: float = 10.0, connect_s: float = 3.0
+) -> None:
+    """Create the model topic unless it exists: compacted (only the newest weights matter),
+    one partition (one writer, and every member reads all of it)."""
+    kwargs = kafka.client_kwargs()
+    bootstrap = ",".join(kwargs.pop("bootstrap_servers"))
+    create_topics(
+        bootstrap,
+        {topic: 1},
+        replication_factor=kafka.replication_factor,
+        timeout_s=timeout_s,
+        configs={"cleanup.policy": "compact"},
+        bootstrap_timeout_ms=int(connect_s * 1000),
+        **kwargs,
+    )
+
+
 def create_topics(
     bootstrap: str,
     topics: dict[str, int],
     *,
     replication_factor: int = -1,
     timeout_s: float = 30.0,
+    configs: dict[str, str] | None = None,
     **client_kwargs: Any,
 ) -> None:
     """Create ``topics`` (name -> partition count) unless they already exist.
 
-    ``replication_factor=-1`` takes the broker's default. Extra keyword arguments
+    ``replication_factor=-1`` takes the broker's default; ``configs`` (e.g.
+    ``{"cleanup.policy": "compact"}``) apply to every topic created. Extra keyword arguments
     go to :class:`kafka.KafkaAdminClient` (security settings, client_id, ...). An
     existing topic is left as it is (a warning is logged if it has fewer
     partitions than asked for).
@@ -57,7 +77,11 @@ def create_topics(
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
     try:
         spec = {
-            name: {"num_partitions": int(n), "replication_factor": replication_factor}
+            name: {
+                "num_partitions": int(n),
+                "replication_factor": replication_factor,
+                **({"configs": dict(configs)} if configs else {}),
+            }
             for name, n in topics.items()
         }
         result = admin.create_topics(spec, timeout_ms=timeout_ms, raise_errors=False)

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,9 @@ class BackgroundTrainer:
         self._results: Results
         self._receiver: threading.Thread | None = None
         self._stopping = threading.Event()
+        #: Called (on the supervisor thread) with each adopted outcome, after the engine
+        #: was offered it: the daemon publishes it to the model topic.
+        self.on_adopted: Callable[[RunOutcome], None] | None = None
         if metrics is not None:
             # Series exist at 0 from the start, so the first failure shows in increase().
             for result in RESULTS:
@@ -363,6 +367,11 @@ class BackgroundTrainer:
             self._weights = outcome.weights or self._weights
             self._version = outcome.version
             self.engine.offer_weights(outcome.state_dict(), outcome.version)
+            if self.on_adopted is not None:
+                try:
+                    self.on_adopted(outcome)
+                except Exception:  # served here anyway; the next adoption is published
+                    log.exception("publishing adopted weights v%d failed", outcome.version)
         if outcome.result != "skipped":
             self.counts[outcome.result] += 1
             self.total_run_seconds += outcome.seconds

@@ -7,7 +7,9 @@ the directory fsynced, so a crash leaves either the old set or the new file, nev
 torn one. Loading uses ``torch.load(weights_only=True)`` (no code runs from the file)
 and recomputes a SHA-256 over the weights and metadata, so a file that was truncated
 or flipped is refused with a :class:`CheckpointError`, as is one whose architecture
-differs from what the caller expects.
+differs from what the caller expects. The same bytes, with the same checks, are the
+value of a model-topic record (:func:`encode_checkpoint`, :func:`decode_checkpoint`):
+the daemon's trainer publishes adopted weights that way to every member.
 
 >>> import tempfile
 >>> from streamlstm.model import RecurrentModel
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,6 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+ARCHITECTURE_MISMATCH = "architecture does not match the configured model"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 #: Temporary files of :func:`save_checkpoint`: ``.ckpt-<writer pid>-<random>.tmp`` (older
 #: releases wrote ``.ckpt-<random>.tmp``, without the pid).
@@ -60,9 +64,9 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    """A loaded, verified checkpoint."""
+    """A loaded, verified checkpoint (``path`` is None when it came as bytes)."""
 
-    path: Path
+    path: Path | None
     version: int
     architecture: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
@@ -94,6 +98,29 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def encode_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    architecture: dict[str, Any],
+    version: int,
+    config: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> bytes:
+    """A checkpoint as bytes: a file's content, or a model-topic record's value."""
+    weights = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    meta = {
+        "format": FORMAT,
+        "version": int(version),
+        "architecture": dict(architecture),
+        "config": json.dumps(config or {}, sort_keys=True, default=str),
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "created": time.time(),
+    }
+    payload = {**meta, "state_dict": weights, "sha256": _digest(weights, meta)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(
     directory: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -106,21 +133,12 @@ def save_checkpoint(
     """Write ``ckpt-<version>.pt`` atomically and delete all but the newest ``keep``."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
-    meta = {
-        "format": FORMAT,
-        "version": int(version),
-        "architecture": dict(architecture),
-        "config": json.dumps(config or {}, sort_keys=True, default=str),
-        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
-        "created": time.time(),
-    }
-    payload = {**meta, "state_dict": weights, "sha256": _digest(weights, meta)}
+    data = encode_checkpoint(state_dict, architecture, version, config, metrics)
     target = checkpoint_path(folder, version)
     fd, tmp = tempfile.mkstemp(prefix=f".ckpt-{os.getpid()}-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; other readers (replay, run) need it
@@ -196,22 +214,40 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> C
     """Load and verify one checkpoint; ``expect`` is the architecture it must have."""
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable ({exc})") from None
+    ckpt = decode_checkpoint(data, expect, where=f"checkpoint {path}")
+    ckpt.path = path
+    return ckpt
+
+
+def decode_checkpoint(
+    data: bytes,
+    expect: dict[str, Any] | None = None,
+    where: str = "checkpoint",
+    hint: str = "change the model settings or point training.checkpoint_dir elsewhere",
+) -> Checkpoint:
+    """Verify and load checkpoint bytes (a file's or a model record's); ``where`` names
+    them in the :class:`CheckpointError` that a torn, flipped or foreign payload raises,
+    ``hint`` says what to do about an architecture mismatch."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: unreadable or corrupt ({exc})") from None
+        raise CheckpointError(f"{where}: unreadable or corrupt ({exc})") from None
     required = ("format", "version", "architecture", "config", "metrics", "created")
     if not isinstance(payload, dict) or any(k not in payload for k in (*required, "sha256")):
-        raise CheckpointError(f"checkpoint {path}: not a streamlstm checkpoint")
+        raise CheckpointError(f"{where}: not a streamlstm checkpoint")
     if payload["format"] != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: format {payload['format']}, expected {FORMAT}")
+        raise CheckpointError(f"{where}: format {payload['format']}, expected {FORMAT}")
     state_dict = payload.get("state_dict")
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"checkpoint {path}: no weights")
+        raise CheckpointError(f"{where}: no weights")
     meta = {k: payload[k] for k in required}
     if _digest(state_dict, meta) != payload["sha256"]:
-        raise CheckpointError(f"checkpoint {path}: integrity check failed (SHA-256 mismatch)")
+        raise CheckpointError(f"{where}: integrity check failed (SHA-256 mismatch)")
     arch = payload["architecture"]
     if expect is not None and arch != dict(expect):
         diff = ", ".join(
@@ -219,12 +255,9 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> C
             for k in sorted(set(arch) | set(expect))
             if arch.get(k) != expect.get(k)
         )
-        raise CheckpointError(
-            f"checkpoint {path}: architecture does not match the configured model: {diff}; "
-            "change the model settings or point training.checkpoint_dir elsewhere"
-        )
+        raise CheckpointError(f"{where}: {ARCHITECTURE_MISMATCH}: {diff}; {hint}")
     return Checkpoint(
-        path=path,
+        path=None,
         version=int(payload["version"]),
         architecture=arch,
         state_dict=state_dict,
@@ -248,7 +281,7 @@ def latest_checkpoint(
         try:
             return load_checkpoint(path, expect)
         except CheckpointError as exc:
-            if "architecture does not match" in str(exc):
+            if ARCHITECTURE_MISMATCH in str(exc):
                 raise
             log.warning("skipping %s", exc)
     return None

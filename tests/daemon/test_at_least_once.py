@@ -138,6 +138,7 @@ def daemon(monkeypatch: pytest.MonkeyPatch) -> Daemon:
     monkeypatch.setattr(loop, "Source", _QueueSource)
     monkeypatch.setattr(loop, "Sink", lambda settings: sink)
     monkeypatch.setattr(loop, "ensure_topics", lambda kafka: None)
+    monkeypatch.setattr(loop.ModelSync, "start", lambda self, stop=None: False)  # no broker
     d = Daemon(_settings())
     assert d._connect()
     return d

@@ -70,9 +70,13 @@ _LABEL_VALUES = {
     "reason": "why an event was refused: {reasons}",
     "cause": "why a key left the state store: `ttl` (idle past `state.ttl_seconds`), "
     "`capacity` (LRU beyond `state.max_keys`)",
-    "operation": "the broker call that failed (e.g. poll, produce, commit)",
+    "operation": "the broker call that failed (e.g. poll, produce, commit; `model_topic`: "
+    "reading the model topic, `model_publish`: publishing adopted weights)",
     "result": "outcome of a fine-tuning run: `adopted` (weights swapped in), `rejected` "
-    "(validation gate kept the old weights), `failed` (the run raised)",
+    "(validation gate kept the old weights), `failed` (the run raised); of a model-topic "
+    "record: `published` (by this member's trainer), `adopted` (swapped in), `rejected` "
+    "(integrity or architecture check failed: never served), `stale` (not newer than the "
+    "weights served, e.g. the trainer's own record coming back)",
     "detector": "which detector fired: `adwin` (global, over every key's errors) or "
     "`page_hinkley` (per key; counts the keys that drifted)",
     "version": "the streamlstm release (`streamlstm --version`)",

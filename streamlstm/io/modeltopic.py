@@ -1,0 +1,139 @@
+"""The model topic's bytes: the trainer publishes adopted weights, every member follows.
+
+One compacted partition, one key (:data:`MODEL_KEY`): the newest record is the weights
+the group serves. The values are checkpoint bytes that :mod:`streamlstm.learning.checkpoint`
+encodes and verifies; this module only moves them (no torch here).
+
+The follower is a consumer outside the consumer group (no group id, nothing committed):
+every member reads the whole partition, from the beginning at start-up, then whatever
+arrives, polled with a zero timeout between batches so the loop never waits for it.
+Whether it has read everything is judged against the high watermark the fetches report
+(``highwater()``), not ``end_offsets()``, which some brokers under-count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streamlstm.config import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY = b"model"
+#: Raw records kept while reading the topic from the beginning: the newest valid one is
+#: served, so a few older ones cover a newest one that fails its checks (a topic that
+#: was never compacted can hold every version ever published).
+KEEP_RECORDS = 4
+#: Largest weights record (a checkpoint of a big model is tens of MiB); brokers also cap
+#: it (``max.message.bytes``), and a refusal is logged as a failed publish.
+MAX_RECORD_BYTES = 64 * 2**20
+
+
+class ModelFollower:
+    """Reads the model topic's one partition outside the group."""
+
+    def __init__(self, settings: Settings, topic: str, bootstrap_timeout_ms: int = 5000) -> None:
+        k = settings.kafka
+        self.tp = TopicPartition(topic, 0)
+        self.consumer = KafkaConsumer(
+            **k.client_kwargs(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=MAX_RECORD_BYTES,
+            fetch_max_bytes=MAX_RECORD_BYTES,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
+            bootstrap_timeout_ms=bootstrap_timeout_ms,
+            metrics_enabled=False,
+        )
+        self.consumer.assign([self.tp])
+        self.consumer.seek_to_beginning(self.tp)
+        self.newest: deque[bytes] = deque(maxlen=KEEP_RECORDS)
+
+    def poll(self, timeout_ms: int = 0) -> list[bytes]:
+        """Weights records that arrived, oldest first (tombstones and other keys skipped)."""
+        got = self.consumer.poll(timeout_ms=timeout_ms)
+        values = [
+            r.value
+            for r in got.get(self.tp, [])
+            if r.key == MODEL_KEY and isinstance(r.value, bytes) and r.value
+        ]
+        self.newest.extend(values)
+        return values
+
+    def caught_up(self) -> bool:
+        """Read up to the high watermark the last fetch reported (False before any fetch)."""
+        high = self.consumer.highwater(self.tp)
+        if high is None:
+            return False
+        try:
+            position = self.consumer.position(self.tp, timeout_ms=0)
+        except Exception:
+            return False
+        return position is not None and position >= high
+
+    def read_to_end(self, timeout_s: float, stop: Callable[[], bool] | None = None) -> list[bytes]:
+        """Read from the current position to the high watermark (start-up); returns the
+        newest few records, oldest first. Gives up after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not (stop and stop()):
+            self.poll(timeout_ms=100)
+            if self.caught_up():
+                break
+        else:
+            log.warning(
+                "model topic %s not read to its end within %.0fs; newer weights will be "
+                "adopted when they arrive",
+                self.tp.topic,
+                timeout_s,
+            )
+        return list(self.newest)
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class ModelPublisher:
+    """Produces weights records (acks=all, no idempotence: it must outlive a broker
+    restart, and a repeated record is harmless since members adopt only newer versions)."""
+
+    def __init__(self, settings: Settings, topic: str, bootstrap_timeout_ms: int = 5000) -> None:
+        k = settings.kafka
+        self.topic = topic
+        self.producer = KafkaProducer(
+            **k.client_kwargs(),
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=0,
+            max_block_ms=5000,  # the trainer's supervisor sends: never stall it for long
+            max_request_size=MAX_RECORD_BYTES,
+            compression_type=None if k.compression_type == "none" else k.compression_type,
+            bootstrap_timeout_ms=bootstrap_timeout_ms,
+            metrics_enabled=False,
+        )
+
+    def publish(
+        self, value: bytes, version: int, done: Callable[[BaseException | None], None]
+    ) -> None:
+        """Send one weights record without waiting; ``done(None or error)`` follows."""
+        headers = [("version", str(version).encode())]
+        try:
+            future = self.producer.send(self.topic, key=MODEL_KEY, value=value, headers=headers)
+        except Exception as exc:  # too large, closed, no metadata in time
+            done(exc)
+            return
+
+        def ok(_: Any) -> None:
+            done(None)
+
+        future.add_callback(ok)
+        future.add_errback(done)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        self.producer.close(timeout=timeout_s)
