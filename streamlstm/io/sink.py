@@ -70,7 +70,7 @@ def send_groups(sends: list[Send]) -> list[Group]:
         g = groups[-1]
         g[1].append(key)
         g[2].append(value)
-        g[3].append(headers)  # type: ignore[union-attr]
+        g[3].append(headers)
     return groups
 
 

@@ -137,7 +137,7 @@ def daemon(monkeypatch: pytest.MonkeyPatch) -> Daemon:
     sink = _HeldSink()
     monkeypatch.setattr(loop, "Source", _QueueSource)
     monkeypatch.setattr(loop, "Sink", lambda settings: sink)
-    monkeypatch.setattr(loop, "ensure_topics", lambda kafka: None)
+    monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)
     d = Daemon(_settings())
     assert d._connect()
     return d
