@@ -178,7 +178,7 @@ class ChangelogReader:
         deadline = time.monotonic() + timeout_s
         first = True
         while True:
-            batches = consumer.poll(timeout_ms=200)
+            batches = consumer.poll(timeout_ms=20)
             for rec in batches.get(tp, ()):
                 if first:
                     out.start, first = rec.offset, False
