@@ -233,7 +233,7 @@ def test_a_revoke_writes_everything_and_commits_only_what_was_written() -> None:
 def test_a_failed_revoke_write_commits_nothing_and_marks_the_rows_again() -> None:
     w = _World()
     w.process(random.Random(4))
-    ticket, _ = w.sink.ack(0)
+    w.sink.ack(0)
     w.delivery.check_acks()
     w.sink.flush = lambda timeout_s: False  # type: ignore[method-assign]
     assert w.log.checkpoint(set(w.source.assigned), budget_s=0.1) == {}
