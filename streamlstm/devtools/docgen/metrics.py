@@ -70,7 +70,7 @@ _LABEL_VALUES = {
     "reason": "why an event was refused: {reasons}",
     "cause": "why a key left the state store: `ttl` (idle past `state.ttl_seconds`), "
     "`capacity` (LRU beyond `state.max_keys`)",
-    "operation": "the broker call that failed (e.g. poll, produce, commit)",
+    "operation": "the broker call that failed (e.g. poll, produce, commit, changelog, restore)",
     "result": "outcome of a fine-tuning run: `adopted` (weights swapped in), `rejected` "
     "(validation gate kept the old weights), `failed` (the run raised)",
     "detector": "which detector fired: `adwin` (global, over every key's errors) or "
