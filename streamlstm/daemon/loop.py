@@ -76,6 +76,7 @@ class Daemon:
         self.delivery = Delivery(self.telemetry, settings.engine.max_batch)
         self.guard = EngineGuard()  # a batch failing in the engine goes event by event
         self.partitions = Partitions(settings, self.engine.store, self.delivery, self.telemetry)
+        self.partitions.beat = lambda: setattr(self, "_heartbeat", time.monotonic())
         self.source: Source | None = None
         self.server: MetricsServer | None = None
         self.trainer: BackgroundTrainer | None = None

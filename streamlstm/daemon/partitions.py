@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 from kafka import TopicPartition
@@ -58,6 +59,7 @@ class Partitions:
         self.queued: list[int] = []  # assigned, not restored yet
         self.horizon: dict[int, int] = {}  # partition -> highest offset a held key reflects
         self.reader: ChangelogReader | None = None
+        self.beat: Callable[[], None] | None = None  # the loop's liveness, while restoring
 
     # -- rebalance callbacks (kafka's I/O thread) ------------------------------------------
 
@@ -112,6 +114,8 @@ class Partitions:
                 try:
                     self._restore(partition, source)
                     break
+                except Fatal:
+                    raise
                 except Exception as exc:
                     self.metrics.broker_errors.labels("restore").inc()
                     if attempt == RESTORE_ATTEMPTS:
@@ -127,7 +131,14 @@ class Partitions:
         started = time.monotonic()
         if self.reader is None:
             self.reader = ChangelogReader(topic, self.settings.kafka.client_kwargs())
-        read = self.reader.read(partition, self.settings.state.restore_timeout_seconds)
+        known = self.reader.partitions()
+        if known is not None and partition not in known:
+            raise Fatal(
+                f"the changelog {topic!r} has no partition {partition} (it has {len(known)}): "
+                "it needs one per input partition; recreate it with the input's count"
+            )
+        timeout = self.settings.state.restore_timeout_seconds
+        read = self.reader.read(partition, timeout, self.beat)
         width = self.store.layout.width
         rows = decode(read.values, self.statelog.fingerprint, width)
         rejected = int((~rows.ok).sum())

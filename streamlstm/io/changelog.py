@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,8 +166,11 @@ class ChangelogReader:
         """The changelog topic's partitions (None if the broker does not know it)."""
         return self.consumer.partitions_for_topic(self.topic)
 
-    def read(self, partition: int, timeout_s: float = 60.0) -> Restored:
-        """Every live key of ``partition`` with its newest value."""
+    def read(
+        self, partition: int, timeout_s: float = 60.0, progress: Callable[[], None] | None = None
+    ) -> Restored:
+        """Every live key of ``partition`` with its newest value; ``progress()`` is called
+        after every fetch (the daemon's liveness: a long restore is not a hung loop)."""
         from kafka import TopicPartition
 
         tp = TopicPartition(self.topic, partition)
@@ -185,6 +189,8 @@ class ChangelogReader:
                 latest[rec.key] = rec.value
                 out.records += 1
                 out.bytes += len(rec.value) if rec.value is not None else 0
+            if progress is not None:
+                progress()
             high = consumer.highwater(tp)
             if high is not None and consumer.position(tp, timeout_ms=1000) >= high:
                 out.end = high

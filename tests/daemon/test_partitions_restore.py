@@ -25,12 +25,15 @@ class _Reader:
         self.failures = failures
         self.reads: list[int] = []
 
-    def read(self, partition: int, timeout_s: float) -> Restored:
+    def read(self, partition: int, timeout_s: float, progress: object = None) -> Restored:
         self.reads.append(partition)
         if self.failures:
             self.failures -= 1
             raise TimeoutError("broker away")
         return self.data.get(partition, Restored())
+
+    def partitions(self) -> set[int]:
+        return {0, 1, 2}
 
     def log_start(self, topic: str, partition: int) -> int:
         return 0
@@ -116,3 +119,15 @@ def test_changelog_off_restores_nothing() -> None:
     daemon = Daemon(unit_daemon_settings(TOPIC, **{"state.changelog": "false"}))
     daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
     assert daemon.partitions.statelog is None and daemon.partitions.queued == []
+
+
+def test_a_changelog_without_the_partition_stops_the_daemon_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon = _daemon()
+    reader = _Reader({})
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    daemon.partitions.assigned({TopicPartition(TOPIC, 5)})
+    with pytest.raises(Fatal, match="no partition 5"):
+        daemon.partitions.restore(_source())  # type: ignore[arg-type]
+    assert reader.reads == []
