@@ -132,6 +132,51 @@ class Metrics:
         self.commit_failures = Counter(
             "streamlstm_commit_failures", "Offset commits that failed.", registry=r
         )
+        # Durable key state: the changelog, restores, rebalances.
+        self.changelog_records = Counter(
+            "streamlstm_changelog_records",
+            "Key rows (and tombstones of evicted keys) acknowledged by the state changelog.",
+            registry=r,
+        )
+        self.changelog_bytes = Counter(
+            "streamlstm_changelog_bytes",
+            "Bytes of key rows (values) acknowledged by the state changelog.",
+            registry=r,
+        )
+        self.changelog_rejected = Counter(
+            "streamlstm_changelog_rejected",
+            "Changelog records not restored because their layout (version, fingerprint, "
+            "size) is not this build's: those keys start afresh.",
+            registry=r,
+        )
+        self.state_commit_seconds = Histogram(
+            "streamlstm_state_commit_seconds",
+            "From taking the changed rows to the changelog acknowledging them (the input "
+            "offsets are committed right after).",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.restore_seconds = Histogram(
+            "streamlstm_restore_seconds",
+            "Time to restore one input partition's keys from the changelog.",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.restored_keys = Counter(
+            "streamlstm_restored_keys", "Keys restored from the changelog.", registry=r
+        )
+        self.events_skipped = Counter(
+            "streamlstm_events_skipped",
+            "Re-read events already reflected in their key's restored state: not applied "
+            "again, no output written again (their outputs were acknowledged before).",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "streamlstm_rebalances", "Partition assignments received from the group.", registry=r
+        )
+        self.partitions_owned = Gauge(
+            "streamlstm_partitions_owned", "Input partitions this member holds.", registry=r
+        )
         self.broker_errors = Counter(
             "streamlstm_broker_errors",
             "Errors talking to the broker (the daemon retries with backoff).",

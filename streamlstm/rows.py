@@ -7,6 +7,7 @@ is gathered and written back in one operation each (``streamlstm.state``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -53,6 +54,20 @@ class RowLayout:
             self.columns[name] = slice(start, start + size)
             start += size
         self.width = start
+
+    @property
+    def fingerprint(self) -> int:
+        """A 64-bit digest of the layout (field names, ranges, shapes): a persisted row
+        whose fingerprint differs was written by another layout and must not be read.
+
+        >>> RowLayout((1, 2, 4), 3).fingerprint == RowLayout((1, 2, 4), 3).fingerprint
+        True
+        >>> RowLayout((1, 2, 4), 3).fingerprint == RowLayout((1, 2, 8), 3).fingerprint
+        False
+        """
+        spec = repr((self.state_shape, self.value_width, sorted(self.columns.items())))
+        digest = hashlib.blake2b(spec.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
     def block(self, rows: torch.Tensor, first: str, last: str) -> torch.Tensor:
         """A ``[B, n]`` view of consecutive scalar columns ``first`` .. ``last``."""

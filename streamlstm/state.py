@@ -74,6 +74,9 @@ class KeyedState:
         self.evictions: Counter[str] = Counter()
         self.partition_moves = 0  # held keys seen arriving on another partition
         self.resets: Counter[str] = Counter()
+        # When a list (the daemon's changelog is on): (keys, their partitions) of every
+        # eviction, drained into tombstones.
+        self.evicted: list[tuple[list[str], list[int]]] | None = None
         # Keys freed per eviction at max_keys (0 for small tables: exactly the overflow).
         self.capacity_headroom = int(max_keys * CAPACITY_HEADROOM)
         # partition -> (latest event time, capped by the wall clock; wall time it was seen)
@@ -288,6 +291,8 @@ class KeyedState:
 
     def _free_slots(self, slots: torch.Tensor, cause: str | None) -> list[str]:
         keys = [self._key_of[slot] for slot in slots.tolist()]
+        if cause is not None and keys and self.evicted is not None:
+            self.evicted.append((keys, self.partition[slots].tolist()))
         for key, slot in zip(keys, slots.tolist(), strict=True):
             del self._slot_of[key]
             self._key_of[slot] = None
@@ -325,25 +330,59 @@ class KeyedState:
     def snapshot(self, slots: torch.Tensor) -> list[tuple[str, bytes]]:
         """Serialise keys' state: ``(key, bytes)`` pairs in the :meth:`record_dtype` layout."""
         records = np.zeros(len(slots), dtype=self.record_dtype())
-        records["row"] = self.table[slots].numpy()
-        records["last_ts"] = self.last_ts[slots].numpy()
-        records["offset"] = self.offset[slots].numpy()
-        return [(self._key_of[s], records[i].tobytes()) for i, s in enumerate(slots.tolist())]
+        keys, _, records["row"], records["last_ts"], records["offset"] = self.rows_of(slots)
+        return [(key, records[i].tobytes()) for i, key in enumerate(keys)]
+
+    def rows_of(
+        self, slots: torch.Tensor
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Keys, partitions, rows, last event times and offsets of ``slots`` (copies)."""
+        keys = [self._key_of[s] for s in slots.tolist()]
+        columns = (self.partition, self.table, self.last_ts, self.offset)
+        return keys, *(c.index_select(0, slots).numpy() for c in columns)  # type: ignore[return-value]
 
     def restore(self, items: Iterable[tuple[str, bytes]], partition: int) -> int:
         """Load serialised state (from :meth:`snapshot`) for keys of ``partition``."""
         items = list(items)
-        if not items:
-            return 0
         keys = [key for key, _ in items]
         records = np.frombuffer(b"".join(blob for _, blob in items), dtype=self.record_dtype())
+        return self.load(keys, records["row"], records["last_ts"], records["offset"], partition)
+
+    def load(
+        self,
+        keys: list[str],
+        rows: np.ndarray,
+        last_ts: np.ndarray,
+        offset: np.ndarray,
+        partition: int,
+    ) -> int:
+        """Put restored rows in place for keys of ``partition`` (not dirty: persisted)."""
+        if not keys:
+            return 0
         slots = self.assign(keys, np.zeros(0), np.full(len(keys), partition))
         index = torch.from_numpy(slots)
-        self.table[index] = torch.from_numpy(records["row"].copy())
-        self.last_ts[index] = torch.from_numpy(records["last_ts"].copy())
-        self.offset[index] = torch.from_numpy(records["offset"].copy())
+        self.table[index] = torch.from_numpy(np.array(rows, dtype=np.float32))
+        self.last_ts[index] = torch.from_numpy(np.array(last_ts, dtype=np.float64))
+        self.offset[index] = torch.from_numpy(np.array(offset, dtype=np.int64))
         self.dirty[index] = False
         return len(keys)
+
+    def applied(self, keys: list[str], partition: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """Events already reflected in their key's row: the key is held, from the same
+        partition, at an offset at or above the event's (so it must not be applied again).
+
+        >>> store = KeyedState(state_shape=(1, 2, 2), width=1)
+        >>> _ = store.load(["a"], np.zeros((1, store.layout.width)), [0.0], [5], partition=0)
+        >>> store.applied(["a", "a", "b", "a"], np.array([0, 0, 0, 1]), np.array([5, 6, 1, 1]))
+        array([ True, False, False, False])
+        """
+        slots = np.fromiter(map(self._slot_of.get, keys, repeat(-1)), np.int64, len(keys))
+        held = slots >= 0
+        out = np.zeros(len(keys), dtype=bool)
+        index = slots[held]
+        same = self.partition.numpy()[index] == np.asarray(partition)[held]
+        out[held] = same & (self.offset.numpy()[index] >= np.asarray(offset)[held])
+        return out
 
     def take_dirty(self, partition: int | None = None) -> torch.Tensor:
         """Slots changed since the last call (optionally of one partition); clears the marks."""

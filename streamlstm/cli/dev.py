@@ -187,6 +187,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "  streamlstm bench engine --json     one JSON object, for scripts\n"
         "  streamlstm bench training          inference speed while fine-tuning, vs off\n"
         "  streamlstm bench e2e --batch 50    the daemon vs a bare Kafka consumer, end to end\n"
+        "  streamlstm bench state             restore keys/s; events/s changelog on vs off\n"
         "  streamlstm bench anomaly DIR       NAB-layout corpus: NAB scores, forecast vs naive",
     )
     which = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -245,6 +246,22 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--bootstrap", help="use this Kafka instead of an embedded broker")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.set_defaults(handler=run_bench_e2e)
+    state = which.add_parser(
+        "state",
+        help="restore rate from the state changelog; events/s with it on vs off",
+        description="Writes K keys' rows twice to a changelog partition and restores them as\n"
+        "a member taking the partition over does (keys/s); then runs the daemon over the\n"
+        "same N events with state.changelog off and on (events/s, same run).",
+        formatter_class=Formatter,
+    )
+    state.add_argument(
+        "--restore-keys", type=int, nargs="+", default=[100_000], help="keys per restore run"
+    )
+    state.add_argument("--events", type=int, default=50_000, help="events per throughput run")
+    state.add_argument("--keys", type=int, default=1000, help="distinct keys of those events")
+    state.add_argument("--bootstrap", help="use this Kafka instead of an embedded broker")
+    state.add_argument("--json", action="store_true", help="print one JSON object")
+    state.set_defaults(handler=run_bench_state)
     anomaly = which.add_parser(
         "anomaly",
         help="anomaly scores on a labelled corpus (NAB layout), scored by NAB's rules",
@@ -279,6 +296,16 @@ def run_bench_e2e(args: argparse.Namespace) -> int:
         latency_seconds=args.latency_seconds,
         bootstrap=args.bootstrap,
     )
+    print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
+    return 0
+
+
+def run_bench_state(args: argparse.Namespace) -> int:
+    from streamlstm.devtools.bench_state import bench_state
+    from streamlstm.logs import setup_logging
+
+    setup_logging("WARNING")
+    result = bench_state(tuple(args.restore_keys), args.events, args.keys, args.bootstrap)
     print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
     return 0
 

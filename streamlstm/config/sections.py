@@ -194,6 +194,17 @@ class StateSettings(Section):
     anomaly_min_events: int = Field(
         20, ge=1, description="Errors a key needs before its anomaly score leaves 0."
     )
+    changelog: bool = Field(
+        True,
+        description="Daemon: keep every key's row in a compacted changelog topic, restored "
+        "on restart and rebalance (off: keys start afresh after either).",
+    )
+    changelog_topic: str = Field(
+        "", description="The changelog topic (empty: `<kafka.input_topic>.state`)."
+    )
+    restore_timeout_seconds: float = Field(
+        120.0, gt=0, description="Most time to read one changelog partition when restoring."
+    )
 
 
 class TrainingSettings(Section):
@@ -334,12 +345,21 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"training.model_topic: must differ from the kafka topics ({self.model_topic!r})"
             )
+        if self.state.changelog_topic and self.state.changelog_topic == self.kafka.input_topic:
+            raise ValueError("state.changelog_topic: must not be kafka.input_topic")
         return self
 
     @property
     def model_topic(self) -> str:
         """The model topic: ``training.model_topic``, else ``<kafka.input_topic>.model``."""
         return self.training.model_topic or f"{self.kafka.input_topic}.model"
+
+    @property
+    def changelog_topic(self) -> str | None:
+        """The state changelog topic, None when ``state.changelog`` is off."""
+        if not self.state.changelog:
+            return None
+        return self.state.changelog_topic or f"{self.kafka.input_topic}.state"
 
     @classmethod
     def settings_customise_sources(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from kafka import OffsetAndMetadata, TopicPartition
 
@@ -51,6 +52,9 @@ class Delivery:
         self.tracker = OffsetTracker()
         self.sink: Sink | None = None  # set while connected
         self.paused = False
+        self.sent = 0  # tickets handed to the producer so far
+        self.collected = 0  # of them, fully acknowledged (they finish in order)
+        self.processed: dict[TopicPartition, int] = {}  # next offset past what was sent
         # Stop fetching above this many unacknowledged records; resume at half of it.
         self.pause_above = max(50_000, 8 * max_batch)
 
@@ -58,6 +62,9 @@ class Delivery:
         """Hand one poll's outputs to the producer, without waiting."""
         assert self.sink is not None
         ticket.sent = groups
+        self.sent += 1
+        for tp, end in ticket.ends.items():
+            self.processed[tp] = max(end, self.processed.get(tp, 0))
         self.tracker.add(ticket)
         self.sink.send(ticket, groups)
 
@@ -74,6 +81,7 @@ class Delivery:
             raise Fatal("the producer process failed") from exc
         finished = self.tracker.collect()
         if finished:
+            self.collected += len(finished)
             self.telemetry.acknowledged(finished)
         failed = self.tracker.failed_head()
         if failed is not None:
@@ -143,11 +151,19 @@ class Delivery:
         """Commit what was acknowledged on the partitions owned, without waiting."""
         offsets = self.tracker.uncommitted(source.assigned)
         if offsets:
-            source.commit_async(offsets, self._commit_done)
+            source.commit_async(offsets, self.commit_done)
 
-    def commit_final(self, source: Source, timeout_s: float) -> None:
-        """Commit what was acknowledged and wait (shutdown); a failure is logged."""
-        offsets = self.tracker.uncommitted(source.assigned)
+    def caught_up(self, tp: TopicPartition) -> bool:
+        """Every output of what was sent from ``tp`` is acknowledged."""
+        return tp not in self.processed or self.tracker.acked(tp) >= self.processed[tp]
+
+    def commit_final(
+        self, source: Source, timeout_s: float, offsets: dict[TopicPartition, int] | None = None
+    ) -> None:
+        """Commit what was acknowledged (or ``offsets``) and wait (shutdown); a failure is
+        logged."""
+        if offsets is None:
+            offsets = self.tracker.uncommitted(source.assigned)
         if not offsets:
             return
         try:
@@ -159,9 +175,7 @@ class Delivery:
         self.committed(offsets)
         log.info("committed offsets %s", fmt_offsets(offsets))
 
-    def _commit_done(
-        self, offsets: dict[TopicPartition, OffsetAndMetadata], result: object
-    ) -> None:
+    def commit_done(self, offsets: dict[TopicPartition, OffsetAndMetadata], result: object) -> None:
         if isinstance(result, BaseException):
             self.telemetry.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s); will retry", short(result))
@@ -175,13 +189,20 @@ class Delivery:
 
     # -- rebalances ----------------------------------------------------------------------
 
-    def hand_over(self, revoked: set[TopicPartition], budget_s: float) -> dict[TopicPartition, int]:
+    def hand_over(
+        self,
+        revoked: set[TopicPartition],
+        budget_s: float,
+        checkpoint: Callable[[set[TopicPartition], float], dict[TopicPartition, int]] | None = None,
+    ) -> dict[TopicPartition, int]:
         """Partitions are being revoked: the offsets to commit for them before they go.
 
         Outputs still in flight are flushed and accounted first, so those offsets cover
-        everything this member did with the partitions. Runs in the rebalance listener:
-        a failure is logged, never raised into kafka-python.
+        everything this member did with the partitions. ``checkpoint`` (the changelog on)
+        then persists the keys' rows and says which offsets may be committed. Runs in the
+        rebalance listener: a failure is logged, never raised into kafka-python.
         """
+        started = time.monotonic()
         if self.sink is not None:
             self.sink.flush(budget_s)
         try:
@@ -189,12 +210,23 @@ class Delivery:
         except Exception:
             log.exception("accounting acknowledgements during a rebalance")
         offsets = self.tracker.uncommitted(revoked)
-        self.tracker.forget(revoked)
+        if checkpoint is not None:
+            try:
+                offsets = checkpoint(revoked, max(0.0, budget_s - (time.monotonic() - started)))
+            except Exception:
+                log.exception("writing the state changelog during a rebalance")
+                offsets = {}
+        self.forget(revoked)
         return offsets
 
     def drop(self, lost: set[TopicPartition]) -> None:
         """Partitions were lost (membership expired): never commit them again."""
-        self.tracker.forget(lost)
+        self.forget(lost)
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        self.tracker.forget(partitions)
+        for tp in partitions:
+            self.processed.pop(tp, None)
 
     def close_sink(self, timeout_s: float) -> None:
         if self.sink is not None:

@@ -36,6 +36,7 @@ from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
 from streamlstm.daemon.guard import EngineGuard, merged
 from streamlstm.daemon.modelsync import ModelSync
+from streamlstm.daemon.partitions import Partitions
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.engine import Engine
 from streamlstm.events import Decoder, EventBatch
@@ -76,6 +77,8 @@ class Daemon:
         self.live = self.telemetry.live
         self.delivery = Delivery(self.telemetry, settings.engine.max_batch)
         self.guard = EngineGuard()  # a batch failing in the engine goes event by event
+        self.partitions = Partitions(settings, self.engine.store, self.delivery, self.telemetry)
+        self.partitions.beat = lambda: setattr(self, "_heartbeat", time.monotonic())
         self.source: Source | None = None
         self.server: MetricsServer | None = None
         self.models = ModelSync(self.engine, settings, self.metrics)  # trainer role, weights
@@ -88,7 +91,6 @@ class Daemon:
         self._last_commit = 0.0
         self._last_gauges = 0.0
         self._last_status = time.monotonic()
-        self._owned: set[int] = set()  # input partitions this member holds keys of
         # /healthz fails once the loop has not turned this long (stuck in the engine, on a
         # full pipe to a hung producer, in a shutdown that hangs).
         self.liveness_seconds = settings.metrics.liveness_seconds
@@ -164,7 +166,7 @@ class Daemon:
             self._heartbeat = time.monotonic()
             try:
                 if k.create_topics:
-                    ensure_topics(k)
+                    ensure_topics(k, changelog_topic=self.settings.changelog_topic)
                 self.delivery.sink = Sink(self.settings)
                 self.source = Source(
                     self.settings,
@@ -212,6 +214,7 @@ class Daemon:
         except Exception as exc:
             self._broker_trouble("poll", exc)
             return
+        self.partitions.restore(self.source)  # new partitions' keys, before their records
         if polled is not None:
             self._last_contact = time.monotonic()
             try:
@@ -220,9 +223,14 @@ class Daemon:
                 raise Fatal("processing a batch failed") from exc
         now = time.monotonic()
         self.models.turn(now)
-        if now - self._last_commit >= self.settings.kafka.commit_interval_ms / 1000:
-            self.delivery.commit_async(self.source)
+        due = now - self._last_commit >= self.settings.kafka.commit_interval_ms / 1000
+        if due:
             self._last_commit = now
+        statelog = self.partitions.statelog
+        if statelog is not None:  # rows to the changelog first, offsets after them
+            statelog.advance(self.source, due)
+        elif due:
+            self.delivery.commit_async(self.source)
         if now - self._last_gauges >= GAUGE_SECONDS:
             self._check_contact(now)
             self.telemetry.gauges(self.engine, self._lag(), self.ready())
@@ -236,6 +244,11 @@ class Daemon:
         """Decode, predict, send; everything this poll sent becomes one ticket."""
         assert self.delivery.sink is not None
         batch, rejections = self.decoder.decode(polled.payloads)
+        applied = self.partitions.skip(
+            batch.keys, polled.partition[batch.source], polled.offset[batch.source]
+        )
+        if applied is not None:  # re-read events the restored state already reflects
+            batch = batch.take(np.flatnonzero(~applied))
         ticket = Ticket(ends=polled.ends, polled_at=polled.polled_at, event_ts=batch.ts)
         groups: list[Group] = []
         if len(batch):
@@ -316,36 +329,19 @@ class Daemon:
     # -- poll() or close(), so no batch is half-processed when they run -----------------
 
     def _on_revoke(self, revoked: set[TopicPartition]) -> dict[TopicPartition, int]:
-        """Account and return what may be committed; the keys stay until the new set."""
+        """Flush, write the changelog, and return what may be committed."""
         budget = 5.0
         if self._deadline is not None:
             budget = max(0.0, min(budget, self._deadline - time.monotonic()))
-        return self.delivery.hand_over(revoked, budget)
+        return self.partitions.revoke(revoked, budget)
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """The whole new assignment: forget the keys of partitions that moved on.
-
-        With the (default, eager) protocol every rebalance revokes all partitions and
-        then assigns the new set, so a partition given straight back keeps its keys.
-        """
-        self._forget(self._owned - {tp.partition for tp in assigned})
-        self._owned = {tp.partition for tp in assigned}
-        self.models.owned(self._owned)
+        self.partitions.assigned(assigned)
+        self.models.owned(self.partitions.owned)
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
-        """Membership expired: another member owns these now, from their last commit."""
-        self.delivery.drop(lost)
-        gone = {tp.partition for tp in lost}
-        self._forget(gone)
-        self._owned -= gone
-        self.models.owned(self._owned)
-
-    def _forget(self, partitions: set[int]) -> None:
-        """Drop the key state and lag series of partitions another member now owns."""
-        for partition in sorted(partitions):
-            dropped = self.engine.store.drop_partition(partition)
-            self.telemetry.forget_partition(partition)
-            log.info("partition %d moved away: forgot %d keys", partition, len(dropped))
+        self.partitions.lost(lost)
+        self.models.owned(self.partitions.owned)
 
     # -- shutdown --------------------------------------------------------------------
 
@@ -367,7 +363,10 @@ class Daemon:
                 delivery.check_acks()
             except Fatal as exc:
                 log.warning("producer: %s", exc)
-            delivery.commit_final(self.source, left(1.5))
+            offsets = None
+            if self.partitions.statelog is not None:  # the rows first, then the offsets
+                offsets = self.partitions.statelog.checkpoint(self.source.assigned, left(2.0))
+            delivery.commit_final(self.source, left(1.5), offsets)
             if delivery.tracker.pending_sends:
                 log.warning(
                     "%d records were not acknowledged before exit; their input offsets are "
@@ -389,4 +388,5 @@ class Daemon:
             except Exception as exc:
                 log.warning("consumer close: %s", exc)
             self.source = None
+        self.partitions.close()
         self.delivery.close_sink(budget(1.0))

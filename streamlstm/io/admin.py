@@ -11,8 +11,14 @@ log = logging.getLogger(__name__)
 _TOPIC_ALREADY_EXISTS = 36
 
 
-def ensure_topics(kafka: KafkaSettings, timeout_s: float = 10.0, connect_s: float = 3.0) -> None:
-    """Create the input, output and dead-letter topics unless they exist.
+def ensure_topics(
+    kafka: KafkaSettings,
+    timeout_s: float = 10.0,
+    connect_s: float = 3.0,
+    changelog_topic: str | None = None,
+) -> None:
+    """Create the input, output and dead-letter topics unless they exist, and then the
+    compacted state changelog (``changelog_topic``) with the input's partition count.
 
     Existing topics are left as they are; new ones get ``kafka.partitions`` partitions.
     An unreachable broker fails after ``connect_s`` (the daemon retries with backoff).
@@ -22,14 +28,43 @@ def ensure_topics(kafka: KafkaSettings, timeout_s: float = 10.0, connect_s: floa
     topics = dict.fromkeys(
         (kafka.input_topic, kafka.output_topic, kafka.dead_letter_topic), kafka.partitions
     )
-    create_topics(
-        bootstrap,
-        topics,
-        replication_factor=kafka.replication_factor,
-        timeout_s=timeout_s,
-        bootstrap_timeout_ms=int(connect_s * 1000),
+    common = {
+        "replication_factor": kafka.replication_factor,
+        "timeout_s": timeout_s,
+        "bootstrap_timeout_ms": int(connect_s * 1000),
         **kwargs,
-    )
+    }
+    create_topics(bootstrap, topics, **common)
+    if changelog_topic:
+        partitions = partition_count(bootstrap, kafka.input_topic, **common) or kafka.partitions
+        create_topics(
+            bootstrap,
+            {changelog_topic: partitions},
+            configs={changelog_topic: COMPACTED},
+            exact=True,
+            **common,
+        )
+
+
+# A changelog keeps the newest record of each key; a tombstone goes after a day.
+COMPACTED = {"cleanup.policy": "compact", "delete.retention.ms": "86400000"}
+
+
+def partition_count(bootstrap: str, topic: str, **client_kwargs: Any) -> int | None:
+    """Partitions of ``topic`` (None if the broker does not say)."""
+    from kafka import KafkaAdminClient
+
+    client_kwargs.pop("replication_factor", None)
+    timeout_s = client_kwargs.pop("timeout_s", 10.0)
+    client_kwargs.setdefault("request_timeout_ms", int(timeout_s * 1000))
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
+    try:
+        for desc in admin.describe_topics([topic]):
+            if desc["name"] == topic and desc["partitions"]:
+                return len(desc["partitions"])
+        return None
+    finally:
+        admin.close()
 
 
 def ensure_model_topic(
@@ -44,7 +79,7 @@ def ensure_model_topic(
         {topic: 1},
         replication_factor=kafka.replication_factor,
         timeout_s=timeout_s,
-        configs={"cleanup.policy": "compact"},
+        configs={topic: {"cleanup.policy": "compact"}},
         bootstrap_timeout_ms=int(connect_s * 1000),
         **kwargs,
     )
@@ -56,16 +91,17 @@ def create_topics(
     *,
     replication_factor: int = -1,
     timeout_s: float = 30.0,
-    configs: dict[str, str] | None = None,
+    configs: dict[str, dict[str, str]] | None = None,
+    exact: bool = False,
     **client_kwargs: Any,
 ) -> None:
     """Create ``topics`` (name -> partition count) unless they already exist.
 
-    ``replication_factor=-1`` takes the broker's default; ``configs`` (e.g.
-    ``{"cleanup.policy": "compact"}``) apply to every topic created. Extra keyword arguments
+    ``replication_factor=-1`` takes the broker's default. Extra keyword arguments
     go to :class:`kafka.KafkaAdminClient` (security settings, client_id, ...). An
     existing topic is left as it is (a warning is logged if it has fewer
-    partitions than asked for).
+    partitions than asked for; with ``exact``, an error when the count differs at all).
+    ``configs``: topic configurations by topic name (e.g. ``cleanup.policy``).
     """
     if not topics:
         return
@@ -80,7 +116,7 @@ def create_topics(
             name: {
                 "num_partitions": int(n),
                 "replication_factor": replication_factor,
-                **({"configs": dict(configs)} if configs else {}),
+                "configs": (configs or {}).get(name, {}),
             }
             for name, n in topics.items()
         }
@@ -100,7 +136,15 @@ def create_topics(
         if existing:
             for desc in admin.describe_topics(existing):
                 have, want = len(desc["partitions"]), topics[desc["name"]]
-                if have < want:
+                if exact and have != want:
+                    log.error(
+                        "topic %r has %d partitions, but must have %d (one per input "
+                        "partition): keys of the others are not kept",
+                        desc["name"],
+                        have,
+                        want,
+                    )
+                elif have < want:
                     log.warning(
                         "topic %r exists with %d partitions (asked for %d)",
                         desc["name"],

@@ -145,6 +145,11 @@ class OffsetTracker:
                 if tp in wanted and self._committed.get(tp, -1) < off
             }
 
+    def acked(self, tp: TopicPartition) -> int:
+        """The offset up to which every output of ``tp`` is acknowledged (-1: none)."""
+        with self._lock:
+            return self._acked.get(tp, -1)
+
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         with self._lock:
             for tp, off in offsets.items():

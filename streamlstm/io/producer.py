@@ -11,7 +11,8 @@ Frames are pickled tuples, one ``send_bytes`` each:
 parent -> child
     ``("config", producer_kwargs)``           first frame: build the producer
     ``("send", seq, groups)``                  groups: ``[(topic, keys, values, headers)]``,
-                                               ``headers`` None or one list per record
+                                               ``headers`` None or one list per record; an
+                                               optional 5th item: explicit partitions
     ``("flush", token, timeout_s)``
     ``("close", timeout_s)``
 child -> parent
@@ -26,7 +27,8 @@ The child ends when the parent closes its end of the socket (the parent exited o
 died), when its parent process changes, or after ``close``. It ignores SIGINT and
 SIGTERM: the daemon decides when to flush and stop.
 
-Partitioning: a keyed record goes to the partition Kafka's default partitioner picks
+Partitioning: a group with explicit partitions (the state changelog) goes there; else
+a keyed record goes to the partition Kafka's default partitioner picks
 (murmur2 of the key bytes, as the Java clients), computed once per key and cached
 (:class:`PartitionCache`), so ``send`` skips the partitioner.
 """
@@ -51,7 +53,8 @@ from kafka.partitioner.default import murmur2
 ACK_INTERVAL_S = 0.001  # how often completed sends are looked for while some are pending
 PARENT_CHECK_S = 1.0
 
-Group = tuple[str, list[bytes | None], list[bytes | None], list[Any] | None]
+# (topic, keys, values, headers), and optionally explicit partitions as a 5th item.
+Group = tuple[Any, ...]
 
 
 def dumps(obj: Any) -> bytes:
@@ -122,13 +125,15 @@ class _Child:
         futures: list[Any] = []
         producer = self.producer
         send = producer.send
-        for topic, keys, values, headers in groups:
+        for group in groups:
+            topic, keys, values, headers = group[:4]
             try:
                 available = producer.partitions_for(topic)  # waits for metadata if new
             except Exception as exc:  # no metadata in max_block_ms: each record fails
                 futures.extend(_Failed(exc) for _ in keys)
                 continue
-            parts = self.cache.partitions(topic, keys, available or ())
+            explicit = group[4] if len(group) > 4 else None
+            parts = explicit or self.cache.partitions(topic, keys, available or ())
             if headers is None:
                 for k, v, p in zip(keys, values, parts, strict=True):
                     futures.append(_send_one(send, topic, k, v, None, p))

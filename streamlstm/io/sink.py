@@ -70,7 +70,7 @@ def send_groups(sends: list[Send]) -> list[Group]:
         g = groups[-1]
         g[1].append(key)
         g[2].append(value)
-        g[3].append(headers)  # type: ignore[union-attr]
+        g[3].append(headers)
     return groups
 
 
@@ -197,7 +197,7 @@ class Sink:
                 ticket.pending -= sum(len(g[1]) for g in groups)
                 if failures:
                     for g, i, error, retriable in failures:
-                        topic, keys, values, headers = groups[g]
+                        topic, keys, values, headers = groups[g][:4]
                         ticket.failed.append(
                             (topic, keys[i], values[i], headers[i] if headers else None)
                         )

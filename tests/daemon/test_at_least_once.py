@@ -28,9 +28,15 @@ P0, P1, P2 = (TopicPartition(TOPIC, p) for p in range(3))
 
 
 def _settings() -> Settings:
+    # The output half of the protocol alone (the state half, rows before offsets, is
+    # tests/daemon/test_statelog.py): commits follow acknowledgements directly.
     return unit_daemon_settings(
         TOPIC,
-        **{"kafka.commit_interval_ms": "0", "kafka.poll_timeout_ms": "0"},  # commit each turn
+        **{
+            "kafka.commit_interval_ms": "0",  # commit each turn
+            "kafka.poll_timeout_ms": "0",
+            "state.changelog": "false",
+        },
     )
 
 
@@ -137,7 +143,7 @@ def daemon(monkeypatch: pytest.MonkeyPatch) -> Daemon:
     sink = _HeldSink()
     monkeypatch.setattr(loop, "Source", _QueueSource)
     monkeypatch.setattr(loop, "Sink", lambda settings: sink)
-    monkeypatch.setattr(loop, "ensure_topics", lambda kafka: None)
+    monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)
     monkeypatch.setattr(loop.ModelSync, "start", lambda self, stop=None: False)  # no broker
     d = Daemon(_settings())
     assert d._connect()

@@ -123,7 +123,7 @@ def test_rebalance_callbacks_forget_the_keys_of_partitions_that_moved_away(
 ) -> None:
     monkeypatch.setattr(loop, "Source", _FakeSource)
     monkeypatch.setattr(loop, "Sink", lambda settings: _fake_sink())
-    monkeypatch.setattr(loop, "ensure_topics", lambda kafka: None)
+    monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)
     monkeypatch.setattr(loop.ModelSync, "start", lambda self, stop=None: False)  # no broker
     daemon = Daemon(_settings())
     assert daemon._connect()

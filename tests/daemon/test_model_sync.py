@@ -119,7 +119,7 @@ def test_the_role_follows_input_partition_0(
     monkeypatch.setattr(loop, "Source", _FakeSource)
     sink = SimpleNamespace(flush=lambda timeout_s: True, poll_acks=lambda: None)
     monkeypatch.setattr(loop, "Sink", lambda settings: sink)
-    monkeypatch.setattr(loop, "ensure_topics", lambda kafka: None)
+    monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)
     daemon = Daemon(_settings(**{"training.enabled": "true", "training.executor": "thread"}))
     assert daemon._connect() and daemon.models.started
     listener = _Listener(daemon.source)  # type: ignore[arg-type]

@@ -280,12 +280,22 @@ def test_topics_are_created_before_the_daemon_starts(clean_env: pytest.MonkeyPat
         if match and "--create" in script:
             created[match.group(1)] = line
     k = settings.kafka
-    wanted = {k.input_topic, k.output_topic, k.dead_letter_topic, settings.model_topic}
+    wanted = {
+        k.input_topic,
+        k.output_topic,
+        k.dead_letter_topic,
+        settings.model_topic,
+        settings.changelog_topic,
+    }
     for topic in wanted:
         assert topic in created, f"kafka-init does not create {topic!r}"
         assert re.search(r"--partitions\s+[1-9]\d*", created[topic]), f"{topic}: no partitions"
     model = created[settings.model_topic]  # newest weights only, one writer, read whole
     assert "--partitions 1 " in model and "cleanup.policy=compact" in model, model
+    changelog = created[str(settings.changelog_topic)]  # compacted, one partition per input's
+    assert "cleanup.policy=compact" in changelog
+    count = re.compile(r"--partitions\s+(\d+)")
+    assert count.search(changelog).group(1) == count.search(created[k.input_topic]).group(1)  # type: ignore[union-attr]
     assert set(created) == wanted, f"kafka-init creates topics no setting names: {created}"
     init_deps = services()[KAFKA_INIT]["depends_on"]
     assert init_deps[KAFKA]["condition"] == "service_healthy"

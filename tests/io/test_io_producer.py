@@ -145,3 +145,35 @@ def test_the_child_exits_when_the_parent_dies(kafka_tools: KafkaTools) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+@pytest.mark.integration
+def test_explicit_partitions_and_tombstones_land_where_told(kafka_tools: KafkaTools) -> None:
+    """The state changelog's groups: each record to the partition given, None as a tombstone;
+    read back through :class:`~streamlstm.io.changelog.ChangelogReader` (last record per
+    key wins, a tombstone deletes, on a log no compaction touched)."""
+    from streamlstm.io.changelog import ChangelogReader, groups
+
+    prefix = f"sink-{uuid.uuid4().hex[:8]}"
+    topic = f"{prefix}-in.state"
+    kafka_tools.create({topic: 3})
+    sink = Sink(_settings(kafka_tools, prefix))
+    try:
+        ticket = Ticket({}, polled_at=0.0)
+        sink.send(
+            ticket, groups(topic, ["a", "b", "a", "c"], [2, 2, 2, 0], [b"1", b"2", b"3", b"4"])
+        )
+        sink.send(ticket, groups(topic, ["b"], [2], [None]))
+        assert sink.flush(30) and ticket.done() and not ticket.failed
+    finally:
+        sink.close(5)
+    reader = ChangelogReader(topic, {"bootstrap_servers": [kafka_tools.bootstrap]})
+    try:
+        two = reader.read(2, timeout_s=30)
+        assert dict(zip(two.keys, two.values, strict=True)) == {"a": b"3"}
+        assert two.records == 4 and two.end == 4
+        assert reader.read(0, timeout_s=30).keys == ["c"]
+        empty = reader.read(1, timeout_s=30)
+        assert empty.keys == [] and empty.records == 0 and empty.end == 0
+    finally:
+        reader.close()

@@ -70,8 +70,8 @@ _LABEL_VALUES = {
     "reason": "why an event was refused: {reasons}",
     "cause": "why a key left the state store: `ttl` (idle past `state.ttl_seconds`), "
     "`capacity` (LRU beyond `state.max_keys`)",
-    "operation": "the broker call that failed (e.g. poll, produce, commit; `model_topic`: "
-    "reading the model topic, `model_publish`: publishing adopted weights)",
+    "operation": "the broker call that failed (e.g. poll, produce, commit, changelog, restore; "
+    "`model_topic`: reading the model topic, `model_publish`: publishing adopted weights)",
     "result": "outcome of a fine-tuning run: `adopted` (weights swapped in), `rejected` "
     "(validation gate kept the old weights), `failed` (the run raised); of a model-topic "
     "record: `published` (by this member's trainer), `adopted` (swapped in), `rejected` "

@@ -1,0 +1,220 @@
+"""Partition ownership: keys come in with a partition (restored) and go out with it.
+
+kafka-python calls the rebalance callbacks on its I/O thread while the loop waits in
+``poll()``, so they only account and queue: revoked partitions are flushed, their rows
+written to the changelog and their offsets committed (:meth:`Partitions.revoke`); newly
+assigned ones are queued, and the loop restores them (:meth:`Partitions.restore`) right
+after that ``poll()`` returns and *before* it processes any record: a record of a
+partition is never applied to a key whose state is not loaded yet. While a restore
+runs, nothing polls, so no rebalance can interleave with it; a partition revoked before
+its queued restore ran is simply taken off the queue.
+
+Restoring reads the changelog partition with a consumer outside the group from its start
+to the high watermark of the fetch responses (never compaction-dependent: the last record
+of a key wins, a tombstone deletes), then loads the rows. Re-read events at or below a
+restored key's offset are skipped (:meth:`Partitions.skip`), checked only while a
+partition's polled offsets can still be at or below the highest restored offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+from kafka import TopicPartition
+
+from streamlstm.config import Settings
+from streamlstm.daemon.delivery import Delivery, Fatal, short
+from streamlstm.daemon.statelog import StateLog
+from streamlstm.daemon.telemetry import Telemetry
+from streamlstm.io import Source
+from streamlstm.io.changelog import ChangelogReader, decode
+from streamlstm.state import KeyedState
+
+log = logging.getLogger(__name__)
+
+RESTORE_ATTEMPTS = 3
+
+
+class Partitions:
+    """The input partitions this member holds, and their keys' way in and out."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: KeyedState,
+        delivery: Delivery,
+        telemetry: Telemetry,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.delivery = delivery
+        self.telemetry = telemetry
+        self.metrics = telemetry.metrics
+        topic = settings.changelog_topic
+        self.statelog = StateLog(topic, store, delivery, self.metrics) if topic else None
+        self.owned: set[int] = set()
+        self.queued: list[int] = []  # assigned, not restored yet
+        self.horizon: dict[int, int] = {}  # partition -> highest offset a held key reflects
+        self.reader: ChangelogReader | None = None
+        self.beat: Callable[[], None] | None = None  # the loop's liveness, while restoring
+
+    # -- rebalance callbacks (kafka's I/O thread) ------------------------------------------
+
+    def revoke(self, revoked: set[TopicPartition], budget_s: float) -> dict[TopicPartition, int]:
+        """Flush, write the changelog, say what to commit; the keys stay until the new set."""
+        checkpoint = self.statelog.checkpoint if self.statelog else None
+        offsets = self.delivery.hand_over(revoked, budget_s, checkpoint)
+        self.queued = [p for p in self.queued if p not in {tp.partition for tp in revoked}]
+        return offsets
+
+    def assigned(self, assigned: set[TopicPartition]) -> None:
+        """The whole new assignment (eager protocol: a partition given straight back keeps
+        its keys); partitions new to this member are queued for restoring."""
+        parts = {tp.partition for tp in assigned}
+        self.metrics.rebalances.inc()
+        self.metrics.partitions_owned.set(len(parts))
+        self.forget(self.owned - parts)
+        new = parts - self.owned
+        self.owned = parts
+        if self.statelog is not None:
+            self.statelog.owned = set(parts)
+            for p in parts - new:  # kept in memory: maybe ahead of the committed offset
+                self._set_horizon(p)
+            self.queued += sorted(new - set(self.queued))
+
+    def lost(self, lost: set[TopicPartition]) -> None:
+        """Membership expired: another member owns these now, from their last commit."""
+        self.delivery.drop(lost)
+        gone = {tp.partition for tp in lost}
+        self.forget(gone)
+        self.owned -= gone
+        self.metrics.partitions_owned.set(len(self.owned))
+
+    def forget(self, partitions: set[int]) -> None:
+        """Drop the key state and lag series of partitions another member now owns."""
+        if self.statelog is not None:
+            self.statelog.drop(partitions)
+        self.queued = [p for p in self.queued if p not in partitions]
+        for partition in sorted(partitions):
+            self.horizon.pop(partition, None)
+            dropped = self.store.drop_partition(partition)
+            self.telemetry.forget_partition(partition)
+            log.info("partition %d moved away: forgot %d keys", partition, len(dropped))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def restore(self, source: Source) -> None:
+        """Restore every queued partition still assigned (the loop, after ``poll``)."""
+        while self.queued:
+            partition = self.queued[0]
+            for attempt in range(1, RESTORE_ATTEMPTS + 1):
+                try:
+                    self._restore(partition, source)
+                    break
+                except Fatal:
+                    raise
+                except Exception as exc:
+                    self.metrics.broker_errors.labels("restore").inc()
+                    if attempt == RESTORE_ATTEMPTS:
+                        raise Fatal(f"restoring partition {partition} failed") from exc
+                    log.warning("restoring partition %d: %s; retrying", partition, short(exc))
+                    self._close_reader()
+                    time.sleep(0.5 * attempt)
+            self.queued.pop(0)
+
+    def _restore(self, partition: int, source: Source) -> None:
+        topic = self.settings.changelog_topic
+        assert topic is not None and self.statelog is not None
+        started = time.monotonic()
+        if self.reader is None:
+            self.reader = ChangelogReader(topic, self.settings.kafka.client_kwargs())
+        known = self.reader.partitions()
+        if known is not None and partition not in known:
+            raise Fatal(
+                f"the changelog {topic!r} has no partition {partition} (it has {len(known)}): "
+                "it needs one per input partition; recreate it with the input's count"
+            )
+        timeout = self.settings.state.restore_timeout_seconds
+        read = self.reader.read(partition, timeout, self.beat)
+        width = self.store.layout.width
+        rows = decode(read.values, self.statelog.fingerprint, width)
+        rejected = int((~rows.ok).sum())
+        keys = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if ok]
+        self.store.load(keys, rows.rows, rows.last_ts, rows.offset, partition)
+        self._set_horizon(partition)
+        seconds = time.monotonic() - started
+        self.metrics.restore_seconds.observe(seconds)
+        self.metrics.restored_keys.inc(len(keys))
+        if rejected:
+            self.metrics.changelog_rejected.inc(rejected)
+            log.error(
+                "changelog %s[%d]: %d records written by another row layout or version "
+                "(an upgrade changed what a key's row holds): those keys start afresh",
+                *(topic, partition, rejected),
+            )
+        log.info(
+            "partition %d: restored %d keys from %d changelog records (%d bytes, offsets "
+            "%d..%d) in %.2fs",
+            *(partition, len(keys), read.records, read.bytes, read.start, read.end, seconds),
+        )
+        self._check_log_start(partition, source)
+
+    def _check_log_start(self, partition: int, source: Source) -> None:
+        """Say so loudly when the group's offset is below the input's first offset."""
+        assert self.reader is not None
+        tp = TopicPartition(source.topic, partition)
+        try:
+            committed = source.consumer.committed(tp)
+        except Exception as exc:
+            log.debug("committed offset of %s: %s", tp, exc)
+            return
+        start = self.reader.log_start(source.topic, partition)
+        if committed is not None and start is not None and committed < start:
+            log.error(
+                "partition %d: the committed offset %d is below the log start %d: events "
+                "%d..%d were deleted (retention) before this group read them; the keys' "
+                "state misses them",
+                *(partition, committed, start, committed, start - 1),
+            )
+
+    def _set_horizon(self, partition: int) -> None:
+        slots = self.store.slots_of_partition(partition)
+        if len(slots):
+            self.horizon[partition] = int(self.store.offset[slots].max())
+        else:
+            self.horizon.pop(partition, None)
+
+    def skip(self, keys: list[str], partition: np.ndarray, offset: np.ndarray) -> np.ndarray | None:
+        """Mask of events already applied (None: none can be). Counted."""
+        if not self.horizon:
+            return None
+        check = False
+        for p, high in list(self.horizon.items()):
+            mine = partition == p
+            if not mine.any():
+                continue
+            if offset[mine].min() > high:
+                del self.horizon[p]  # offsets only grow from here on
+            else:
+                check = True
+        if not check:
+            return None
+        applied = self.store.applied(keys, partition, offset)
+        skipped = int(applied.sum())
+        if skipped:
+            self.metrics.events_skipped.inc(skipped)
+        return applied if skipped else None
+
+    def _close_reader(self) -> None:
+        if self.reader is not None:
+            try:
+                self.reader.close()
+            except Exception as exc:
+                log.debug("changelog reader close: %s", exc)
+            self.reader = None
+
+    def close(self) -> None:
+        self._close_reader()

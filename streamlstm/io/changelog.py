@@ -1,0 +1,222 @@
+"""The state changelog: one compacted record per stream key, the key's row as of an offset.
+
+Record key = the stream key (UTF-8), partition = the input partition the key's events
+come from (written explicitly: the changelog has the input's partition count, and a
+member restoring input partition ``p`` reads changelog partition ``p`` only). The value
+is a fixed binary layout, little-endian, no padding::
+
+    magic "SL" (2) | version (1) | layout fingerprint (8) | last event time f64 (8)
+    | input offset the row reflects i64 (8) | the row, float32 x width
+
+A value whose length, magic, version or fingerprint is not the expected one (an upgrade
+changed the row layout; a foreign writer; a truncated record) is *rejected*: that key
+starts afresh and is counted, it is never misread. ``None`` (a tombstone) marks a key
+evicted (TTL or capacity). No torch here: rows travel as numpy arrays.
+
+Why the daemon may write a row (:mod:`streamlstm.daemon.statelog`): a row written here
+only ever reflects events whose outputs were already acknowledged, and input offsets
+are committed only after the rows are. So after any crash the restored state is at or
+ahead of the committed offset, and every event it reflects already has its output: the
+re-read events at or below a key's stored offset are skipped, the rest are predicted.
+
+>>> rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+>>> blobs = encode(7, rows, np.array([1.5, 2.5]), np.array([10, 11]))
+>>> len(blobs[0]) == record_size(3)
+True
+>>> out = decode([blobs[1], b"junk", blobs[0]], fingerprint=7, width=3)
+>>> out.ok.tolist(), out.offset.tolist(), out.rows[0].tolist()
+([True, False, True], [11, 10], [3.0, 4.0, 5.0])
+>>> decode(blobs, fingerprint=8, width=3).ok.tolist()  # another layout: never misread
+[False, False]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x4C53  # b"SL" little-endian
+VERSION = 1
+_HEADER = [
+    ("magic", "<u2"),
+    ("version", "u1"),
+    ("fingerprint", "<u8"),
+    ("last_ts", "<f8"),
+    ("offset", "<i8"),
+]
+
+
+def record_dtype(width: int) -> np.dtype:
+    """The value layout of a row of ``width`` float32s (packed, little-endian)."""
+    return np.dtype([*_HEADER, ("row", "<f4", (width,))])
+
+
+def record_size(width: int) -> int:
+    """Bytes of one changelog value: 27 of header, 4 per float of the row."""
+    return record_dtype(width).itemsize
+
+
+def encode(
+    fingerprint: int, rows: np.ndarray, last_ts: np.ndarray, offset: np.ndarray
+) -> list[bytes]:
+    """One value per row of ``rows`` ([N, width] float32)."""
+    n, width = rows.shape
+    records = np.empty(n, dtype=record_dtype(width))
+    records["magic"] = MAGIC
+    records["version"] = VERSION
+    records["fingerprint"] = fingerprint
+    records["last_ts"] = last_ts
+    records["offset"] = offset
+    records["row"] = rows
+    data = records.tobytes()
+    size = records.dtype.itemsize
+    return [data[i : i + size] for i in range(0, n * size, size)]
+
+
+@dataclass
+class Decoded:
+    """Values decoded in bulk: ``ok[i]`` says whether value ``i`` was readable; the
+    arrays hold the readable ones only, in order."""
+
+    ok: np.ndarray  # bool [N]
+    rows: np.ndarray  # float32 [n_ok, width]
+    last_ts: np.ndarray  # float64 [n_ok]
+    offset: np.ndarray  # int64 [n_ok]
+
+
+def decode(values: list[bytes], fingerprint: int, width: int) -> Decoded:
+    """Decode values of one layout; anything else is rejected (``ok`` False), never raised."""
+    dtype = record_dtype(width)
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    ok = lengths == dtype.itemsize
+    sized = [values[i] for i in np.flatnonzero(ok).tolist()] if not ok.all() else values
+    records = np.frombuffer(b"".join(sized), dtype=dtype)
+    valid = (
+        (records["magic"] == MAGIC)
+        & (records["version"] == VERSION)
+        & (records["fingerprint"] == np.uint64(fingerprint))
+    )
+    ok[ok] = valid
+    records = records[valid]
+    return Decoded(
+        ok,
+        records["row"].astype(np.float32, copy=True).reshape(len(records), width),
+        records["last_ts"].astype(np.float64),
+        records["offset"].astype(np.int64),
+    )
+
+
+def groups(
+    topic: str, keys: list[str], partitions: list[int], values: list[bytes | None]
+) -> list[tuple[str, list[bytes | None], list[bytes | None], None, list[int]]]:
+    """Changelog records as one producer group with explicit partitions (see
+    :mod:`streamlstm.io.producer`)."""
+    encoded: list[bytes | None] = [k.encode() for k in keys]
+    return [(topic, encoded, values, None, partitions)]
+
+
+class RestoreError(RuntimeError):
+    """A changelog partition could not be read to its end in time."""
+
+
+@dataclass
+class Restored:
+    """The newest value of every live key of one changelog partition."""
+
+    keys: list[str] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+    records: int = 0  # records read (every version of every key, tombstones included)
+    bytes: int = 0
+    end: int = 0  # the high watermark read up to
+    start: int = 0  # the first offset read (above 0: compaction or retention removed some)
+
+
+class ChangelogReader:
+    """A consumer outside the group that reads changelog partitions from the start.
+
+    The end is the high watermark reported by the fetch responses themselves (not
+    ``end_offsets()``, which some brokers under-count). Works on a log that was never
+    compacted: the last record of each key wins, a tombstone deletes.
+    """
+
+    def __init__(self, topic: str, client_kwargs: dict[str, Any]) -> None:
+        from kafka import KafkaConsumer
+
+        self.topic = topic
+        self.consumer = KafkaConsumer(
+            **client_kwargs,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 << 20,
+            fetch_max_bytes=64 << 20,
+            max_poll_records=100_000,
+            fetch_max_wait_ms=10,  # an empty or finished partition answers at once
+            metrics_enabled=False,
+        )
+
+    def partitions(self) -> set[int] | None:
+        """The changelog topic's partitions (None if the broker does not know it)."""
+        return self.consumer.partitions_for_topic(self.topic)
+
+    def read(
+        self, partition: int, timeout_s: float = 60.0, progress: Callable[[], None] | None = None
+    ) -> Restored:
+        """Every live key of ``partition`` with its newest value; ``progress()`` is called
+        after every fetch (the daemon's liveness: a long restore is not a hung loop)."""
+        from kafka import TopicPartition
+
+        tp = TopicPartition(self.topic, partition)
+        consumer = self.consumer
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        latest: dict[bytes, bytes | None] = {}
+        out = Restored()
+        deadline = time.monotonic() + timeout_s
+        first = True
+        while True:
+            batches = consumer.poll(timeout_ms=20)
+            for rec in batches.get(tp, ()):
+                if first:
+                    out.start, first = rec.offset, False
+                latest[rec.key] = rec.value
+                out.records += 1
+                out.bytes += len(rec.value) if rec.value is not None else 0
+            if progress is not None:
+                progress()
+            high = consumer.highwater(tp)
+            if high is not None and consumer.position(tp, timeout_ms=1000) >= high:
+                out.end = high
+                break
+            if time.monotonic() > deadline:
+                raise RestoreError(
+                    f"{self.topic}[{partition}] not read to its end in {timeout_s:.0f}s "
+                    f"({out.records} records read, high watermark {high})"
+                )
+        consumer.assign([])
+        for key, value in latest.items():
+            if value is not None and key is not None:
+                out.keys.append(key.decode("utf-8", "replace"))
+                out.values.append(value)
+        return out
+
+    def log_start(self, topic: str, partition: int) -> int | None:
+        """The first offset still in ``topic[partition]`` (None if unknown)."""
+        from kafka import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        try:
+            return self.consumer.beginning_offsets([tp]).get(tp)
+        except Exception as exc:
+            log.debug("beginning offset of %s: %s", tp, exc)
+            return None
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)

@@ -1,0 +1,133 @@
+"""Restore and the skip rule with a fake changelog reader (no broker)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import unit_daemon_settings
+from kafka import TopicPartition
+
+import streamlstm.daemon.partitions as partitions_module
+from streamlstm.daemon import Daemon
+from streamlstm.daemon.delivery import Fatal
+from streamlstm.io.changelog import Restored, encode
+
+TOPIC = "in"
+
+
+class _Reader:
+    """Serves prepared changelog partitions; fails the first ``failures`` reads."""
+
+    def __init__(self, data: dict[int, Restored], failures: int = 0) -> None:
+        self.data = data
+        self.failures = failures
+        self.reads: list[int] = []
+
+    def read(self, partition: int, timeout_s: float, progress: object = None) -> Restored:
+        self.reads.append(partition)
+        if self.failures:
+            self.failures -= 1
+            raise TimeoutError("broker away")
+        return self.data.get(partition, Restored())
+
+    def partitions(self) -> set[int]:
+        return {0, 1, 2}
+
+    def log_start(self, topic: str, partition: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _daemon() -> Daemon:
+    return Daemon(unit_daemon_settings(TOPIC))
+
+
+def _source() -> SimpleNamespace:
+    return SimpleNamespace(
+        topic=TOPIC, consumer=SimpleNamespace(committed=lambda tp: 0), assigned=set()
+    )
+
+
+def _changelog(daemon: Daemon, rows: dict[str, int]) -> Restored:
+    """One record per key, its row reflecting offset ``rows[key]``, plus junk and a tombstone."""
+    store = daemon.engine.store
+    n = len(rows)
+    values = encode(
+        store.layout.fingerprint,
+        np.full((n, store.layout.width), 0.5, np.float32),
+        np.zeros(n),
+        np.array(list(rows.values())),
+    )
+    return Restored(keys=[*rows, "junk"], values=[*values, b"\x00" * 9], records=n + 2)
+
+
+def test_restore_loads_rows_and_skips_applied_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = _daemon()
+    parts = daemon.partitions
+    reader = _Reader({1: _changelog(daemon, {"a": 10, "b": 3})})
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    parts.assigned({TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)})
+    assert parts.queued == [0, 1]
+    parts.restore(_source())  # type: ignore[arg-type]
+    assert parts.queued == [] and reader.reads == [0, 1]
+    store = daemon.engine.store
+    assert sorted(store.keys()) == ["a", "b"] and int(store.offset[store.slot("a")]) == 10
+    assert daemon.metrics.changelog_rejected._value.get() == 1  # the junk record, counted
+    # Re-read events: at or below the key's offset (same partition) are skipped.
+    keys = ["a", "a", "b", "b", "c"]
+    mask = parts.skip(keys, np.array([1, 1, 1, 1, 1]), np.array([9, 11, 3, 4, 2]))
+    assert mask is not None and mask.tolist() == [True, False, True, False, False]
+    assert daemon.metrics.events_skipped._value.get() == 2
+    # Once a partition's polled offsets pass every restored offset, nothing is checked.
+    assert parts.skip(["a"], np.array([1]), np.array([11])) is None
+    assert 1 not in parts.horizon
+
+
+def test_a_revoke_before_the_restore_ran_takes_it_off_the_queue() -> None:
+    daemon = _daemon()
+    parts = daemon.partitions
+    p0, p1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+    parts.assigned({p0, p1})
+    parts.lost({p1})
+    assert parts.queued == [0]
+    daemon.delivery.sink = SimpleNamespace(flush=lambda t: True, poll_acks=lambda: None)
+    parts.revoke({p0}, 0.1)
+    assert parts.queued == []
+
+
+def test_a_failing_restore_is_retried_then_stops_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(partitions_module.time, "sleep", lambda s: None)
+    daemon = _daemon()
+    reader = _Reader({}, failures=2)
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
+    daemon.partitions.restore(_source())  # type: ignore[arg-type]
+    assert reader.reads == [0, 0, 0]
+    reader.failures = 5
+    daemon.partitions.assigned({TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 2)})
+    with pytest.raises(Fatal):
+        daemon.partitions.restore(_source())  # type: ignore[arg-type]
+
+
+def test_changelog_off_restores_nothing() -> None:
+    daemon = Daemon(unit_daemon_settings(TOPIC, **{"state.changelog": "false"}))
+    daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
+    assert daemon.partitions.statelog is None and daemon.partitions.queued == []
+
+
+def test_a_changelog_without_the_partition_stops_the_daemon_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon = _daemon()
+    reader = _Reader({})
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    daemon.partitions.assigned({TopicPartition(TOPIC, 5)})
+    with pytest.raises(Fatal, match="no partition 5"):
+        daemon.partitions.restore(_source())  # type: ignore[arg-type]
+    assert reader.reads == []
