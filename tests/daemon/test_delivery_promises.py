@@ -381,3 +381,12 @@ def test_short_names_the_exception_once_and_stays_under_200_characters() -> None
 
 def test_fmt_offsets_lists_partitions_in_order() -> None:
     assert fmt_offsets({P1: 7, P0: 3}) == "in[0]@3, in[1]@7"
+
+
+def test_a_delivery_never_connected_has_nothing_to_account_flush_or_close() -> None:
+    delivery = Delivery(Telemetry(Metrics(), 10.0, 0), max_batch=100)
+    assert delivery.sink is None
+    assert delivery.check_acks() == 0
+    assert delivery.hand_over({P0}, budget_s=1.0) == {}
+    delivery.close_sink(timeout_s=1.0)
+    assert delivery.sink is None
