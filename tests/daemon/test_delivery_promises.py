@@ -390,3 +390,74 @@ def test_a_delivery_never_connected_has_nothing_to_account_flush_or_close() -> N
     assert delivery.hand_over({P0}, budget_s=1.0) == {}
     delivery.close_sink(timeout_s=1.0)
     assert delivery.sink is None
+
+
+def test_the_final_commit_covers_only_the_partitions_owned() -> None:
+    delivery, sink = _delivery()
+    source = FakeSource()
+    source.assigned = {P1}
+    sink.ack(_send(delivery, {P0: 5, P1: 7}))
+    delivery.check_acks()
+    delivery.commit_final(source, timeout_s=1.0)
+    assert source.commits == [{P1: 7}]
+
+
+def test_a_stop_for_refused_records_names_up_to_three_of_the_errors() -> None:
+    delivery, sink = _delivery()
+    ticket = _send(delivery, {P0: 1})
+    sink.fail(ticket, retriable=False)
+    ticket.errors = ["D", "B", "A", "C", "A"]
+    ticket.attempts = SEND_ATTEMPTS - 1
+    with pytest.raises(Fatal) as refused:
+        delivery.resend(ticket)
+    assert "(A; B; C)" in str(refused.value) and "D" not in str(refused.value)
+
+
+# -- what the operator reads ----------------------------------------------------------
+
+
+def _messages(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_resend_logs_how_many_why_which_attempt_and_what_is_repeated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    delivery, sink = _delivery()
+    head = _send(delivery, {P0: 1})
+    _send(delivery, {P0: 3}, records=2)
+    sink.fail(head, error="KafkaTimeoutError: expired")
+    with caplog.at_level("WARNING", logger="streamlstm.daemon.delivery"):
+        delivery.check_acks()
+    assert (
+        "1 records were not acknowledged (KafkaTimeoutError: expired); sending them again"
+        " (attempt 2), and the 2 records sent after them" in _messages(caplog)
+    )
+
+
+def test_pausing_logs_how_many_records_wait(caplog: pytest.LogCaptureFixture) -> None:
+    delivery, _sink = _delivery()
+    delivery.pause_above = 10
+    _send(delivery, {P0: 1}, records=11)
+    with caplog.at_level("WARNING", logger="streamlstm.daemon.delivery"):
+        delivery.apply_backpressure(FakeSource())
+    assert "11 records await acknowledgement" in _messages(caplog)
+
+
+def test_commit_logs_name_the_offsets_and_the_reason_of_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    delivery, sink = _delivery()
+    source = FakeSource()
+    sink.ack(_send(delivery, {P0: 5, P1: 2}))
+    delivery.check_acks()
+    with caplog.at_level("INFO", logger="streamlstm.daemon.delivery"):
+        source.commit_error = RuntimeError("coordinator moved")
+        delivery.commit_async(source)
+        delivery.commit_final(source, timeout_s=1.0)
+        source.commit_error = None
+        delivery.commit_final(source, timeout_s=1.0)
+    text = _messages(caplog)
+    assert "offset commit failed (RuntimeError: coordinator moved)" in text
+    assert "final commit failed (coordinator moved)" in text
+    assert "committed offsets in[0]@5, in[1]@2" in text
