@@ -226,9 +226,12 @@ def test_checkpoints_keep_the_configured_number_and_record_the_losses(tmp_path: 
     saved = load_checkpoint(checkpoint_path(tmp_path / "ckpt", 3))
     assert saved.metrics["validation_loss"] == pytest.approx(outcome.validation_loss)
     assert saved.config["training"]["keep_checkpoints"] == 2
+    assert saved.config["training"]["checkpoint_dir"] == str(tmp_path / "ckpt")  # JSON, not Path
 
 
-def test_a_failed_checkpoint_write_keeps_the_adoption(tmp_path: Path) -> None:
+def test_a_failed_checkpoint_write_keeps_the_adoption(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "ckpt"
     blocker.write_text("a file where the directory should be")
     tuner = _tuner(_settings(tmp_path))
@@ -236,6 +239,10 @@ def test_a_failed_checkpoint_write_keeps_the_adoption(tmp_path: Path) -> None:
     outcome = tuner.run(_Reader())
     assert outcome.result == "adopted" and tuner.version == outcome.version == 1
     assert outcome.checkpoint_error is not None and outcome.weights is not None
+    assert outcome.checkpoint_error.split(":")[0].endswith("Error")  # the exception's type
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"adopted weights v1 are served but could not be checkpointed in {blocker}" in logged
+    assert outcome.checkpoint_error in logged
 
 
 # -- the training half of a run, with the TBPTT step scripted ---------------------------
@@ -249,10 +256,12 @@ class _ScriptedSteps:
         self.losses = list(losses)
         self.batches: list[int] = []
         self.rates: list[float] = []
+        self.decays: list[float] = []
 
     def __call__(self, model, optimizer, batch, burn_in, tbptt, clip, clip_norm):
         self.batches.append(len(batch))
         self.rates.append(optimizer.param_groups[0]["lr"])
+        self.decays.append(optimizer.param_groups[0]["weight_decay"])
         return self.losses.pop(0) if self.losses else [1.0] * 3
 
 
@@ -318,14 +327,17 @@ def test_a_non_finite_training_loss_fails_the_run_and_discards_the_candidate(
             p.add_(1.0)  # what a diverging step would have left behind
     outcome = tuner.run(_Reader(length=11))
     assert outcome.result == "failed" and "FloatingPointError" in (outcome.error or "")
+    assert outcome.version == tuner.version == 0 and 0 <= outcome.seconds < 60
     assert _same({k: v.clone() for k, v in tuner.trainee.state_dict().items()}, _serving(tuner))
     assert outcome.learning_rate == tuner.learning_rate
 
 
 def test_a_cancelled_run_stops_before_its_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     steps = _ScriptedSteps([])
-    tuner = _chunked(monkeypatch, steps)
-    tuner.cancel = SimpleNamespace(is_set=lambda: True)
+    monkeypatch.setattr(gate, "tbptt_update", steps)
+    settings = _settings(**CHUNKED)
+    model = RecurrentModel.from_settings(settings.model)
+    tuner = FineTuner(model, settings, cancel=SimpleNamespace(is_set=lambda: True))
     outcome = tuner.run(_Reader(length=11))
     assert steps.batches == [] and outcome.steps == 0
 
@@ -424,3 +436,50 @@ def test_weights_survive_the_trip_between_processes() -> None:
     assert (
         RunOutcome("adopted", 1, weights=weights).state_dict().keys() == model.state_dict().keys()
     )
+
+
+def test_fine_tuning_never_changes_the_model_it_was_given() -> None:
+    settings = _settings()
+    model = RecurrentModel.from_settings(settings.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuner = FineTuner(model, settings)
+    _candidate(tuner, bias=TARGET)
+    assert tuner.run(_Reader()).result == "adopted"  # the engine swaps the weights in itself
+    assert _same(model.state_dict(), before)
+
+
+def test_the_gate_does_not_score_the_burn_in_steps() -> None:
+    class BurnInNoise(_Reader):
+        """Targets during burn-in that no model should be judged on."""
+
+        def sample(self, n_train, n_val, generator, cut=-1):  # type: ignore[no-untyped-def]
+            train, val, rows = super().sample(n_train, n_val, generator, cut)
+            val.y[:2] = 50.0  # the 2 burn-in steps
+            return train, val, rows
+
+    tuner = _tuner(_settings())
+    _candidate(tuner, bias=TARGET)
+    outcome = tuner.run(BurnInNoise())
+    assert outcome.result == "adopted" and outcome.validation_loss < 1e-6
+
+
+def test_adam_uses_the_configured_weight_decay(monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = _ScriptedSteps([])
+    tuner = _chunked(monkeypatch, steps, **{"training.weight_decay": "0.01"})
+    tuner.run(_Reader(length=11))
+    assert steps.decays and set(steps.decays) == {0.01}
+
+
+def test_a_checkpoint_records_the_training_loss_of_the_run_that_made_the_candidate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = _ScriptedSteps([[3.0, 2.0, 1.0]])
+    monkeypatch.setattr(gate, "tbptt_update", steps)
+    tuner = _tuner(_settings(tmp_path, **{**CHUNKED, "training.steps_per_run": "3"}))
+    reader = _Reader(length=11)
+    first = tuner.run(reader)
+    assert first.result == "trained" and first.train_loss == pytest.approx(2.0)
+    _candidate(tuner, bias=TARGET)
+    assert tuner.run(reader).result == "adopted"
+    saved = load_checkpoint(checkpoint_path(tmp_path / "ckpt", 1))
+    assert saved.metrics["train_loss"] == pytest.approx(2.0)
