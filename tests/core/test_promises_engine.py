@@ -77,3 +77,14 @@ def test_std_unit_error_uses_the_std_from_before_the_event() -> None:
     # The outliers really are scored by the std before them: large, and clipped for b.
     assert scaled[keys.index("a") + 2 * 8] > 3.0
     assert scaled[keys.index("b") + 2 * 5] > clip / WIDTH
+
+
+def test_leader_shares_cover_every_forecaster_and_sum_to_one_over_live_keys() -> None:
+    engine = _engine()
+    empty = engine.leader_shares()
+    assert empty and set(empty.values()) == {0.0}  # no keys yet: every share is zero
+    series = np.arange(10.0)[:, None] * np.ones((1, WIDTH))
+    engine.process(EventBatch.from_arrays(["only"] * 10, np.arange(10.0), series))
+    shares = engine.leader_shares()
+    assert shares.keys() == empty.keys()
+    assert sorted(shares.values()) == [0.0] * (len(shares) - 1) + [1.0]  # one key, one leader
