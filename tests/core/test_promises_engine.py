@@ -88,3 +88,39 @@ def test_leader_shares_cover_every_forecaster_and_sum_to_one_over_live_keys() ->
     shares = engine.leader_shares()
     assert shares.keys() == empty.keys()
     assert sorted(shares.values()) == [0.0] * (len(shares) - 1) + [1.0]  # one key, one leader
+
+
+class _RecordingLearner:
+    """A learner that keeps what the engine hands it, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.begins: list[tuple[int, int]] = []
+        self.steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # slots, label, count
+        self.ends = 0
+
+    def begin(self, events: int, capacity: int) -> None:
+        self.begins.append((events, capacity))
+
+    def record(self, step) -> None:  # type: ignore[no-untyped-def]
+        label, count = step.label_prev.numpy().copy(), step.count.numpy().copy()
+        self.steps.append((step.slots.numpy().copy(), label, count))
+
+    def end(self) -> None:
+        self.ends += 1
+
+
+def test_the_learner_gets_each_event_once_labelled_in_the_previous_steps_std_units() -> None:
+    engine = _engine()
+    learner = _RecordingLearner()
+    engine.attach_learner(learner)
+    values = np.random.default_rng(5).normal(size=(9, WIDTH)) * [1.0, 10.0, 100.0]
+    engine.process(EventBatch.from_arrays(["k"] * 9, np.arange(9.0), values))
+    assert learner.begins == [(9, engine.store.capacity)] and learner.ends == 1
+    assert [int(count[0]) for _, _, count in learner.steps] == list(range(1, 10))
+    labels = np.stack([label[0] for _, label, _ in learner.steps])
+    assert np.all(labels[0] == 0.0)  # a first event has no previous step to label
+    for t in range(1, 9):  # the move to event t in the std of the events before it
+        past = values[:t].astype(np.float64)
+        std = np.sqrt(past.var(0) + 1e-14 * past.mean(0) ** 2 + 1e-30)
+        expected = (values[t] - values[t - 1]) / std
+        np.testing.assert_allclose(labels[t], expected, rtol=1e-4)
