@@ -124,3 +124,15 @@ def test_the_learner_gets_each_event_once_labelled_in_the_previous_steps_std_uni
         std = np.sqrt(past.var(0) + 1e-14 * past.mean(0) ** 2 + 1e-30)
         expected = (values[t] - values[t - 1]) / std
         np.testing.assert_allclose(labels[t], expected, rtol=1e-4)
+
+
+def test_the_typical_step_follows_a_keys_last_hundred_moves() -> None:
+    """``engine.max_step`` caps a move at a multiple of the key's typical step: an
+    average that forgets (window 100), so a key that starts moving more gets room."""
+    engine = _engine()
+    moves = np.r_[np.ones(100), np.full(200, 10.0)] * np.where(np.arange(300) % 2, 1.0, -1.0)
+    values = np.cumsum(moves)[:, None] * np.ones((1, WIDTH))
+    engine.process(EventBatch.from_arrays(["k"] * 300, np.arange(300.0), values))
+    row = engine.store.table[[engine.store.slot("k")]]
+    typical = engine.store.layout.field(row, "step")
+    assert torch.all(typical > 8.0), typical  # about 8.8; a plain mean of all moves: 7
