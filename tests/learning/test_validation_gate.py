@@ -8,7 +8,9 @@ model (zero head: pure persistence) scores 0.25 on it; a candidate whose head bi
 
 from __future__ import annotations
 
+import io
 import math
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -485,3 +487,30 @@ def test_a_checkpoint_records_the_training_loss_of_the_run_that_made_the_candida
     assert tuner.run(reader).result == "adopted"
     saved = load_checkpoint(checkpoint_path(tmp_path / "ckpt", 1))
     assert saved.metrics["train_loss"] == pytest.approx(2.0)
+
+
+class _Payload:
+    """Not a tensor: unpickling it would run code of the sender's choosing."""
+
+
+def test_weights_from_another_process_are_loaded_without_running_code() -> None:
+    buffer = io.BytesIO()
+    torch.save({"head.bias": _Payload()}, buffer)
+    with pytest.raises(pickle.UnpicklingError):
+        weights_from_bytes(buffer.getvalue())
+
+
+def test_the_serving_weights_are_not_scored_on_the_burn_in_steps_either() -> None:
+    class EasyBurnIn(_Reader):
+        """Burn-in steps that persistence (the serving weights) gets exactly right."""
+
+        def sample(self, n_train, n_val, generator, cut=-1):  # type: ignore[no-untyped-def]
+            train, val, rows = super().sample(n_train, n_val, generator, cut)
+            val.y[:2] = 0.0
+            return train, val, rows
+
+    tuner = _tuner(_settings())
+    _candidate(tuner, bias=0.05)  # 0.2025 after burn-in, against the serving weights' 0.25
+    outcome = tuner.run(EasyBurnIn())
+    assert outcome.serving_loss == pytest.approx(0.25, rel=1e-4)
+    assert outcome.result == "adopted"
