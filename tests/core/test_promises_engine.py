@@ -96,6 +96,7 @@ class _RecordingLearner:
     def __init__(self) -> None:
         self.begins: list[tuple[int, int]] = []
         self.steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # slots, label, count
+        self.own: list[np.ndarray | None] = []  # explicit labels, when events carry a target
         self.ends = 0
 
     def begin(self, events: int, capacity: int) -> None:
@@ -104,6 +105,7 @@ class _RecordingLearner:
     def record(self, step) -> None:  # type: ignore[no-untyped-def]
         label, count = step.label_prev.numpy().copy(), step.count.numpy().copy()
         self.steps.append((step.slots.numpy().copy(), label, count))
+        self.own.append(None if step.own_label is None else step.own_label.numpy().copy())
 
     def end(self) -> None:
         self.ends += 1
@@ -136,3 +138,45 @@ def test_the_typical_step_follows_a_keys_last_hundred_moves() -> None:
     row = engine.store.table[[engine.store.slot("k")]]
     typical = engine.store.layout.field(row, "step")
     assert torch.all(typical > 8.0), typical  # about 8.8; a plain mean of all moves: 7
+
+
+def test_with_max_step_the_network_moves_at_most_that_many_typical_steps() -> None:
+    engine = _engine(**{"engine.max_step": "0.5"})
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3.0)
+    engine.offer_weights(engine.model.state_dict(), 1)  # a network that wants big moves
+    values = np.random.default_rng(4).normal(size=(40, WIDTH))
+    engine.process(EventBatch.from_arrays(["k"] * 40, np.arange(40.0), values))
+    row = engine.store.table[[engine.store.slot("k")]]
+    field = engine.store.layout.field
+    moved = (field(row, "net_pending") - torch.as_tensor(values[-1:])).abs()
+    limit = 0.5 * field(row, "step")
+    assert torch.all(moved <= limit * (1 + 1e-5)), (moved, limit)
+    assert torch.any(moved >= limit * (1 - 1e-5))  # the cap was reached: it was needed
+
+
+def test_an_explicit_target_scores_each_keys_prediction_against_its_own_target() -> None:
+    engine = _engine()
+    rng = np.random.default_rng(6)
+    warm = rng.normal(size=(20, WIDTH))
+    engine.process(EventBatch.from_arrays(["a", "b"] * 10, np.arange(20.0), warm))
+    values = rng.normal(size=(2, WIDTH))
+    target = values + np.array([[0.5] * WIDTH, [-3.0] * WIDTH])
+    out = engine.process(EventBatch.from_arrays(["a", "b"], [20.0, 20.0], values, target))
+    expected = np.abs(out.prediction - target.astype(np.float32)).mean(1)
+    np.testing.assert_allclose(out.error, expected, rtol=1e-5)
+    assert abs(out.error[0] - out.error[1]) > 1.0  # two keys, two different errors
+
+
+def test_an_explicit_target_reaches_the_learner_as_the_events_own_label() -> None:
+    engine = _engine()
+    learner = _RecordingLearner()
+    engine.attach_learner(learner)
+    values = np.random.default_rng(8).normal(size=(6, WIDTH))
+    engine.process(EventBatch.from_arrays(["k"] * 6, np.arange(6.0), values))
+    assert learner.own == [None] * 6
+    upward = values[-1:] + 1.0  # each feature's target above its value
+    engine.process(EventBatch.from_arrays(["k"], [6.0], values[-1:], upward))
+    own = learner.own[-1]
+    assert own is not None and np.all(own > 0)
