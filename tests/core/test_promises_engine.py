@@ -164,8 +164,9 @@ def test_an_explicit_target_scores_each_keys_prediction_against_its_own_target()
     values = rng.normal(size=(2, WIDTH))
     target = values + np.array([[0.5] * WIDTH, [-3.0] * WIDTH])
     out = engine.process(EventBatch.from_arrays(["a", "b"], [20.0, 20.0], values, target))
-    expected = np.abs(out.prediction - target.astype(np.float32)).mean(1)
-    np.testing.assert_allclose(out.error, expected, rtol=1e-5)
+    diff = out.prediction - target.astype(np.float32)
+    np.testing.assert_allclose(out.error, np.abs(diff).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(out.squared_error, (diff * diff).mean(1), rtol=1e-5)
     assert abs(out.error[0] - out.error[1]) > 1.0  # two keys, two different errors
 
 
@@ -180,3 +181,10 @@ def test_an_explicit_target_reaches_the_learner_as_the_events_own_label() -> Non
     engine.process(EventBatch.from_arrays(["k"], [6.0], values[-1:], upward))
     own = learner.own[-1]
     assert own is not None and np.all(own > 0)
+
+
+def test_an_engine_built_from_a_model_serves_version_0() -> None:
+    engine = _engine()
+    fresh = Engine(engine.model, engine.settings)
+    out = fresh.process(EventBatch.from_arrays(["k"], [0.0], np.zeros((1, WIDTH))))
+    assert fresh.model_version == out.model_version == 0
