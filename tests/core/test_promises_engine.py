@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from streamlstm.config import load_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
+from streamlstm.learning.checkpoint import CheckpointError, architecture, save_checkpoint
 
 WIDTH = 3
 
@@ -188,3 +192,19 @@ def test_an_engine_built_from_a_model_serves_version_0() -> None:
     fresh = Engine(engine.model, engine.settings)
     out = fresh.process(EventBatch.from_arrays(["k"], [0.0], np.zeros((1, WIDTH))))
     assert fresh.model_version == out.model_version == 0
+
+
+def test_an_engine_resumes_a_checkpoint_of_its_architecture_and_refuses_another(
+    tmp_path: Path,
+) -> None:
+    saved = _engine(**{"training.checkpoint_dir": str(tmp_path)})
+    settings = saved.settings
+    save_checkpoint(tmp_path, saved.model.state_dict(), architecture(saved.model, settings), 7)
+    resumed = Engine.from_settings(settings)
+    assert resumed.model_version == 7
+    assert torch.equal(resumed.model.head.weight, saved.model.head.weight)
+    other_inputs = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"inputs": "change"})}
+    )
+    with pytest.raises(CheckpointError, match="inputs"):
+        Engine.from_settings(other_inputs)
