@@ -208,3 +208,18 @@ def test_an_engine_resumes_a_checkpoint_of_its_architecture_and_refuses_another(
     )
     with pytest.raises(CheckpointError, match="inputs"):
         Engine.from_settings(other_inputs)
+
+
+def test_the_network_sees_a_spike_no_further_than_the_input_clip() -> None:
+    """Two spikes both beyond ``engine.input_clip`` standard deviations reach the network
+    as the same clipped input: the recurrent state after them is the same."""
+    history = np.random.default_rng(9).normal(size=(149, WIDTH))
+    states = []
+    for spike in (30.0, 1e6):  # about 11 and 12 std after the scaler takes them in
+        engine = _engine()
+        assert engine.settings.engine.input_clip < 11
+        values = np.r_[history, np.full((1, WIDTH), spike)]
+        engine.process(EventBatch.from_arrays(["k"] * 150, np.arange(150.0), values))
+        row = engine.store.table[[engine.store.slot("k")]]
+        states.append(engine.store.layout.field(row, "recurrent").clone())
+    torch.testing.assert_close(states[0], states[1])
