@@ -238,3 +238,16 @@ def test_one_batch_over_three_partitions_advances_each_to_its_own_latest_time() 
     assert store.watermark() == 1000.0  # the slowest partition holds it
     store.drop_partition(0)
     assert store.watermark() == 2000.0
+
+
+def test_a_partition_silent_for_over_one_percent_of_the_ttl_stops_holding_the_watermark() -> None:
+    clock = Clock(NOW)
+    store = make(clock)  # TTL 100 s: a partition is idle after 1 s of wall time
+    feed(store, ["slow"], 1000.0, partition=0)
+    feed(store, ["fast"], 5000.0, partition=1)
+    clock.now = NOW + 0.5
+    feed(store, ["fast"], 5001.0, partition=1)
+    assert store.watermark() == 1000.0  # silent for 0.5 s: still holds it
+    clock.now = NOW + 2.0
+    feed(store, ["fast"], 5002.0, partition=1)
+    assert store.watermark() == 5002.0  # silent for 2 s: idle
