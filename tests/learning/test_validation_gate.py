@@ -214,7 +214,7 @@ def test_adoption_is_not_checkpointed_when_the_trainer_is_told_not_to(tmp_path: 
     )
     _candidate(tuner, bias=TARGET)
     assert tuner.run(_Reader()).result == "adopted"
-    assert list_checkpoints(tmp_path / "ckpt") == [] if (tmp_path / "ckpt").exists() else True
+    assert not (tmp_path / "ckpt").exists() or list_checkpoints(tmp_path / "ckpt") == []
 
 
 def test_checkpoints_keep_the_configured_number_and_record_the_losses(tmp_path: Path) -> None:
