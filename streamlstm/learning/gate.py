@@ -104,6 +104,7 @@ class FineTuner:
         # on rows that arrived in between; a rejected one restarts from the serving weights.
         self.trainee = copy.deepcopy(self.serving)
         self.candidate_ready = False
+        self.candidate_train_loss = math.nan  # the candidate's, recorded in its checkpoint
         self.cut = -1  # rows up to here were available when the candidate was trained
         t = settings.training
         self.optimizer = torch.optim.Adam(
@@ -176,6 +177,7 @@ class FineTuner:
         if losses:
             tail = losses[-chunks:]
             outcome.train_loss = sum(tail) / len(tail)
+        self.candidate_train_loss = outcome.train_loss
         return outcome
 
     def _gate(self, outcome: RunOutcome, val: Windows) -> None:
@@ -219,7 +221,7 @@ class FineTuner:
                 self.version,
                 config=self.settings.model_dump(mode="json"),
                 metrics={
-                    "train_loss": outcome.train_loss,
+                    "train_loss": self.candidate_train_loss,
                     "validation_loss": outcome.validation_loss,
                 },
                 keep=t.keep_checkpoints,

@@ -88,3 +88,19 @@ def test_an_absurd_value_scores_high_and_leaves_the_statistics_finite() -> None:
     score = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1e30]), 0.5, 0.01, 20)
     assert 0.5 < float(score) < 1.0
     assert all(bool(torch.isfinite(t).all()) for t in vars(stats).values())
+
+
+def test_a_keys_score_does_not_depend_on_a_new_key_sharing_its_batch() -> None:
+    """A batch with a key's first error takes another path; the other keys must not notice."""
+    rng = np.random.default_rng(3)
+    history = list(np.abs(rng.normal(size=40)))
+    alone = _stats_after(history)
+    score_alone = anomaly.update(alone, torch.tensor([5.0]), torch.zeros(1), 0.5, 0.01, 20)
+    old = _stats_after(history)
+    shared = anomaly.AnomalyStats.zeros(2)
+    for name in ("short", "mean", "var", "count", "peak"):
+        getattr(shared, name)[0] = getattr(old, name)[0]
+    scores = anomaly.update(shared, torch.tensor([5.0, 1.0]), torch.zeros(2), 0.5, 0.01, 20)
+    assert float(scores[0]) == float(score_alone[0])
+    torch.testing.assert_close(shared.short[0], alone.short[0])
+    assert shared.short[1].tolist() == [1.0] * shared.short.shape[1]  # starts at its error

@@ -215,3 +215,11 @@ def test_the_last_second_of_year_9999_is_a_valid_time() -> None:
     batch, rejected = Decoder(width=2).decode([enc({**GOOD, "ts": MAX_TS})])
     assert len(batch) == 1 and not rejected
     assert Decoder(width=2).max_message_bytes == 1_048_576  # the documented default
+
+
+def test_a_rejected_elements_dead_letter_keeps_the_nan_literal_the_sender_used() -> None:
+    message = b'[{"key": "a", "ts": 1, "values": [NaN, 1, 2]}, {"key": "b", "ts": 1}]'
+    _, rejected = Decoder(width=2, max_message_bytes=1000).decode([message])
+    by_element = {r.element: r for r in rejected}
+    assert by_element[0].reason == "wrong_width"
+    assert by_element[0].payload is not None and b"NaN" in by_element[0].payload

@@ -150,3 +150,15 @@ def test_a_new_key_reflects_no_offset_and_no_partition_yet() -> None:
     store.offset[slot] = 41
     store.assign(["b"], np.zeros(1))  # a is evicted; b reuses its slot
     assert int(store.offset[slot]) == -1 and int(store.partition[slot]) == -1
+
+
+def test_a_poisoned_row_is_found_and_reset_without_the_caller_passing_rows() -> None:
+    engine = _engine()
+    engine.process(EventBatch.from_arrays(["a", "b"], [T0, T0], np.ones((2, 1))))
+    store = engine.store
+    a, b = store.slot("a"), store.slot("b")
+    store.table[a, 0] = float("nan")
+    healthy = store.table[b].clone()
+    assert store.reset_non_finite(torch.tensor([a, b])) == 1
+    assert torch.all(store.table[a] == 0) and torch.equal(store.table[b], healthy)
+    assert store.resets["non_finite"] == 1

@@ -226,3 +226,28 @@ def test_a_held_key_arriving_on_another_partition_is_counted() -> None:
     assert store.partition_moves == 0  # same partitions, and a new key is no move
     store.assign(["a"], np.full(1, 2.0), np.array([3]))
     assert store.partition_moves == 1
+
+
+def test_one_batch_over_three_partitions_advances_each_to_its_own_latest_time() -> None:
+    store = make()
+    assert store.watermark() == -np.inf  # nothing seen yet
+    keys = ["p0", "p1", "p2", "p2b"]
+    ts = np.array([1000.0, 2000.0, 3000.0, 2500.0])
+    slots = store.assign(keys, ts, np.array([0, 1, 2, 2]))
+    store.last_ts[torch.from_numpy(slots)] = torch.from_numpy(ts)
+    assert store.watermark() == 1000.0  # the slowest partition holds it
+    store.drop_partition(0)
+    assert store.watermark() == 2000.0
+
+
+def test_a_partition_silent_for_over_one_percent_of_the_ttl_stops_holding_the_watermark() -> None:
+    clock = Clock(NOW)
+    store = make(clock)  # TTL 100 s: a partition is idle after 1 s of wall time
+    feed(store, ["slow"], 1000.0, partition=0)
+    feed(store, ["fast"], 5000.0, partition=1)
+    clock.now = NOW + 0.5
+    feed(store, ["fast"], 5001.0, partition=1)
+    assert store.watermark() == 1000.0  # silent for 0.5 s: still holds it
+    clock.now = NOW + 2.0
+    feed(store, ["fast"], 5002.0, partition=1)
+    assert store.watermark() == 5002.0  # silent for 2 s: idle

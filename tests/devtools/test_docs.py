@@ -19,7 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 REGENERATE = "run `python -m streamlstm.devtools.docgen` (or `streamlstm config --markdown > {}`)"
 # Hand-written pages of this project's docs (docs/ett* belong to the ETT study).
-WRITTEN = ["README.md", "architecture.md", "deployment.md", "runbook.md", "benchmarks.md"]
+WRITTEN = [
+    "README.md",
+    "architecture.md",
+    "deployment.md",
+    "runbook.md",
+    "benchmarks.md",
+    "mutation.md",
+]
 
 
 def slug(heading: str) -> str:
