@@ -11,17 +11,19 @@ al., 2017, over several windows).
 
 Why a variance per scale: forecast errors are autocorrelated (a level the forecast lags
 behind errs for many events in a row), so the spread of an average is not the iid
-``var * a / (2 - a)``; that formula makes the slow averages overconfident, and every
-slow excursion of a noisy key alarms. Measuring each average's own spread calibrates
+``var * a / (2 - a)``; that formula makes the slow averages overconfident, and slow
+excursions of a noisy key alarm too readily. Measuring each average's own spread calibrates
 every scale alike, whatever the key's autocorrelation, for two floats per key more.
 
 Why a long window of about 1,000 events (``state.anomaly_long_alpha`` 0.001): the
 baseline must span several cycles of a key's usual rhythm, or each cycle's regular
 jumps (a daily shape at one event per 5 minutes is 288 events) look new every time: with
 a 100-event window the spread forgets yesterday's jump before today's. It also sets how
-fast the one-alarm peak below decays (a half-life of ~700 events). A value far outside the key's usual range is evidence too, with a
-distribution-free bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are
-rarely Gaussian. Evidence is counted in decades of improbability, ``-log10 p``, less the
+fast the one-alarm peak below decays (a half-life of ~700 events).
+
+A value far outside the key's usual range is evidence too, with a distribution-free
+bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are rarely Gaussian.
+Evidence is counted in decades of improbability, ``-log10 p``, less the
 decades that picking the most surprising of several tests costs (Bonferroni).
 
 One alarm per incident: after strong evidence, the key's next alarm needs *fresh*

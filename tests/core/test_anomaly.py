@@ -88,3 +88,25 @@ def test_an_absurd_value_scores_high_and_leaves_the_statistics_finite() -> None:
     score = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1e30]), 0.5, 0.01, 20)
     assert 0.5 < float(score) < 1.0
     assert all(bool(torch.isfinite(t).all()) for t in vars(stats).values())
+
+
+def test_slow_scales_are_calibrated_on_autocorrelated_errors() -> None:
+    """Errors that wander slowly (a forecast lagging a drifting level errs many events in a
+    row) are the key's usual behaviour: each average is judged against its own spread, so
+    the slow scales stay quiet (the iid spread ``var * a / (2 - a)`` scores 7 of these
+    events above 0.3). A jump still alarms."""
+    rng = np.random.default_rng(2)
+    wander, errors = 0.0, []
+    for _ in range(4000):
+        wander = 0.98 * wander + rng.normal(0.0, 0.2)
+        errors.append(abs(wander))
+    errors[3500] = 30.0
+    stats = anomaly.AnomalyStats.zeros(1)
+    scores = np.array(
+        [
+            float(anomaly.update(stats, torch.tensor([e]), torch.zeros(1), 0.5, 0.001, 20))
+            for e in errors
+        ]
+    )
+    assert (scores[1000:3500] >= 0.3).sum() == 0
+    assert scores[3500] >= 0.5
