@@ -3,13 +3,27 @@
 Errors come in the key's own units (absolute error of the combined forecast divided by
 the key's running standard deviation), so a sensor in volts and a ticker in dollars are
 scored alike. For each key we keep exponential averages of these errors over three time
-scales (about 1, 7 and 35 events: a spike and a slow drift are both incidents) and a
-long mean and variance (``long_alpha``). For each scale, the tail probability of its
-average under the key's usual errors (the variance of an exponential average is
-``var * a / (2 - a)``) is the evidence (the "anomaly likelihood" of Ahmad et al., 2017,
-over several windows). A value far outside the key's usual range is evidence too, with a
-distribution-free bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are
-rarely Gaussian. Evidence is counted in decades of improbability, ``-log10 p``, less the
+scales (about 1, 7 and 35 events: a spike and a slow drift are both incidents), a long
+mean of the errors and, for each scale, the long variance of that scale's average around
+the mean (``long_alpha``). For each scale, the tail probability of its average under the
+key's usual spread of that average is the evidence (the "anomaly likelihood" of Ahmad et
+al., 2017, over several windows).
+
+Why a variance per scale: forecast errors are autocorrelated (a level the forecast lags
+behind errs for many events in a row), so the spread of an average is not the iid
+``var * a / (2 - a)``; that formula makes the slow averages overconfident, and slow
+excursions of a noisy key alarm too readily. Measuring each average's own spread calibrates
+every scale alike, whatever the key's autocorrelation, for two floats per key more.
+
+Why a long window of about 1,000 events (``state.anomaly_long_alpha`` 0.001): the
+baseline must span several cycles of a key's usual rhythm, or each cycle's regular
+jumps (a daily shape at one event per 5 minutes is 288 events) look new every time: with
+a 100-event window the spread forgets yesterday's jump before today's. It also sets how
+fast the one-alarm peak below decays (a half-life of ~700 events).
+
+A value far outside the key's usual range is evidence too, with a distribution-free
+bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are rarely Gaussian.
+Evidence is counted in decades of improbability, ``-log10 p``, less the
 decades that picking the most surprising of several tests costs (Bonferroni).
 
 One alarm per incident: after strong evidence, the key's next alarm needs *fresh*
@@ -64,14 +78,20 @@ class AnomalyStats:
 
     short: torch.Tensor  # [B, S] float32: error averages, one per time scale
     mean: torch.Tensor  # [B] long mean of errors
-    var: torch.Tensor  # [B] long variance of errors
+    var: torch.Tensor  # [B, S] long variance of each scale's average around that mean
     count: torch.Tensor  # [B] errors seen (exact up to 2**24)
     peak: torch.Tensor  # [B] recent peak evidence (decades), decaying
 
     @staticmethod
     def zeros(batch: int) -> AnomalyStats:
-        z = [torch.zeros(batch) for _ in range(4)]
-        return AnomalyStats(torch.zeros(batch, len(SCALES)), *z)
+        s = len(SCALES)
+        return AnomalyStats(
+            torch.zeros(batch, s),
+            torch.zeros(batch),
+            torch.zeros(batch, s),
+            torch.zeros(batch),
+            torch.zeros(batch),
+        )
 
 
 def evidence_to_score(decades: torch.Tensor) -> torch.Tensor:
@@ -110,7 +130,7 @@ def update(
         )
     else:
         stats.short.add_(alphas * (e - stats.short))
-    spread = torch.sqrt((stats.var + _VAR_FLOOR).unsqueeze(1) * alphas / (2.0 - alphas))
+    spread = torch.sqrt(stats.var + _VAR_FLOOR)
     by_scale = _decades((stats.short - stats.mean.unsqueeze(1)) / spread).amax(1)
     # Cantelli's bound, two-sided; a value a million stds out is as novel as it gets (and
     # the square of a larger one would overflow float32 into inf - inf = NaN below).
@@ -122,10 +142,12 @@ def update(
     peak = stats.peak * (1.0 - long_alpha)
     fresh = (decades - peak).clamp(min=0.0)
     stats.peak.copy_(torch.maximum(peak, decades))
-    # Exact running mean/variance for the first 1/long_alpha errors, then exponential.
+    # Exact running mean for the first 1/long_alpha errors, then exponential; each scale's
+    # spread around it the same way (a first error leaves it 0: its average is the mean).
     alpha = torch.clamp(1.0 / (stats.count + 1), min=long_alpha)
-    delta = error - stats.mean
-    stats.mean.add_(alpha * delta)
-    stats.var.copy_((1.0 - alpha) * (stats.var + alpha * delta * delta))
+    stats.mean.add_(alpha * (error - stats.mean))
+    dev = stats.short - stats.mean.unsqueeze(1)
+    a = alpha.unsqueeze(1)
+    stats.var.copy_((1.0 - a) * stats.var + a * dev * dev)
     stats.count.add_(1)
     return evidence_to_score(fresh)

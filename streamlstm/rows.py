@@ -21,13 +21,13 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 48)
+    (slice(8, 11, None), 50)
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
     # so they are gathered with the row and travel with the key's snapshot.
     PH = ("ph_mean", "ph_n", "ph_inc", "ph_dec", "ph_min", "ph_max", "ph_drift")
-    SCALARS = ("count", "has_pending", "err_mean", "err_var", "err_count", "err_peak", *PH)
+    SCALARS = ("count", "has_pending", "err_mean", "err_count", "err_peak", *PH)
 
     def __init__(self, state_shape: tuple[int, int, int], width: int) -> None:
         self.state_shape = state_shape
@@ -46,6 +46,7 @@ class RowLayout:
             "step": width,  # its typical absolute step-to-step change (engine.max_step)
             "hedge": len(EXPERTS),  # discounted losses of the forecasters
             "err_scales": len(SCALES),  # error averages over the anomaly time scales
+            "err_var": len(SCALES),  # each average's long variance (autocorrelated errors)
         }
         sizes.update(dict.fromkeys(self.SCALARS, 1))
         self.columns: dict[str, slice] = {}

@@ -189,7 +189,11 @@ class StateSettings(Section):
         0.5, gt=0, le=1, description="Smoothing of the short error window (anomaly score)."
     )
     anomaly_long_alpha: float = Field(
-        0.01, gt=0, le=1, description="Smoothing of the long error window (anomaly score)."
+        0.001,
+        gt=0,
+        le=1,
+        description="Smoothing of the long error window (anomaly score): about 1/alpha "
+        "events, long enough to span several cycles of a key's usual rhythm.",
     )
     anomaly_min_events: int = Field(
         20, ge=1, description="Errors a key needs before its anomaly score leaves 0."

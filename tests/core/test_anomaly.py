@@ -104,3 +104,25 @@ def test_a_keys_score_does_not_depend_on_a_new_key_sharing_its_batch() -> None:
     assert float(scores[0]) == float(score_alone[0])
     torch.testing.assert_close(shared.short[0], alone.short[0])
     assert shared.short[1].tolist() == [1.0] * shared.short.shape[1]  # starts at its error
+
+
+def test_slow_scales_are_calibrated_on_autocorrelated_errors() -> None:
+    """Errors that wander slowly (a forecast lagging a drifting level errs many events in a
+    row) are the key's usual behaviour: each average is judged against its own spread, so
+    the slow scales stay quiet (the iid spread ``var * a / (2 - a)`` scores 7 of these
+    events above 0.3). A jump still alarms."""
+    rng = np.random.default_rng(2)
+    wander, errors = 0.0, []
+    for _ in range(4000):
+        wander = 0.98 * wander + rng.normal(0.0, 0.2)
+        errors.append(abs(wander))
+    errors[3500] = 30.0
+    stats = anomaly.AnomalyStats.zeros(1)
+    scores = np.array(
+        [
+            float(anomaly.update(stats, torch.tensor([e]), torch.zeros(1), 0.5, 0.001, 20))
+            for e in errors
+        ]
+    )
+    assert (scores[1000:3500] >= 0.3).sum() == 0
+    assert scores[3500] >= 0.5

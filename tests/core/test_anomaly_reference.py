@@ -2,7 +2,8 @@
 
 The reference re-derives every number from the documented rules, for one key, in
 float64: the scaler's std *before* each event, each forecaster's discounted loss, the
-mixture, the error averages and the long statistics updated *after* scoring (an event
+mixture, the error averages, each average's own long variance and the long mean updated
+*after* scoring (an event
 is judged against the past only), fresh evidence beyond the decaying peak. An untrained
 network forecasts persistence exactly (its head starts at zero), so the reference needs
 no network.
@@ -27,7 +28,7 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
     last, ewma, net = np.zeros(width), np.zeros(width), np.zeros(width)
     loss, pending = np.zeros(3), np.zeros(width)
     alphas = short * np.array(anomaly.SCALES)
-    avg, m, v, n, peak = np.zeros(3), 0.0, 0.0, 0, 0.0
+    avg, m, v, n, peak = np.zeros(3), 0.0, np.zeros(3), 0, 0.0
     predictions, scores = [], []
     for x in values:
         score = math.nan
@@ -39,7 +40,7 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             loss = combine.DISCOUNT * loss + step
             value_z = float((np.abs(x - mean) / std).max())
             avg = np.full(3, e) if n == 0 else avg + alphas * (e - avg)
-            spread = np.sqrt((v + 1e-4) * alphas / (2 - alphas))
+            spread = np.sqrt(v + 1e-4)  # each average's own spread
             by_scale = float((-log_ndtr(-(avg - m) / spread) / math.log(10)).max())
             by_value = math.log10(1 + value_z**2)
             d = max(max(by_scale, by_value) - math.log10(4), 0.0) if n >= least else 0.0
@@ -47,7 +48,8 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             fresh, peak = max(d - decayed, 0.0), max(decayed, d)
             score = fresh / (fresh + anomaly.SCALE)
             a = max(1 / (n + 1), long)  # the long statistics learn the error after scoring
-            m, v, n = m + a * (e - m), (1 - a) * (v + a * (e - m) ** 2), n + 1
+            m = m + a * (e - m)
+            v, n = (1 - a) * v + a * (avg - m) ** 2, n + 1
         ewma = x.copy() if count == 0 else ewma + combine.EWMA_ALPHA * (x - ewma)
         last = x.copy()
         count += 1  # noqa: SIM113 (the scaler count, as in the engine)
