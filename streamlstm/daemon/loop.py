@@ -367,6 +367,8 @@ class Daemon:
             if self.partitions.statelog is not None:  # the rows first, then the offsets
                 offsets = self.partitions.statelog.checkpoint(self.source.assigned, left(2.0))
             delivery.commit_final(self.source, left(1.5), offsets)
+            if offsets:  # after the commit: a slow disk never delays it
+                self.partitions.save_local(offsets)
             if delivery.tracker.pending_sends:
                 log.warning(
                     "%d records were not acknowledged before exit; their input offsets are "
