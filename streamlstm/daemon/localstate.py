@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamlstm.learning.checkpoint import write_atomic
+from streamlstm.learning.checkpoint import remove_stale_temp_files, write_atomic
 
 FORMAT = 1
 #: Half of Kafka's default ``delete.retention.ms`` (24 h): see the module's docstring.
@@ -92,7 +92,9 @@ def write_snapshot(
         last_ts=np.asarray(last_ts, np.float64),
         offset=np.asarray(offset, np.int64),
     )
-    return write_atomic(snapshot_path(folder, topic, partition), buffer.getbuffer(), ".snap")
+    path = write_atomic(snapshot_path(folder, topic, partition), buffer.getbuffer(), ".snap")
+    remove_stale_temp_files(folder)  # left by a writer killed mid-write
+    return path
 
 
 def read_snapshot(

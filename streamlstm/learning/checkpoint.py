@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 ARCHITECTURE_MISMATCH = "architecture does not match the configured model"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
-#: Temporary files of :func:`save_checkpoint`: ``.ckpt-<writer pid>-<random>.tmp`` (older
-#: releases wrote ``.ckpt-<random>.tmp``, without the pid).
-_TEMP = re.compile(r"^\.ckpt-(?:(\d+)-)?[^/]*\.tmp$")
+#: Temporary files of :func:`write_atomic`: ``.ckpt-<writer pid>-<random>.tmp`` (older
+#: releases wrote ``.ckpt-<random>.tmp``, without the pid); ``.snap-`` for local state.
+_TEMP = re.compile(r"^\.(?:ckpt|snap)-(?:(\d+)-)?[^/]*\.tmp$")
 #: A temporary file this old is left over by a writer that died, whoever wrote it.
 STALE_TEMP_SECONDS = 600.0
 #: ...and one whose writer pid is gone, once this old (a live writer renames it at once;
