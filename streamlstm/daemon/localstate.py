@@ -27,9 +27,9 @@ older than :data:`MAX_AGE_SECONDS` are therefore ignored.
 >>> snap = read_snapshot(folder, "in.state", 0, fingerprint=7, width=3)
 >>> snap.keys, snap.changelog_offset
 (['a', 'b'], 42)
->>> keys, *_ = apply_tail(snap, ["c"], rows[:1], np.zeros(1), np.ones(1), gone=["a"])
->>> keys
-['b', 'c']
+>>> parts = apply_tail(snap, ["c"], rows[:1], np.zeros(1), np.ones(1), gone=["a"])
+>>> [part[0] for part in parts]
+[['b'], ['c']]
 """
 
 from __future__ import annotations
@@ -147,20 +147,16 @@ def apply_tail(
     last_ts: np.ndarray,
     offset: np.ndarray,
     gone: list[str],
-) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """The snapshot with the tail's newest rows over it; keys in ``gone`` (tombstoned, or
+) -> list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]]:
+    """The rows to load: the snapshot's keys the tail does not mention, then the tail's
+    (two parts, so a large snapshot is not copied again); keys in ``gone`` (tombstoned, or
     last written in a layout this build rejects) start afresh, as after a full read."""
     drop = set(keys).union(gone)
-    if drop:
-        keep = np.fromiter((k not in drop for k in snap.keys), bool, len(snap.keys))
-        index = np.flatnonzero(keep)
-        base = [snap.keys[i] for i in index.tolist()]
-        base_rows, base_ts, base_off = snap.rows[index], snap.last_ts[index], snap.offset[index]
+    keep = np.fromiter((k not in drop for k in snap.keys), bool, len(snap.keys))
+    if keep.all():
+        base = (snap.keys, snap.rows, snap.last_ts, snap.offset)
     else:
-        base, base_rows, base_ts, base_off = snap.keys, snap.rows, snap.last_ts, snap.offset
-    return (
-        base + list(keys),
-        np.concatenate([base_rows, np.asarray(rows, np.float32).reshape(-1, snap.rows.shape[1])]),
-        np.concatenate([base_ts, np.asarray(last_ts, np.float64)]),
-        np.concatenate([base_off, np.asarray(offset, np.int64)]),
-    )
+        index = np.flatnonzero(keep)
+        base = ([snap.keys[i] for i in index.tolist()], snap.rows[index],
+                snap.last_ts[index], snap.offset[index])  # fmt: skip
+    return [base, (list(keys), rows, last_ts, offset)]

@@ -157,12 +157,13 @@ class Partitions:
         rows = decode(read.values, self.statelog.fingerprint, width)
         rejected = int((~rows.ok).sum())
         keys = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if ok]
-        loaded = (keys, rows.rows, rows.last_ts, rows.offset)
+        parts = [(keys, rows.rows, rows.last_ts, rows.offset)]
         if local is not None:
             bad = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if not ok]
-            loaded = apply_tail(local, *loaded, gone=read.deleted + bad)
-            keys = loaded[0]
-        self.store.load(*loaded, partition)
+            parts = apply_tail(local, *parts[0], gone=read.deleted + bad)
+        for part in parts:
+            self.store.load(*part, partition)
+        keys = [k for part in parts for k in part[0]]
         self._set_horizon(partition)
         seconds = time.monotonic() - started
         self.metrics.restore_seconds.observe(seconds)
