@@ -356,6 +356,7 @@ class Daemon:
 
         self.models.close(left(2.0))
         delivery, sink = self.delivery, self.delivery.sink
+        offsets: dict | None = None
         if sink is not None and self.source is not None:
             log.info("stopping: flushing %d in-flight records", delivery.tracker.pending_sends)
             sink.flush(left(4.0))
@@ -363,19 +364,19 @@ class Daemon:
                 delivery.check_acks()
             except Fatal as exc:
                 log.warning("producer: %s", exc)
-            offsets = None
             if self.partitions.statelog is not None:  # the rows first, then the offsets
                 offsets = self.partitions.statelog.checkpoint(self.source.assigned, left(2.0))
             delivery.commit_final(self.source, left(1.5), offsets)
-            if offsets:  # after the commit: a slow disk never delays it
-                self.partitions.save_local(offsets)
             if delivery.tracker.pending_sends:
                 log.warning(
                     "%d records were not acknowledged before exit; their input offsets are "
                     "not committed, so they will be predicted again on restart",
                     delivery.tracker.pending_sends,
                 )
+        ends = self.partitions.local_ends(offsets) if offsets else {}
         self._close_clients(left)
+        if ends:
+            self.partitions.save_local(ends)
         if self.server is not None:
             self.server.stop()
             self.server = None

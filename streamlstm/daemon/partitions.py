@@ -219,32 +219,42 @@ class Partitions:
             return None
         return snap
 
-    def save_local(self, offsets: dict[TopicPartition, int]) -> None:
-        """At shutdown, after the checkpoint: snapshot the partitions it wrote in full."""
+    def local_ends(self, offsets: dict[TopicPartition, int]) -> dict[int, int]:
+        """At shutdown, after the checkpoint and *before* leaving the group (a new owner's
+        writes must not count): the changelog end of each partition it wrote in full."""
+        if self.settings.state.dir is None or self.statelog is None:
+            return {}
+        pending = {p for _, parts in (self.store.evicted or []) for p in parts}
+        ends = {}
+        for partition in sorted({tp.partition for tp in offsets} & self.owned - pending):
+            if bool(self.store.dirty[self.store.slots_of_partition(partition)].any()):
+                continue  # rows not in the changelog: a snapshot would be ahead of it
+            bounds = self._reader().bounds(partition)
+            if bounds is not None:
+                ends[partition] = bounds[1]
+        return ends
+
+    def save_local(self, ends: dict[int, int]) -> None:
+        """Snapshot those partitions (after the clients closed: a slow disk delays nothing)."""
         folder, topic = self.settings.state.dir, self.settings.changelog_topic
         if folder is None or topic is None or self.statelog is None:
             return
-        pending = {p for _, parts in (self.store.evicted or []) for p in parts}
-        for partition in sorted({tp.partition for tp in offsets} & self.owned - pending):
+        for partition, end in sorted(ends.items()):
             started = time.monotonic()
-            slots = self.store.slots_of_partition(partition)
-            if bool(self.store.dirty[slots].any()):
-                continue  # rows not in the changelog: a snapshot would be ahead of it
+            keys, _, rows, last_ts, offset = self.store.rows_of(
+                self.store.slots_of_partition(partition)
+            )
+            fingerprint = self.statelog.fingerprint
             try:
-                bounds = self._reader().bounds(partition)
-                if bounds is None:
-                    continue
-                keys, _, rows, last_ts, offset = self.store.rows_of(slots)
-                fingerprint = self.statelog.fingerprint
                 path = write_snapshot(
-                    folder, topic, partition, fingerprint, bounds[1], keys, rows, last_ts, offset
+                    folder, topic, partition, fingerprint, end, keys, rows, last_ts, offset
                 )
             except Exception as exc:  # only an accelerator: never fail a shutdown for it
                 log.warning("partition %d: local snapshot not written: %s", partition, exc)
                 continue
             log.info(
                 "partition %d: local snapshot of %d keys at changelog offset %d (%s, %.2fs)",
-                *(partition, len(keys), bounds[1], path, time.monotonic() - started),
+                *(partition, len(keys), end, path, time.monotonic() - started),
             )
 
     def _check_log_start(self, partition: int, source: Source) -> None:

@@ -84,7 +84,8 @@ def _restore(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> dict
 
 def _snapshot_now(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: log)
-    daemon.partitions.save_local({TopicPartition(TOPIC, 0): 1})
+    parts = daemon.partitions
+    parts.save_local(parts.local_ends({TopicPartition(TOPIC, 0): 1}))
 
 
 def test_a_stale_snapshot_and_the_tail_equal_a_full_read(
