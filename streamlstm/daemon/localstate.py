@@ -11,11 +11,12 @@ Why snapshot + tail equals a full read: a snapshot is written only right after a
 checkpoint acknowledged every row of the partition (none dirty, no tombstone pending), so
 its rows are exactly the newest changelog value of each key, and ``X`` is the log end
 measured after that, before this member leaves the group (a new owner's later records
-must be read as tail, never counted below ``X``). For any key, the full read's answer is its last record; if the
-key has a record at or above ``X`` the tail gives that same record, otherwise its last
-record is below ``X`` and is what the snapshot holds. An ``X`` that is too *low* only
-makes the tail longer (still correct); so every doubt (offset beyond the log end or
-below its start, another layout, a damaged file, too old) means: ignore it, read all.
+must be read as tail, never counted below ``X``). For any key, the full read's answer
+is its last record; if the key has a record at or above ``X`` the tail gives that same
+record, otherwise its last record is below ``X`` and is what the snapshot holds. An
+``X`` that is too *low* only makes the tail longer (still correct); so every doubt
+(offset beyond the log end or below its start, another layout, a damaged file, too
+old) means: ignore it, read all.
 
 Too old: compaction deletes a tombstone after ``delete.retention.ms`` (Kafka's default:
 24 h), and a snapshot older than that could bring back a key evicted since. Snapshots
