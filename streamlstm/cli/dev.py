@@ -187,7 +187,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "  streamlstm bench engine --json     one JSON object, for scripts\n"
         "  streamlstm bench training          inference speed while fine-tuning, vs off\n"
         "  streamlstm bench e2e --batch 50    the daemon vs a bare Kafka consumer, end to end\n"
-        "  streamlstm bench state             restore keys/s; events/s changelog on vs off\n"
+        "  streamlstm bench state             restore keys/s; events/s changelog on vs off;\n"
+        "                                     restart to first prediction (--restart-keys)\n"
         "  streamlstm bench anomaly DIR       NAB-layout corpus: NAB scores, forecast vs naive",
     )
     which = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -258,6 +259,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         "--restore-keys", type=int, nargs="+", default=[100_000], help="keys per restore run"
     )
     state.add_argument("--events", type=int, default=50_000, help="events per throughput run")
+    state.add_argument(
+        "--restart-keys",
+        type=int,
+        nargs="*",
+        default=[],
+        help="keys per restart-to-first-prediction run, with and without state.dir",
+    )
     state.add_argument("--keys", type=int, default=1000, help="distinct keys of those events")
     state.add_argument("--bootstrap", help="use this Kafka instead of an embedded broker")
     state.add_argument("--json", action="store_true", help="print one JSON object")
@@ -305,7 +313,13 @@ def run_bench_state(args: argparse.Namespace) -> int:
     from streamlstm.logs import setup_logging
 
     setup_logging("WARNING")
-    result = bench_state(tuple(args.restore_keys), args.events, args.keys, args.bootstrap)
+    result = bench_state(
+        tuple(args.restore_keys),
+        args.events,
+        args.keys,
+        args.bootstrap,
+        tuple(args.restart_keys),
+    )
     print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
     return 0
 

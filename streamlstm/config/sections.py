@@ -209,6 +209,11 @@ class StateSettings(Section):
     restore_timeout_seconds: float = Field(
         120.0, gt=0, description="Most time to read one changelog partition when restoring."
     )
+    dir: Path | None = Field(
+        None,
+        description="Daemon: a local snapshot per partition, written at shutdown, so a "
+        "restart reads only the changelog's tail (unset: off, the changelog alone).",
+    )
 
 
 class TrainingSettings(Section):

@@ -356,6 +356,7 @@ class Daemon:
 
         self.models.close(left(2.0))
         delivery, sink = self.delivery, self.delivery.sink
+        offsets: dict | None = None
         if sink is not None and self.source is not None:
             log.info("stopping: flushing %d in-flight records", delivery.tracker.pending_sends)
             sink.flush(left(4.0))
@@ -363,7 +364,6 @@ class Daemon:
                 delivery.check_acks()
             except Fatal as exc:
                 log.warning("producer: %s", exc)
-            offsets = None
             if self.partitions.statelog is not None:  # the rows first, then the offsets
                 offsets = self.partitions.statelog.checkpoint(self.source.assigned, left(2.0))
             delivery.commit_final(self.source, left(1.5), offsets)
@@ -373,7 +373,10 @@ class Daemon:
                     "not committed, so they will be predicted again on restart",
                     delivery.tracker.pending_sends,
                 )
+        ends = self.partitions.local_ends(offsets) if offsets else {}
         self._close_clients(left)
+        if ends:
+            self.partitions.save_local(ends)
         if self.server is not None:
             self.server.stop()
             self.server = None

@@ -14,6 +14,12 @@ to the high watermark of the fetch responses (never compaction-dependent: the la
 of a key wins, a tombstone deletes), then loads the rows. Re-read events at or below a
 restored key's offset are skipped (:meth:`Partitions.skip`), checked only while a
 partition's polled offsets can still be at or below the highest restored offset.
+
+With ``state.dir`` set, a partition's local snapshot (:mod:`streamlstm.daemon.localstate`)
+is loaded first and only the changelog from its offset on is read; any doubt about it
+means a full read. Snapshots are written at a graceful shutdown only (a deploy or restart):
+not on revoke, where an eager rebalance would write every partition while the whole group
+waits; after a crash the last snapshot still holds, with a longer tail.
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ from kafka import TopicPartition
 
 from streamlstm.config import Settings
 from streamlstm.daemon.delivery import Delivery, Fatal, short
+from streamlstm.daemon.localstate import (
+    LocalSnapshot,
+    SnapshotError,
+    apply_tail,
+    read_snapshot,
+    write_snapshot,
+)
 from streamlstm.daemon.statelog import StateLog
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.io import Source
@@ -129,21 +142,28 @@ class Partitions:
         topic = self.settings.changelog_topic
         assert topic is not None and self.statelog is not None
         started = time.monotonic()
-        if self.reader is None:
-            self.reader = ChangelogReader(topic, self.settings.kafka.client_kwargs())
-        known = self.reader.partitions()
+        reader = self._reader()
+        known = reader.partitions()
         if known is not None and partition not in known:
             raise Fatal(
                 f"the changelog {topic!r} has no partition {partition} (it has {len(known)}): "
                 "it needs one per input partition; recreate it with the input's count"
             )
         timeout = self.settings.state.restore_timeout_seconds
-        read = self.reader.read(partition, timeout, self.beat)
+        local = self._local(partition)
+        start = None if local is None else local.changelog_offset
+        read = reader.read(partition, timeout, self.beat, start=start)
         width = self.store.layout.width
         rows = decode(read.values, self.statelog.fingerprint, width)
         rejected = int((~rows.ok).sum())
         keys = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if ok]
-        self.store.load(keys, rows.rows, rows.last_ts, rows.offset, partition)
+        parts = [(keys, rows.rows, rows.last_ts, rows.offset)]
+        if local is not None:
+            bad = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if not ok]
+            parts = apply_tail(local, *parts[0], gone=read.deleted + bad)
+        for part in parts:
+            self.store.load(*part, partition)
+        keys = [k for part in parts for k in part[0]]
         self._set_horizon(partition)
         seconds = time.monotonic() - started
         self.metrics.restore_seconds.observe(seconds)
@@ -156,11 +176,86 @@ class Partitions:
                 *(topic, partition, rejected),
             )
         log.info(
-            "partition %d: restored %d keys from %d changelog records (%d bytes, offsets "
+            "partition %d: restored %d keys from %s%d changelog records (%d bytes, offsets "
             "%d..%d) in %.2fs",
-            *(partition, len(keys), read.records, read.bytes, read.start, read.end, seconds),
+            *(partition, len(keys), "a local snapshot and " if local else ""),
+            *(read.records, read.bytes, read.start, read.end, seconds),
         )
         self._check_log_start(partition, source)
+
+    def _reader(self) -> ChangelogReader:
+        if self.reader is None:
+            assert self.settings.changelog_topic is not None
+            self.reader = ChangelogReader(
+                self.settings.changelog_topic, self.settings.kafka.client_kwargs()
+            )
+        return self.reader
+
+    def _local(self, partition: int) -> LocalSnapshot | None:
+        """The partition's local snapshot if there is one and it can be trusted."""
+        folder, topic = self.settings.state.dir, self.settings.changelog_topic
+        if folder is None or topic is None:
+            return None
+        width = self.store.layout.width
+        try:
+            snap = read_snapshot(folder, topic, partition, self.store.layout.fingerprint, width)
+        except SnapshotError as exc:
+            log.error(
+                "partition %d: local snapshot ignored, reading the whole changelog: %s",
+                partition,
+                exc,
+            )
+            return None
+        if snap is None:
+            return None
+        bounds = self._reader().bounds(partition)
+        if bounds is None or not bounds[0] <= snap.changelog_offset <= bounds[1]:
+            log.error(
+                "partition %d: local snapshot ignored, reading the whole changelog: it "
+                "reflects changelog offset %d, outside the log's offsets %s (the topic was "
+                "recreated, or retention removed records it needs)",
+                *(partition, snap.changelog_offset, bounds),
+            )
+            return None
+        return snap
+
+    def local_ends(self, offsets: dict[TopicPartition, int]) -> dict[int, int]:
+        """At shutdown, after the checkpoint and *before* leaving the group (a new owner's
+        writes must not count): the changelog end of each partition it wrote in full."""
+        if self.settings.state.dir is None or self.statelog is None:
+            return {}
+        pending = {p for _, parts in (self.store.evicted or []) for p in parts}
+        ends = {}
+        for partition in sorted({tp.partition for tp in offsets} & self.owned - pending):
+            if bool(self.store.dirty[self.store.slots_of_partition(partition)].any()):
+                continue  # rows not in the changelog: a snapshot would be ahead of it
+            bounds = self._reader().bounds(partition)
+            if bounds is not None:
+                ends[partition] = bounds[1]
+        return ends
+
+    def save_local(self, ends: dict[int, int]) -> None:
+        """Snapshot those partitions (after the clients closed: a slow disk delays nothing)."""
+        folder, topic = self.settings.state.dir, self.settings.changelog_topic
+        if folder is None or topic is None or self.statelog is None:
+            return
+        for partition, end in sorted(ends.items()):
+            started = time.monotonic()
+            keys, _, rows, last_ts, offset = self.store.rows_of(
+                self.store.slots_of_partition(partition)
+            )
+            fingerprint = self.statelog.fingerprint
+            try:
+                path = write_snapshot(
+                    folder, topic, partition, fingerprint, end, keys, rows, last_ts, offset
+                )
+            except Exception as exc:  # only an accelerator: never fail a shutdown for it
+                log.warning("partition %d: local snapshot not written: %s", partition, exc)
+                continue
+            log.info(
+                "partition %d: local snapshot of %d keys at changelog offset %d (%s, %.2fs)",
+                *(partition, len(keys), end, path, time.monotonic() - started),
+            )
 
     def _check_log_start(self, partition: int, source: Source) -> None:
         """Say so loudly when the group's offset is below the input's first offset."""

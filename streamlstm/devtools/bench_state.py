@@ -7,6 +7,8 @@
 2. Throughput: the same N events through the daemon with ``state.changelog`` off and on
    (same run, same broker, separate topics), events/s from first event to last
    prediction acknowledged, as ``bench e2e`` measures it.
+3. Restart to first prediction with and without a local snapshot
+   (:mod:`streamlstm.devtools.bench_restart`), for each of ``restart_keys``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from typing import Any
 import numpy as np
 
 from streamlstm.config import load_settings
+from streamlstm.devtools.bench_restart import bench_restart, restart_lines
 
 
 @dataclass
 class StateBench:
     restore: list[dict[str, float]] = field(default_factory=list)
+    restart: list[dict[str, Any]] = field(default_factory=list)
     events: int = 0
     keys: int = 0
     off_events_per_s: float = 0.0
@@ -48,6 +52,7 @@ class StateBench:
                 f"  changelog off   {self.off_events_per_s:10,.0f} events/s",
                 f"  changelog on    {self.on_events_per_s:10,.0f} events/s  ({ratio:.2f}x)",
             ]
+        out += restart_lines(self.restart)
         out.append(f"broker: {self.broker}")
         return out
 
@@ -104,6 +109,7 @@ def bench_state(
     events: int = 50_000,
     keys: int = 1000,
     bootstrap: str | None = None,
+    restart_keys: tuple[int, ...] = (),
 ) -> StateBench:
     """Run both parts (an embedded broker unless ``bootstrap`` is given)."""
     from streamlstm.devtools.bench_e2e import _produce, _settings, daemon_throughput
@@ -132,4 +138,6 @@ def bench_state(
                     result.on_events_per_s = rate
                 else:
                     result.off_events_per_s = rate
+        for n in restart_keys:
+            result.restart.append(bench_restart(bootstrap, n))
     return result

@@ -136,6 +136,7 @@ class Restored:
     bytes: int = 0
     end: int = 0  # the high watermark read up to
     start: int = 0  # the first offset read (above 0: compaction or retention removed some)
+    deleted: list[str] = field(default_factory=list)  # keys whose newest record is a tombstone
 
 
 class ChangelogReader:
@@ -167,18 +168,27 @@ class ChangelogReader:
         return self.consumer.partitions_for_topic(self.topic)
 
     def read(
-        self, partition: int, timeout_s: float = 60.0, progress: Callable[[], None] | None = None
+        self,
+        partition: int,
+        timeout_s: float = 60.0,
+        progress: Callable[[], None] | None = None,
+        start: int | None = None,
     ) -> Restored:
         """Every live key of ``partition`` with its newest value; ``progress()`` is called
-        after every fetch (the daemon's liveness: a long restore is not a hung loop)."""
+        after every fetch (the daemon's liveness: a long restore is not a hung loop).
+        From ``start`` (a local snapshot's offset; check it with :meth:`bounds` first)
+        only the tail is read, and ``deleted`` names the keys it tombstoned."""
         from kafka import TopicPartition
 
         tp = TopicPartition(self.topic, partition)
         consumer = self.consumer
         consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
+        if start is None:
+            consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, start)
         latest: dict[bytes, bytes | None] = {}
-        out = Restored()
+        out = Restored(start=start or 0)
         deadline = time.monotonic() + timeout_s
         first = True
         while True:
@@ -202,10 +212,27 @@ class ChangelogReader:
                 )
         consumer.assign([])
         for key, value in latest.items():
-            if value is not None and key is not None:
+            if key is None:
+                continue
+            if value is not None:
                 out.keys.append(key.decode("utf-8", "replace"))
                 out.values.append(value)
+            else:
+                out.deleted.append(key.decode("utf-8", "replace"))
         return out
+
+    def bounds(self, partition: int) -> tuple[int, int] | None:
+        """The first and end offsets of changelog ``partition`` (None if unknown)."""
+        from kafka import TopicPartition
+
+        tp = TopicPartition(self.topic, partition)
+        try:
+            first = self.consumer.beginning_offsets([tp]).get(tp)
+            end = self.consumer.end_offsets([tp]).get(tp)
+        except Exception as exc:
+            log.warning("changelog %s bounds: %s", tp, exc)
+            return None
+        return None if first is None or end is None else (int(first), int(end))
 
     def log_start(self, topic: str, partition: int) -> int | None:
         """The first offset still in ``topic[partition]`` (None if unknown)."""

@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 ARCHITECTURE_MISMATCH = "architecture does not match the configured model"
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
-#: Temporary files of :func:`save_checkpoint`: ``.ckpt-<writer pid>-<random>.tmp`` (older
-#: releases wrote ``.ckpt-<random>.tmp``, without the pid).
-_TEMP = re.compile(r"^\.ckpt-(?:(\d+)-)?[^/]*\.tmp$")
+#: Temporary files of :func:`write_atomic`: ``.ckpt-<writer pid>-<random>.tmp`` (older
+#: releases wrote ``.ckpt-<random>.tmp``, without the pid); ``.snap-`` for local state.
+_TEMP = re.compile(r"^\.(?:ckpt|snap)-(?:(\d+)-)?[^/]*\.tmp$")
 #: A temporary file this old is left over by a writer that died, whoever wrote it.
 STALE_TEMP_SECONDS = 600.0
 #: ...and one whose writer pid is gone, once this old (a live writer renames it at once;
@@ -134,8 +134,19 @@ def save_checkpoint(
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     data = encode_checkpoint(state_dict, architecture, version, config, metrics)
-    target = checkpoint_path(folder, version)
-    fd, tmp = tempfile.mkstemp(prefix=f".ckpt-{os.getpid()}-", suffix=".tmp", dir=folder)
+    target = write_atomic(checkpoint_path(folder, version), data)
+    for _, old in list_checkpoints(folder)[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    remove_stale_temp_files(folder)
+    return target
+
+
+def write_atomic(target: Path, data: bytes | memoryview, prefix: str = ".ckpt") -> Path:
+    """Write ``target`` whole or not at all: a temporary file in the same folder
+    (``<prefix>-<pid>-*.tmp``), fsynced, renamed into place, the folder fsynced."""
+    folder = target.parent
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}-{os.getpid()}-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -148,10 +159,6 @@ def save_checkpoint(
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
-    for _, old in list_checkpoints(folder)[keep:]:
-        with contextlib.suppress(OSError):
-            old.unlink()
-    remove_stale_temp_files(folder)
     return target
 
 

@@ -25,7 +25,9 @@ class _Reader:
         self.failures = failures
         self.reads: list[int] = []
 
-    def read(self, partition: int, timeout_s: float, progress: object = None) -> Restored:
+    def read(
+        self, partition: int, timeout_s: float, progress: object = None, start: int | None = None
+    ) -> Restored:
         self.reads.append(partition)
         if self.failures:
             self.failures -= 1
