@@ -46,7 +46,9 @@ def test_one_output_message_per_input_message_with_the_default_records(
     payloads = [(k, orjson.dumps(ev)) for k, ev in messages[:-1]]
     payloads.append((messages[-1][0], orjson.dumps(messages[-1][1][0])))
     payloads.insert(4, (b"bad", orjson.dumps([{"key": "x"}])))  # rejected: no output
-    tools.produce(f"{prefix}-in", payloads)
+    # One partition: a key's events spread over partitions would be read in an order
+    # that differs between the two daemons, and so would its predictions.
+    tools.produce(f"{prefix}-in", payloads, partition=0)
 
     common = {"kafka.input_topic": f"{prefix}-in", "metrics.enabled": "false"}
     default = Daemon(tools.settings(prefix, **common))
@@ -58,6 +60,8 @@ def test_one_output_message_per_input_message_with_the_default_records(
                 "kafka.output_topic": f"{prefix}-arr",
                 "kafka.group_id": f"{prefix}-arr-group",
                 "kafka.output_per_message": "true",
+                # Its own changelog: one shared with the other daemon would skip the events.
+                "state.changelog_topic": f"{prefix}-arr-state",
             },
         )
     )
@@ -67,7 +71,7 @@ def test_one_output_message_per_input_message_with_the_default_records(
     try:
         events = sum(len(ev) for _, ev in messages)
         for d in (default, grouped):
-            wait_for(lambda d=d: d.live.predictions == events, 90, what="every prediction")
+            wait_for(lambda d=d: d.live.predictions >= events, 90, what="every prediction")
         flat = tools.read(f"{prefix}-out", events)
         arrays = tools.read(f"{prefix}-arr", len(messages))
     finally:
