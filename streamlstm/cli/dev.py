@@ -235,7 +235,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         description="Produces N events to the embedded broker (or --bootstrap), then reads\n"
         "them with a bare consumer + decoder, with a bare consume->produce pipe, and with\n"
         "the daemon; prints events/s of each and the ratios, then event latency at a\n"
-        "fixed offered rate. --batch N also measures N-event JSON-array messages.",
+        "fixed offered rate. --batch N also measures N-event JSON-array messages;\n"
+        "--output-per-message adds the daemon writing one array per input message there.",
         formatter_class=Formatter,
     )
     e2e.add_argument("--events", type=int, default=100_000, help="events per throughput run")
@@ -245,6 +246,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--rate", type=float, default=2000, help="offered events/s for latency")
     e2e.add_argument("--latency-seconds", type=float, default=10, help="0 skips latency")
     e2e.add_argument("--bootstrap", help="use this Kafka instead of an embedded broker")
+    e2e.add_argument(
+        "--output-per-message",
+        action="store_true",
+        help="with --batch N: also the daemon writing one array per input message",
+    )
+    e2e.add_argument("--rounds", type=int, default=1, help="daemon runs per mode (median)")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.set_defaults(handler=run_bench_e2e)
     state = which.add_parser(
@@ -303,6 +310,8 @@ def run_bench_e2e(args: argparse.Namespace) -> int:
         rate=args.rate,
         latency_seconds=args.latency_seconds,
         bootstrap=args.bootstrap,
+        output_per_message=args.output_per_message,
+        rounds=args.rounds,
     )
     print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
     return 0

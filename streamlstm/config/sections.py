@@ -53,6 +53,15 @@ class KafkaSettings(Section):
     max_partition_fetch_bytes: int = Field(
         1_048_576, ge=1024, description="Most bytes fetched per partition per request."
     )
+    output_per_message: bool = Field(
+        False,
+        description="Write one output message per input message: a JSON array of its "
+        "prediction records in input order (always an array, even for one event), keyed by "
+        "the input message's key (its first event's key when it has none). For producers "
+        "that send events in arrays: the output then costs what the input costs. False: one "
+        "record per event. Dead letters are unchanged; `streamlstm backtest` still writes "
+        "one record a line. An array past 1 MB is split into consecutive arrays.",
+    )
     producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay.")
     producer_acks: Literal["all", "1", "0"] = Field(
         "all",

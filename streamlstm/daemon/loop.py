@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 from kafka import TopicPartition
@@ -42,7 +42,7 @@ from streamlstm.engine import Engine
 from streamlstm.events import Decoder, EventBatch
 from streamlstm.io import Polled, Sink, Source, Ticket, dead_letters, ensure_topics
 from streamlstm.io.producer import Group
-from streamlstm.io.sink import encode_predictions, send_groups
+from streamlstm.io.sink import encode_predictions, per_message, send_groups
 from streamlstm.learning.device import require_training_device
 from streamlstm.metrics import Metrics, MetricsServer
 
@@ -268,7 +268,9 @@ class Daemon:
                 batch = batch.take(guarded.rows)
                 ticket.event_ts = batch.ts
                 keys = [keys[i] for i in guarded.rows.tolist()]
-            values = cast("list[bytes | None]", guarded.values)  # list is invariant
+            values = guarded.values
+            if self.settings.kafka.output_per_message:  # one JSON array per input message
+                keys, values = per_message(batch.source.tolist(), keys, values, polled.records)
             groups.append((self.delivery.sink.output_topic, keys, values, None))
             ticket.predictions = len(batch)
             ticket.anomalies = guarded.anomalies

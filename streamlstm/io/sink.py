@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -59,6 +59,48 @@ def encode_predictions(output: Predictions) -> list[bytes]:
     """One JSON document per event (``key, ts, prediction, error, anomaly_score, ...``)."""
     dumps = orjson.dumps
     return [dumps(r) for r in output.records()]
+
+
+MAX_ARRAY_BYTES = 1_000_000  # below the broker's default message.max.bytes (1 MiB + 12)
+
+
+def per_message(
+    source: Sequence[int],
+    keys: Sequence[bytes | None],
+    values: Sequence[bytes],
+    records: Sequence[Any],
+    max_bytes: int = MAX_ARRAY_BYTES,
+) -> tuple[list[bytes | None], list[bytes]]:
+    """Each input message's prediction records as one JSON array, in input order.
+
+    ``kafka.output_per_message``: a producer that batches events into arrays pays per
+    message, so the output side should too. ``source[i]`` is the message of event ``i``
+    (a message's events are consecutive, as the decoder makes them); ``keys`` and
+    ``values`` are the events' keys and encoded records; ``records`` the polled Kafka
+    records. An array's key is its input message's Kafka key, or its first event's key
+    when the message had none. Always an array, even for one event. An array that would
+    pass ``max_bytes`` is split into consecutive arrays (the broker would refuse it).
+
+    >>> class R: key = None
+    >>> per_message([0, 0, 2], [b"a", b"b", b"c"], [b"1", b"2", b"3"], [R(), R(), R()])
+    ([b'a', b'c'], [b'[1,2]', b'[3]'])
+    """
+    out_keys: list[bytes | None] = []
+    out_values: list[bytes] = []
+    join = b",".join
+    n = len(values)
+    start = 0
+    while start < n:
+        m = source[start]
+        end, size = start + 1, len(values[start]) + 2
+        while end < n and source[end] == m and size + len(values[end]) + 1 <= max_bytes:
+            size += len(values[end]) + 1
+            end += 1
+        key = records[m].key
+        out_keys.append(keys[start] if key is None else key)
+        out_values.append(b"[" + join(values[start:end]) + b"]")
+        start = end
+    return out_keys, out_values
 
 
 def send_groups(sends: list[Send]) -> list[Group]:

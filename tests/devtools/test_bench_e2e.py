@@ -23,6 +23,7 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
         rate=300,
         latency_seconds=1.0,
         bootstrap=kafka_tools.bootstrap,
+        output_per_message=True,
     )
     doc = result.as_dict()
     json.dumps(doc)  # the --json output is plain JSON
@@ -32,15 +33,31 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
         assert row["bare_events_per_s"] > 0 and row["daemon_events_per_s"] > 0
         ratio = row["daemon_events_per_s"] / row["bare_events_per_s"]
         assert row["ratio"] == pytest.approx(ratio, abs=1e-3)  # rounded to 3 places
+    first, batched = doc["throughput"]
+    assert first["per_message_events_per_s"] is None  # one event per message: nothing to group
+    assert batched["per_message_events_per_s"] > 0
     assert doc["latency"]["events"] == 300
     assert 0 < doc["latency"]["p50"] <= doc["latency"]["p99"]
     text = "\n".join(result.lines())
+    assert "one array out per message in" in text
     assert "daemon / bare consumer" in text and "event latency at 300 events/s" in text
 
 
 def test_bench_e2e_cli_options() -> None:
     args = build_parser().parse_args(
-        ["bench", "e2e", "--json", "--batch", "20", "--bootstrap", "h:1"]
+        [
+            "bench",
+            "e2e",
+            "--json",
+            "--batch",
+            "20",
+            "--bootstrap",
+            "h:1",
+            "--output-per-message",
+            "--rounds",
+            "3",
+        ]
     )
     assert (args.json, args.batch, args.bootstrap) == (True, 20, "h:1")
+    assert (args.output_per_message, args.rounds) == (True, 3)
     assert args.handler is dev.run_bench_e2e
