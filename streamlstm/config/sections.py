@@ -213,7 +213,9 @@ class StateSettings(Section):
         "on restart and rebalance (off: keys start afresh after either).",
     )
     changelog_topic: str = Field(
-        "", description="The changelog topic (empty: `<kafka.input_topic>.state`)."
+        "",
+        description="The changelog topic (empty: `<kafka.group_id>.<kafka.input_topic>.state`: "
+        "one per consumer group, so two jobs reading one input never share key state).",
     )
     restore_timeout_seconds: float = Field(
         120.0, gt=0, description="Most time to read one changelog partition when restoring."
@@ -289,7 +291,7 @@ class TrainingSettings(Section):
         None,
         min_length=1,
         description="Daemon: compacted topic the trainer publishes adopted weights to and "
-        "every member adopts them from (None: `<kafka.input_topic>.model`).",
+        "every member adopts them from (None: `<kafka.group_id>.<kafka.input_topic>.model`).",
     )
     seed: int = Field(0, ge=0, description="Seed for sampling and training.")
 
@@ -367,17 +369,23 @@ class Settings(BaseSettings):
             raise ValueError("state.changelog_topic: must not be kafka.input_topic")
         return self
 
+    # The state and model topics belong to one consumer group (a job), as Kafka Streams
+    # names changelogs after its application id: two groups reading the same input (a
+    # staging copy, a second model) must never restore each other's rows or weights.
+
     @property
     def model_topic(self) -> str:
-        """The model topic: ``training.model_topic``, else ``<kafka.input_topic>.model``."""
-        return self.training.model_topic or f"{self.kafka.input_topic}.model"
+        """``training.model_topic``, else ``<kafka.group_id>.<kafka.input_topic>.model``."""
+        k = self.kafka
+        return self.training.model_topic or f"{k.group_id}.{k.input_topic}.model"
 
     @property
     def changelog_topic(self) -> str | None:
         """The state changelog topic, None when ``state.changelog`` is off."""
         if not self.state.changelog:
             return None
-        return self.state.changelog_topic or f"{self.kafka.input_topic}.state"
+        k = self.kafka
+        return self.state.changelog_topic or f"{k.group_id}.{k.input_topic}.state"
 
     @classmethod
     def settings_customise_sources(

@@ -23,7 +23,7 @@ from streamlstm.daemon.localstate import (
 from streamlstm.io.changelog import Restored, encode
 
 TOPIC = "in"
-LOG = "in.state"
+LOG = str(unit_daemon_settings(TOPIC).changelog_topic)  # the daemon's default name
 
 
 class _Log:

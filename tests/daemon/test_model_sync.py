@@ -260,7 +260,12 @@ def test_an_unreachable_model_topic_delays_the_trainer_but_does_not_stop_it(
 def test_the_model_topic_is_named_after_the_input_and_must_be_its_own() -> None:
     from streamlstm.config import ConfigError, load_settings
 
-    assert _settings().model_topic == f"{TOPIC}.model"
+    settings = _settings()
+    assert settings.model_topic == f"{settings.kafka.group_id}.{TOPIC}.model"
+    assert settings.changelog_topic == f"{settings.kafka.group_id}.{TOPIC}.state"
+    other_job = _settings(**{"kafka.group_id": "staging"})  # the same input, another job
+    assert other_job.model_topic != settings.model_topic
+    assert other_job.changelog_topic != settings.changelog_topic
     assert _settings(**{"training.model_topic": "weights"}).model_topic == "weights"
     with pytest.raises((ConfigError, ValueError), match=r"training\.model_topic"):
         load_settings(overrides={"kafka.output_topic": "w", "training.model_topic": "w"})

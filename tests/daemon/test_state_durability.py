@@ -174,6 +174,7 @@ def test_state_survives_kills_and_scaling(kafka_tools: KafkaTools, tmp_path: Pat
     ]
     repeats = sum(len(c) - 1 for c in outputs.copies.values())
     assert not wrong, f"{len(wrong)} outputs differ from a clean pass (e.g. {wrong[:3]})"
-    changelog = kafka_tools.read(f"{inp}.state", expect=KEYS, timeout=30)
+    changelog_topic = load_settings(overrides=overrides).changelog_topic
+    changelog = kafka_tools.read(str(changelog_topic), expect=KEYS, timeout=30)
     assert len(changelog) > KEYS, "the restore should have read an uncompacted changelog"
     print(f"{repeats} repeated outputs (equal values), {len(changelog)} changelog records")
