@@ -20,10 +20,10 @@ from streamlstm.config.sections import (
     MetricsSettings,
     ModelSettings,
     Section,
-    Settings,
     StateSettings,
     TrainingSettings,
 )
+from streamlstm.config.settings import Settings
 
 __all__ = [
     "ConfigError",

@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from streamlstm.config.sections import _FILE_DATA, ConfigError, Settings
+from streamlstm.config.sections import ConfigError
+from streamlstm.config.settings import _FILE_DATA, Settings
 
 
 def _read_file(path: Path) -> dict[str, Any]:
