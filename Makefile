@@ -32,8 +32,9 @@ lint: setup
 bench: setup
 	$(VENV)/bin/streamlstm bench engine
 
-# Mutation testing of the core modules against the fast unit tests (not part of `make test`;
-# minutes to an hour). One module: make mutation MODULES="streamlstm.events"
+# Mutation testing of the core modules against the fast unit tests (not part of `make test`:
+# hours for every module on two cores; see docs/mutation.md for sampling with
+# MUTATION_SAMPLE). One module: make mutation MODULES="streamlstm.events"
 mutation: setup
 	VENV=$(VENV) ./scripts/mutation $(MODULES)
 
