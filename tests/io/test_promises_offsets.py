@@ -80,3 +80,15 @@ def test_taking_the_failed_sends_resets_the_ticket_to_retriable() -> None:
     ticket = Ticket({P0: 1}, 0.0, failed=[SEND], errors=["fatal"], retriable=False)
     assert ticket.take_failed() == ([SEND], ["fatal"], False)
     assert (ticket.failed, ticket.errors, ticket.retriable) == ([], [], True)
+
+
+def test_acked_is_minus_one_until_a_partitions_outputs_are_acknowledged() -> None:
+    """The changelog writes a key's row only up to ``acked``: a partition with nothing
+    acknowledged must read as "nothing" (-1), never as offset 0 or 1."""
+    tracker = OffsetTracker()
+    assert tracker.acked(P0) == -1 and tracker.acked(P1) == -1
+    _acked(tracker, {P0: 5})
+    assert tracker.acked(P0) == 5 and tracker.acked(P1) == -1
+    tracker.add(Ticket({P0: 9, P1: 4}, 0.0, outstanding=1))  # in flight: not acknowledged
+    tracker.collect()
+    assert tracker.acked(P0) == 5 and tracker.acked(P1) == -1
