@@ -461,3 +461,26 @@ def test_commit_logs_name_the_offsets_and_the_reason_of_a_failure(
     assert "offset commit failed (RuntimeError: coordinator moved)" in text
     assert "final commit failed (coordinator moved)" in text
     assert "committed offsets in[0]@5, in[1]@2" in text
+
+
+def test_a_failed_changelog_write_on_hand_over_commits_nothing_for_the_revoked() -> None:
+    """Committing past rows that never reached the changelog would let a restore replay
+    events onto an older row; the hand-over must offer no offsets at all instead."""
+    delivery, sink = _delivery()
+    sink.ack(_send(delivery, {P0: 5}))
+    delivery.check_acks()
+
+    def failing_checkpoint(revoked: set, budget_s: float) -> dict:
+        raise SinkError("changelog unreachable")
+
+    assert delivery.hand_over({P0}, budget_s=1.0, checkpoint=failing_checkpoint) == {}
+
+
+def test_a_forgotten_partition_counts_as_caught_up_when_it_comes_back() -> None:
+    """What was sent from a partition before it went says nothing about it once it is
+    given back: a stale count would hold its changelog rows back for good."""
+    delivery, _sink = _delivery()
+    _send(delivery, {P0: 5})  # never acknowledged
+    assert not delivery.caught_up(P0)
+    delivery.hand_over({P0}, budget_s=1.0)
+    assert delivery.caught_up(P0)
