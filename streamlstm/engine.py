@@ -45,6 +45,7 @@ from streamlstm import anomaly, combine
 from streamlstm.config import Settings
 from streamlstm.drift import DriftMonitor
 from streamlstm.events import EventBatch
+from streamlstm.fused import FusedStep, load
 from streamlstm.model import RecurrentModel, quantize_for_inference
 from streamlstm.state import KeyedState
 from streamlstm.steps import BatchOutput, StepConsumer, StepRecord
@@ -91,7 +92,6 @@ class Engine:
         torch.set_num_threads(settings.engine.torch_threads)
         self.settings = settings
         self.model = model.eval()
-        self._inference_model = self._prepare(model)
         self.model_version = model_version
         self.store = KeyedState(
             state_shape=model.state_shape,
@@ -100,6 +100,8 @@ class Engine:
             ttl_seconds=settings.state.ttl_seconds,
             initial_capacity=settings.state.initial_capacity,
         )
+        self._fused: FusedStep | None = None
+        self._inference_model = self._prepare(model)
         self.learner: StepConsumer | None = None
         self._level_inputs = settings.model.inputs == "level"
         self.drift = DriftMonitor(settings.drift)
@@ -140,6 +142,13 @@ class Engine:
         self.learner = learner
 
     def _prepare(self, model: RecurrentModel) -> RecurrentModel:
+        """The model the step runs (int8 with ``model.quantize``), and the fused LSTM step
+        where ``engine.fused`` applies (a float LSTM)."""
+        fused = self.settings.engine.fused and not self.settings.model.quantize
+        lib = load() if fused and model.cell == "lstm" else None
+        self._fused = (
+            None if lib is None else FusedStep(lib, model, self.store.layout, self.settings)
+        )
         return quantize_for_inference(model) if self.settings.model.quantize else model
 
     # -- weights -----------------------------------------------------------------
@@ -231,14 +240,21 @@ class Engine:
                 return t.index_select(0, rows)
 
             s = pick(torch.from_numpy(slots))
-            results = self._step_group(
-                s, pick(values), None if target is None else pick(target), rows
-            )
+            if self._fused is not None and target is None:
+                store = self.store
+                bad = self._fused.group(store.table, s, pick(values), rows, columns, self.learner)
+                store.dirty[s] = True
+                if len(bad):  # an overflow or a fault: a fresh row, counted
+                    store.reset(bad, "non_finite")
+            else:
+                results = self._step_group(
+                    s, pick(values), None if target is None else pick(target), rows
+                )
+                for column, result in zip(columns, results, strict=True):
+                    column.index_copy_(0, rows, result)
             self.store.last_ts[s] = pick(ts)
             if offset is not None:
                 self.store.offset[s] = pick(torch.from_numpy(offset))
-            for column, result in zip(columns, results, strict=True):
-                column.index_copy_(0, rows, result)
         if self.learner is not None:
             self.learner.end()
 
@@ -269,16 +285,19 @@ class Engine:
 
         # 1. Score the pending forecasts: the mix (the output) and each forecaster's (their
         # weights), in input units and in the key's std units before this event.
+        # The pending forecast is recomputed, not stored: its forecasters and weights have
+        # not changed since it was made (a labelled event leaves none pending).
+        forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
+        hedge = field("hedge")
         pending = has_pending > 0
-        diff = x - field("pending")
+        diff = x - combine.mix(hedge, forecasters)
         abs_err = diff.abs()
         err = torch.where(pending, abs_err.mean(1), torch.nan)
         squared = torch.where(pending, (diff * diff).mean(1), torch.nan)
         std_before = _std(var, mean)
         std_err = (abs_err / std_before).clamp(max=clip).mean(1)
-        last, step, ewma, hedge = field("last"), field("step"), field("ewma"), field("hedge")
+        last, step, ewma = field("last"), field("step"), field("ewma")
         seen = count > 0
-        forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
         combine.learn(hedge, forecasters, x, std_before, pending)  # their forecasts of x
         delta = x - mean  # from the key's mean before this event: novelty, then the scaler
         value_z = torch.where(seen, (delta.abs() / std_before).amax(1), 0.0)
@@ -312,14 +331,13 @@ class Engine:
             own = None if target is None else (target - x) / std
             self.learner.record(StepRecord(s, raw_input, change, count, state, positions, own))
         out, new_state = self._inference_model.step(model_input, state)
+        state.copy_(new_state)
         move = (out - model_input) * std
         if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw
             limit = cfg.engine.max_step * step
             move = torch.maximum(torch.minimum(move, limit), -limit)
-        state.copy_(new_state)
         field("net_pending").copy_(x + move)  # `last` and `ewma` already hold theirs
         pred = combine.mix(hedge, forecasters)
-        field("pending").copy_(pred)
 
         # 4. With an explicit target the prediction is scored at once, not left pending.
         scored = pending

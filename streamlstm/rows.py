@@ -21,7 +21,7 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 50)
+    (slice(8, 11, None), 47)
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
@@ -36,7 +36,6 @@ class RowLayout:
             "recurrent": math.prod(state_shape),
             "mean": width,
             "var": width,
-            "pending": width,  # the combined forecast of the key's next values
             # The forecasters' own next values, side by side in ``combine.EXPERTS`` order
             # (one [B, 3, F] view, no copy): the network's, persistence's (the key's last
             # values, also its change inputs and labels) and the EWMA's level.
