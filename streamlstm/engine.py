@@ -99,6 +99,7 @@ class Engine:
             max_keys=settings.state.max_keys,
             ttl_seconds=settings.state.ttl_seconds,
             initial_capacity=settings.state.initial_capacity,
+            typical_step=settings.engine.max_step is not None,
         )
         self._fused: FusedStep | None = None
         self._inference_model = self._prepare(model)
@@ -296,7 +297,7 @@ class Engine:
         squared = torch.where(pending, (diff * diff).mean(1), torch.nan)
         std_before = _std(var, mean)
         std_err = (abs_err / std_before).clamp(max=clip).mean(1)
-        last, step, ewma = field("last"), field("step"), field("ewma")
+        last, ewma = field("last"), field("ewma")
         seen = count > 0
         combine.learn(hedge, forecasters, x, std_before, pending)  # their forecasts of x
         delta = x - mean  # from the key's mean before this event: novelty, then the scaler
@@ -307,8 +308,10 @@ class Engine:
         # the network's input when model.inputs is "change".
         moved = x - last
         change = torch.where(seen.unsqueeze(1), moved / std_before, 0.0)
-        rate = (seen / count.clamp(min=1, max=_STEP_WINDOW)).unsqueeze(1)  # 0 on a first event
-        step.add_(rate * (moved.abs() - step))
+        if cfg.engine.max_step is not None:  # its typical step: 0 weight on a first event
+            rate = (seen / count.clamp(min=1, max=_STEP_WINDOW)).unsqueeze(1)
+            step = field("step")
+            step.add_(rate * (moved.abs() - step))
         last.copy_(x)
         if bool(seen.all()):
             ewma.add_(combine.EWMA_ALPHA * (x - ewma))
@@ -334,7 +337,7 @@ class Engine:
         state.copy_(new_state)
         move = (out - model_input) * std
         if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw
-            limit = cfg.engine.max_step * step
+            limit = cfg.engine.max_step * field("step")
             move = torch.maximum(torch.minimum(move, limit), -limit)
         field("net_pending").copy_(x + move)  # `last` and `ewma` already hold theirs
         pred = combine.mix(hedge, forecasters)
