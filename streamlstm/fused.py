@@ -3,11 +3,12 @@
 The plain step (``Engine._step_group``) is ~40 tensor operations per batched step, each
 a pass over a few thousand keys' small vectors, plus a gather and a scatter of the rows
 and an ``nn.LSTM`` call that copies the state in and out; together they cost more than
-the network's matrix products. Here the scoring, the scaler, the forecasters and their
-combination, the anomaly and drift statistics run in two C loops over the gathered rows
-(``fused_step.c``: before and after the network), the network is :class:`PackedLstm`
-(one ``addmm`` per layer, the state updated in place in the rows), and the rows move
-with ``memcpy`` (the scatter also finds non-finite rows in the same pass).
+the network's matrix products. Here the keys' rows are worked on in place in the table
+(no gather, no scatter): the scoring, the scaler, the forecasters and their combination,
+the anomaly and drift statistics run in two C loops over the keys (``fused_step.c``:
+before and after the network), and the network is one ``addmm`` per layer on packed
+weights (:class:`~streamlstm.kernels.PackedLstm`) followed by one C loop over the cells
+(sigmoid and tanh from one vectorised exponential, the state updated in the table).
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``)
 into a cache folder (``$STREAMLSTM_CACHE``, else ``~/.cache/streamlstm``), once per
@@ -113,7 +114,7 @@ def load() -> ctypes.CDLL | None:
         if not target.exists():
             _build(target)
         lib = ctypes.CDLL(str(target))
-        lib.fused_scatter.restype = ctypes.c_int64
+        lib.fused_check.restype = ctypes.c_int64
         _library = lib
     except Exception as exc:  # any failure: the plain path, never a dead daemon
         _failure = f"{type(exc).__name__}: {exc}"
@@ -177,41 +178,45 @@ class FusedStep:
         n, width, f = len(s), layout.width, x.shape[1]
         i64 = ctypes.c_int64
         x = x.contiguous()
-        rows = torch.empty(n, width)
-        lib.fused_gather(_ptr(table), _ptr(s), i64(n), i64(width), _ptr(rows))
         hidden = self.lstm.hidden
         xh = torch.empty(n, f + hidden)  # the first layer's input: [clipped input, hidden]
         raw, change, std = (torch.empty(n, f) for _ in range(3))
         err, sq, std_err, score = (torch.empty(n) for _ in range(4))
-        common = (i64(n), _ptr(rows), i64(width), _ptr(self.columns), _ptr(self.params))
+        common = (i64(n), _ptr(table), i64(width), _ptr(s), _ptr(self.columns), _ptr(self.params))
         lib.fused_before(
             *common, _ptr(x), i64(f), _ptr(xh), i64(f + hidden), _ptr(raw), _ptr(change),
             _ptr(std), _ptr(err), _ptr(sq), _ptr(std_err), _ptr(score),
         )  # fmt: skip
-        if learner is not None:
+        if learner is not None:  # copies of the keys' state before the step, and counts
+            rows = torch.empty(n, width)
+            lib.fused_take(i64(n), i64(width), _ptr(table), i64(width), _ptr(s), i64(0),
+                           _ptr(rows), i64(width))  # fmt: skip
             count, state = layout.field(rows, "count"), layout.field(rows, "recurrent")
             learner.record(StepRecord(s, raw, change, count, state, positions))
-        out = self._network(rows, xh, f)
+        out = self._network(table, s, xh, f)
         lib.fused_after(
             *common, _ptr(x), i64(f), _ptr(xh), i64(f + hidden), _ptr(out), _ptr(std),
             _ptr(err), _ptr(sq), _ptr(std_err), _ptr(score), _ptr(positions),
             *map(_ptr, columns),
         )  # fmt: skip
         bad = np.zeros(n, np.uint8)
-        if lib.fused_scatter(_ptr(table), _ptr(s), i64(n), i64(width), _ptr(rows), _ptr(bad)):
+        if lib.fused_check(_ptr(table), i64(width), _ptr(s), i64(n), _ptr(bad)):
             return s[torch.from_numpy(bad.astype(bool))]
         return s[:0]
 
-    def _network(self, rows: torch.Tensor, xh: torch.Tensor, f: int) -> torch.Tensor:
-        """The LSTM step on the gathered rows (state updated in place): per layer one
-        ``addmm`` for the gates and one C pass for the cells. ``xh`` holds the clipped
-        inputs in its first ``f`` columns. Returns the predicted next inputs [n, f]."""
+    def _network(
+        self, table: torch.Tensor, s: torch.Tensor, xh: torch.Tensor, f: int
+    ) -> torch.Tensor:
+        """The LSTM step of the keys at slots ``s`` (their state updated in place in the
+        table): per layer one ``addmm`` for the gates and one C pass for the cells. ``xh``
+        holds the clipped inputs in its first ``f`` columns. Returns the predicted next
+        inputs [n, f]."""
         lib, lstm, i64 = self.lib, self.lstm, ctypes.c_int64
         lstm.refresh()
-        n, width, h = len(rows), rows.shape[1], lstm.hidden
+        n, width, h = len(s), table.shape[1], lstm.hidden
         rec = self.layout.columns["recurrent"].start  # (layer, part) at (2 * layer + part) * h
-        lib.fused_copy(
-            i64(n), i64(h), _ptr(rows, rec), i64(width), _ptr(xh, f), i64(f + h)
+        lib.fused_take(
+            i64(n), i64(h), _ptr(table), i64(width), _ptr(s), i64(rec), _ptr(xh, f), i64(f + h)
         )  # the first layer's hidden state beside the inputs
         inp = xh
         for layer, (weight, bias) in enumerate(lstm.layers):
@@ -220,7 +225,7 @@ class FusedStep:
             dst = torch.empty(n, h if top else 2 * h)  # [h_new, next layer's h]: its input
             here = rec + 2 * layer * h
             lib.fused_lstm_cell(
-                i64(n), i64(h), _ptr(gates), _ptr(rows), i64(width), i64(here),
+                i64(n), i64(h), _ptr(gates), _ptr(table), i64(width), _ptr(s), i64(here),
                 i64(here + h), _ptr(dst), i64(dst.shape[1]), i64(-1 if top else here + 2 * h),
             )  # fmt: skip
             inp = dst

@@ -1,7 +1,7 @@
 /* The engine's per-key elementwise work in one pass per key (streamlstm/fused.py).
  *
- * Each function walks B gathered state rows once, doing what streamlstm/engine.py's plain
- * path does with ~40 tensor operations: the same formulas, in float32, in the same order
+ * Each function walks the state rows of B distinct keys once, in place in the table (no
+ * gather, no scatter), doing what streamlstm/engine.py's plain path does with ~40 tensor operations: the same formulas, in float32, in the same order
  * of operations (no contraction into FMAs: built with -ffp-contract=off), NaN propagating
  * like torch's clamp/maximum/amax. The layout's column offsets and the settings come in
  * two arrays (COL_* and PRM_* below, filled by fused.py).
@@ -107,13 +107,14 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
 /* Before the network: score the pending forecasts, update forecasters and scaler, and
  * write the network's input. Outputs per key: xin [n, xin_stride] (clipped input in its
  * first f columns), raw and change [n, f], std [n, f], err/sq/std_err/score [n]. */
-void fused_before(int64_t n, float *rows, int64_t w, const int64_t *col, const double *prm,
+void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, const int64_t *col,
+                  const double *prm,
                   const float *x, int64_t f, float *xin, int64_t xin_stride, float *raw,
                   float *change, float *std, float *err, float *sq, float *std_err, float *score) {
     float clip = (float)prm[PRM_CLIP], window = (float)prm[PRM_WINDOW];
     float pending[f], std_before[f];
     for (int64_t i = 0; i < n; i++) {
-        float *row = rows + i * w, *mean = row + col[COL_MEAN], *var = row + col[COL_VAR];
+        float *row = table + slots[i] * w, *mean = row + col[COL_MEAN], *var = row + col[COL_VAR];
         float *fc = row + col[COL_FORECASTERS], *last = fc + f, *ewma = fc + 2 * f;
         float *hedge = row + col[COL_HEDGE], *count = row + col[COL_COUNT];
         float *has_pending = row + col[COL_HAS_PENDING];
@@ -188,7 +189,8 @@ static int page_hinkley(float *ph, float x, const double *prm) {
 /* After the network (out [n, f]: its prediction of the next clipped inputs xin): the
  * network's forecast, the combined prediction, per-key drift, and the event's outputs,
  * written at positions of the chunk's output columns. */
-void fused_after(int64_t n, float *rows, int64_t w, const int64_t *col, const double *prm,
+void fused_after(int64_t n, float *table, int64_t w, const int64_t *slots, const int64_t *col,
+                 const double *prm,
                  const float *x, int64_t f, const float *xin, int64_t xin_stride,
                  const float *out, const float *std, const float *err, const float *sq,
                  const float *std_err, const float *score, const int64_t *pos, float *o_pred,
@@ -196,7 +198,7 @@ void fused_after(int64_t n, float *rows, int64_t w, const int64_t *col, const do
     float max_step = (float)prm[PRM_MAX_STEP];
     int capped = prm[PRM_MAX_STEP] == prm[PRM_MAX_STEP]; /* NaN: no cap */
     for (int64_t i = 0; i < n; i++) {
-        float *row = rows + i * w, *fc = row + col[COL_FORECASTERS];
+        float *row = table + slots[i] * w, *fc = row + col[COL_FORECASTERS];
         const float *xi = x + i * f;
         int64_t p = pos[i];
         int scored = row[col[COL_HAS_PENDING]] > 0.0f, unscored = err[i] != err[i];
@@ -224,29 +226,37 @@ void fused_after(int64_t n, float *rows, int64_t w, const int64_t *col, const do
     }
 }
 
-/* rows[i] = table[slots[i]] */
-void fused_gather(const float *table, const int64_t *slots, int64_t n, int64_t w, float *rows) {
-    for (int64_t i = 0; i < n; i++) memcpy(rows + i * w, table + slots[i] * w, w * sizeof(float));
+/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones). */
+static int non_finite(const float *row, int64_t w) {
+    uint32_t all = 0, bits;
+    for (int64_t j = 0; j < w; j++) {
+        memcpy(&bits, row + j, sizeof bits);
+        all |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return all != 0;
 }
 
-/* table[slots[i]] = rows[i]; bad[i] = 1 where the row holds a NaN or an infinity.
- * Returns how many do. */
-int64_t fused_scatter(float *table, const int64_t *slots, int64_t n, int64_t w,
-                      const float *rows, uint8_t *bad) {
+/* bad[i] = 1 where the row at slots[i] holds a NaN or an infinity; returns how many do. */
+int64_t fused_check(const float *table, int64_t w, const int64_t *slots, int64_t n, uint8_t *bad) {
     int64_t count = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const float *r = rows + i * w;
-        uint32_t all = 0, bits;
-        memcpy(table + slots[i] * w, r, w * sizeof(float));
-        for (int64_t j = 0; j < w; j++) { /* exponent all ones: a NaN or an infinity */
-            memcpy(&bits, r + j, sizeof bits);
-            all |= (bits & 0x7f800000u) == 0x7f800000u;
-        }
-        bad[i] = all != 0;
-        count += bad[i];
-    }
+    for (int64_t i = 0; i < n; i++) count += bad[i] = (uint8_t)non_finite(table + slots[i] * w, w);
     return count;
 }
+
+/* dst[i, :m] = table[slots[i], col:col + m] (dst row stride dst_stride). */
+void fused_take(int64_t n, int64_t m, const float *table, int64_t w, const int64_t *slots,
+                int64_t col, float *dst, int64_t dst_stride) {
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst + i * dst_stride, table + slots[i] * w + col, m * sizeof(float));
+}
+
+/* a * b + c, in one rounding where the CPU has fused multiply-add (the polynomial below
+ * is an approximation anyway: this only makes it cheaper). */
+#ifdef __FMA__
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
 
 /* e^x to about 2 ulp (Cephes' expf polynomial), branch-free so the loops below vectorise:
  * n = round(x / ln 2) by adding 1.5 * 2^23 (the sum's low mantissa bits are n), then
@@ -258,13 +268,12 @@ static inline float exp_approx(float x) {
     round.f = x * 1.44269504088896341f + 12582912.0f;
     n = round.f - 12582912.0f;
     r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    p = MADD(1.9875691500e-4f, r, 1.3981999507e-3f);
+    p = MADD(p, r, 8.3334519073e-3f);
+    p = MADD(p, r, 4.1665795894e-2f);
+    p = MADD(p, r, 1.6666665459e-1f);
+    p = MADD(p, r, 5.0000001201e-1f);
+    p = MADD(p * r, r, r + 1.0f);
     scale.i = (round.i - 0x4B400000 + 127) << 23;
     return p * scale.f;
 }
@@ -298,17 +307,12 @@ static void lstm_cell(int64_t h, float *restrict g, float *restrict hr, float *r
  * place; the new hidden state also written to dst[i * dst_stride], followed by the next
  * layer's hidden state from the row where nxt >= 0, so that [h_new, h_next] is the next
  * layer's matrix product input. */
-void fused_lstm_cell(int64_t n, int64_t h, float *gates, float *rows, int64_t w,
-                     int64_t hid, int64_t cel, float *dst, int64_t dst_stride, int64_t nxt) {
+void fused_lstm_cell(int64_t n, int64_t h, float *gates, float *table, int64_t w,
+                     const int64_t *slots, int64_t hid, int64_t cel, float *dst,
+                     int64_t dst_stride, int64_t nxt) {
     for (int64_t i = 0; i < n; i++) {
-        float *row = rows + i * w, *d = dst + i * dst_stride;
+        float *row = table + slots[i] * w, *d = dst + i * dst_stride;
         lstm_cell(h, gates + i * 4 * h, row + hid, row + cel, d);
         if (nxt >= 0) memcpy(d + h, row + nxt, h * sizeof(float));
     }
-}
-
-/* dst[i, :m] = src[i, :m] for n rows of the given strides. */
-void fused_copy(int64_t n, int64_t m, const float *src, int64_t src_stride, float *dst,
-                int64_t dst_stride) {
-    for (int64_t i = 0; i < n; i++) memcpy(dst + i * dst_stride, src + i * src_stride, m * sizeof(float));
 }
