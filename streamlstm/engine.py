@@ -45,7 +45,7 @@ from streamlstm import anomaly, combine
 from streamlstm.config import Settings
 from streamlstm.drift import DriftMonitor
 from streamlstm.events import EventBatch
-from streamlstm.fused import FusedStep, load
+from streamlstm.fused import FusedStep
 from streamlstm.model import RecurrentModel, quantize_for_inference
 from streamlstm.state import KeyedState
 from streamlstm.steps import BatchOutput, StepConsumer, StepRecord
@@ -101,7 +101,7 @@ class Engine:
             initial_capacity=settings.state.initial_capacity,
             typical_step=settings.engine.max_step is not None,
         )
-        self._fused: FusedStep | None = None
+        self.fused_step: FusedStep | None = None  # None: the plain step runs
         self._inference_model = self._prepare(model)
         self.learner: StepConsumer | None = None
         self._level_inputs = settings.model.inputs == "level"
@@ -143,13 +143,8 @@ class Engine:
         self.learner = learner
 
     def _prepare(self, model: RecurrentModel) -> RecurrentModel:
-        """The model the step runs (int8 with ``model.quantize``), and the fused LSTM step
-        where ``engine.fused`` applies (a float LSTM)."""
-        fused = self.settings.engine.fused and not self.settings.model.quantize
-        lib = load() if fused and model.cell == "lstm" else None
-        self._fused = (
-            None if lib is None else FusedStep(lib, model, self.store.layout, self.settings)
-        )
+        """The model the plain step runs (int8 with ``model.quantize``); the fused step."""
+        self.fused_step = FusedStep.build(model, self.store.layout, self.settings)
         return quantize_for_inference(model) if self.settings.model.quantize else model
 
     # -- weights -----------------------------------------------------------------
@@ -241,12 +236,8 @@ class Engine:
                 return t.index_select(0, rows)
 
             s = pick(torch.from_numpy(slots))
-            if self._fused is not None and target is None:
-                store = self.store
-                bad = self._fused.group(store.table, s, pick(values), rows, columns, self.learner)
-                store.dirty[s] = True
-                if len(bad):  # an overflow or a fault: a fresh row, counted
-                    store.reset(bad, "non_finite")
+            if self.fused_step is not None and target is None:  # explicit targets: the plain step
+                self.fused_step.group(self.store, s, pick(values), rows, columns, self.learner)
             else:
                 results = self._step_group(
                     s, pick(values), None if target is None else pick(target), rows
@@ -334,11 +325,11 @@ class Engine:
             own = None if target is None else (target - x) / std
             self.learner.record(StepRecord(s, raw_input, change, count, state, positions, own))
         out, new_state = self._inference_model.step(model_input, state)
-        state.copy_(new_state)
         move = (out - model_input) * std
         if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw
             limit = cfg.engine.max_step * field("step")
             move = torch.maximum(torch.minimum(move, limit), -limit)
+        state.copy_(new_state)
         field("net_pending").copy_(x + move)  # `last` and `ewma` already hold theirs
         pred = combine.mix(hedge, forecasters)
 

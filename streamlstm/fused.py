@@ -38,6 +38,7 @@ from streamlstm.config import Settings
 from streamlstm.kernels import PackedLstm
 from streamlstm.model import RecurrentModel
 from streamlstm.rows import RowLayout
+from streamlstm.state import KeyedState
 from streamlstm.steps import StepConsumer, StepRecord
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,36 @@ class FusedStep:
         if e.max_step is not None and "step" not in cols:
             raise ValueError("engine.max_step needs the layout's step column")
 
+    @classmethod
+    def build(
+        cls, model: RecurrentModel, layout: RowLayout, settings: Settings
+    ) -> FusedStep | None:
+        """The fused step where ``engine.fused`` is on, the model a float LSTM and the
+        kernels build here; else None (the engine runs the plain step)."""
+        if not settings.engine.fused or settings.model.quantize or model.cell != "lstm":
+            return None
+        lib = load()
+        return None if lib is None else cls(lib, model, layout, settings)
+
     def group(
+        self,
+        store: KeyedState,
+        s: torch.Tensor,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        columns: list[torch.Tensor],
+        learner: StepConsumer | None,
+    ) -> None:
+        """One batched step of distinct keys (slots ``s``, values ``x`` at ``positions`` of
+        the chunk), in place in the store's rows, which are marked dirty; outputs written
+        into ``columns`` (prediction, error, squared error, score, std-unit error, drift
+        flag). A row that became non-finite (an overflow; a fault) is reset, counted."""
+        bad = self._step(store.table, s, x, positions, columns, learner)
+        store.dirty[s] = True
+        if len(bad):
+            store.reset(bad, "non_finite")
+
+    def _step(
         self,
         table: torch.Tensor,
         s: torch.Tensor,
@@ -170,10 +200,7 @@ class FusedStep:
         columns: list[torch.Tensor],
         learner: StepConsumer | None,
     ) -> torch.Tensor:
-        """One batched step of distinct keys (slots ``s``, values ``x`` at ``positions`` of
-        the chunk): rows gathered, stepped and written back; outputs written into
-        ``columns`` (prediction, error, squared error, score, std-unit error, drift flag).
-        Returns the slots whose rows became non-finite (to be reset)."""
+        """:meth:`group` on the table; returns the slots whose rows became non-finite."""
         lib, layout = self.lib, self.layout
         n, width, f = len(s), layout.width, x.shape[1]
         i64 = ctypes.c_int64

@@ -201,7 +201,7 @@ def bench_engine(
         keys=keys,
         batch=batch,
         threads=threads,
-        fused=engine._fused is not None,
+        fused=engine.fused_step is not None,
         plain_events_per_s=plain_rate,
         plain_fraction_of_bound=fraction("plain"),
     )

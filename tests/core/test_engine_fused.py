@@ -94,7 +94,7 @@ SETTINGS = [
 @pytest.mark.parametrize("overrides", SETTINGS)
 def test_fused_and_plain_engines_agree_within_1e_5(overrides: dict[str, object]) -> None:
     plain, fast = _engine(False, **overrides), _engine(True, **overrides)
-    assert plain._fused is None and fast._fused is not None
+    assert plain.fused_step is None and fast.fused_step is not None
     taps = _Steps(), _Steps()
     plain.attach_learner(taps[0])
     fast.attach_learner(taps[1])
@@ -129,7 +129,7 @@ def test_without_a_compiler_the_engine_runs_the_plain_path(
     monkeypatch.setenv("STREAMLSTM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     engine = _engine(True)
-    assert engine._fused is None and fused._failure is not None
+    assert engine.fused_step is None and fused._failure is not None
     out = engine.process(_stream()[0])
     assert np.isfinite(out.prediction).all()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
