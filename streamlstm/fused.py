@@ -115,7 +115,7 @@ def load() -> ctypes.CDLL | None:
         if not target.exists():
             _build(target)
         lib = ctypes.CDLL(str(target))
-        lib.fused_check.restype = ctypes.c_int64
+        lib.fused_after.restype = ctypes.c_int64
         _library = lib
     except Exception as exc:  # any failure: the plain path, never a dead daemon
         _failure = f"{type(exc).__name__}: {exc}"
@@ -221,13 +221,12 @@ class FusedStep:
             count, state = layout.field(rows, "count"), layout.field(rows, "recurrent")
             learner.record(StepRecord(s, raw, change, count, state, positions))
         out = self._network(table, s, xh, f)
-        lib.fused_after(
+        bad = np.zeros(n, np.uint8)
+        if lib.fused_after(
             *common, _ptr(x), i64(f), _ptr(xh), i64(f + hidden), _ptr(out), _ptr(std),
             _ptr(err), _ptr(sq), _ptr(std_err), _ptr(score), _ptr(positions),
-            *map(_ptr, columns),
-        )  # fmt: skip
-        bad = np.zeros(n, np.uint8)
-        if lib.fused_check(_ptr(table), i64(width), _ptr(s), i64(n), _ptr(bad)):
+            *map(_ptr, columns), _ptr(bad),
+        ):  # fmt: skip
             return s[torch.from_numpy(bad.astype(bool))]
         return s[:0]
 

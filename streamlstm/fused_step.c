@@ -162,6 +162,16 @@ void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, cons
     }
 }
 
+/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones). */
+static int non_finite(const float *row, int64_t w) {
+    uint32_t all = 0, bits;
+    for (int64_t j = 0; j < w; j++) {
+        memcpy(&bits, row + j, sizeof bits);
+        all |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return all != 0;
+}
+
 /* Page-Hinkley (drift.page_hinkley_update) on one key's 7 columns; returns the hit. */
 static int page_hinkley(float *ph, float x, const double *prm) {
     float delta = (float)prm[PRM_PH_DELTA], threshold = (float)prm[PRM_PH_THRESHOLD];
@@ -188,14 +198,16 @@ static int page_hinkley(float *ph, float x, const double *prm) {
 
 /* After the network (out [n, f]: its prediction of the next clipped inputs xin): the
  * network's forecast, the combined prediction, per-key drift, and the event's outputs,
- * written at positions of the chunk's output columns. */
-void fused_after(int64_t n, float *table, int64_t w, const int64_t *slots, const int64_t *col,
-                 const double *prm,
-                 const float *x, int64_t f, const float *xin, int64_t xin_stride,
-                 const float *out, const float *std, const float *err, const float *sq,
-                 const float *std_err, const float *score, const int64_t *pos, float *o_pred,
-                 float *o_err, float *o_sq, float *o_score, float *o_scaled, float *o_flags) {
+ * written at positions of the chunk's output columns; bad[i] = 1 where the key's row now
+ * holds a NaN or an infinity. Returns how many do. */
+int64_t fused_after(int64_t n, float *table, int64_t w, const int64_t *slots,
+                    const int64_t *col, const double *prm, const float *x, int64_t f,
+                    const float *xin, int64_t xin_stride, const float *out, const float *std,
+                    const float *err, const float *sq, const float *std_err,
+                    const float *score, const int64_t *pos, float *o_pred, float *o_err,
+                    float *o_sq, float *o_score, float *o_scaled, float *o_flags, uint8_t *bad) {
     float max_step = (float)prm[PRM_MAX_STEP];
+    int64_t bad_rows = 0;
     int capped = prm[PRM_MAX_STEP] == prm[PRM_MAX_STEP]; /* NaN: no cap */
     for (int64_t i = 0; i < n; i++) {
         float *row = table + slots[i] * w, *fc = row + col[COL_FORECASTERS];
@@ -223,24 +235,9 @@ void fused_after(int64_t n, float *table, int64_t w, const int64_t *slots, const
         o_sq[p] = sq[i];
         o_score[p] = unscored ? NAN : score[i];
         o_scaled[p] = unscored ? NAN : std_err[i];
+        bad_rows += bad[i] = (uint8_t)non_finite(row, w); /* to be reset */
     }
-}
-
-/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones). */
-static int non_finite(const float *row, int64_t w) {
-    uint32_t all = 0, bits;
-    for (int64_t j = 0; j < w; j++) {
-        memcpy(&bits, row + j, sizeof bits);
-        all |= (bits & 0x7f800000u) == 0x7f800000u;
-    }
-    return all != 0;
-}
-
-/* bad[i] = 1 where the row at slots[i] holds a NaN or an infinity; returns how many do. */
-int64_t fused_check(const float *table, int64_t w, const int64_t *slots, int64_t n, uint8_t *bad) {
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; i++) count += bad[i] = (uint8_t)non_finite(table + slots[i] * w, w);
-    return count;
+    return bad_rows;
 }
 
 /* dst[i, :m] = table[slots[i], col:col + m] (dst row stride dst_stride). */
