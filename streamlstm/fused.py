@@ -96,7 +96,10 @@ def _build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         cmd = [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        except OSError as exc:  # not the folder's fault: no temporary folder will help
+            raise RuntimeError(f"cannot run {compiler}: {exc}") from exc
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
         os.replace(built, target)  # atomic: a concurrent process sees all of it or none
@@ -110,10 +113,14 @@ def load() -> ctypes.CDLL | None:
         return _library
     try:
         spec = SOURCE.read_bytes() + repr((FLAGS, platform.machine(), _cpu())).encode()
-        digest = hashlib.sha256(spec).hexdigest()[:16]
-        target = _cache_dir() / f"fused_step-{digest}.so"
+        name = f"fused_step-{hashlib.sha256(spec).hexdigest()[:16]}.so"
+        target = _cache_dir() / name
         if not target.exists():
-            _build(target)
+            try:
+                _build(target)
+            except OSError:  # the cache folder cannot be written: a private temporary one
+                target = Path(tempfile.mkdtemp(prefix="streamlstm-")) / name
+                _build(target)
         lib = ctypes.CDLL(str(target))
         lib.fused_after.restype = ctypes.c_int64
         _library = lib
@@ -186,6 +193,8 @@ class FusedStep:
         the chunk), in place in the store's rows, which are marked dirty; outputs written
         into ``columns`` (prediction, error, squared error, score, std-unit error, drift
         flag). A row that became non-finite (an overflow; a fault) is reset, counted."""
+        if not all(c.dtype == torch.float32 and c.is_contiguous() for c in columns):
+            raise ValueError("the fused step writes float32, contiguous output columns")
         bad = self._step(store.table, s, x, positions, columns, learner)
         store.dirty[s] = True
         if len(bad):
@@ -204,7 +213,9 @@ class FusedStep:
         lib, layout = self.lib, self.layout
         n, width, f = len(s), layout.width, x.shape[1]
         i64 = ctypes.c_int64
-        x = x.contiguous()
+        # The C loops read raw float32 / int64 memory: make sure that is what they get.
+        x, s = x.to(torch.float32).contiguous(), s.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
         hidden = self.lstm.hidden
         xh = torch.empty(n, f + hidden)  # the first layer's input: [clipped input, hidden]
         raw, change, std = (torch.empty(n, f) for _ in range(3))

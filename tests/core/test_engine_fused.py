@@ -133,3 +133,17 @@ def test_without_a_compiler_the_engine_runs_the_plain_path(
     out = engine.process(_stream()[0])
     assert np.isfinite(out.prediction).all()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
+
+
+@needs_compiler
+def test_an_unwritable_cache_folder_builds_in_a_temporary_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(fused, "_failure", None)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("STREAMLSTM_CACHE", str(blocked / "cache"))
+    engine = _engine(True)
+    assert engine.fused_step is not None, fused._failure
+    assert np.isfinite(engine.process(_stream()[0]).prediction).all()
