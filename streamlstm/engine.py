@@ -23,6 +23,7 @@ step and ADWIN over blocks of errors; drift marks the output (``BatchOutput.drif
 
 All keys of a batch advance together: the k-th events of all keys present form one
 batched step, so a batch costs ``max events per key`` model calls, not one per event.
+Steps run fused (:mod:`streamlstm.fused`) or plainly, the reference: the same outputs.
 
 >>> from streamlstm.config import load_settings
 >>> from streamlstm.events import EventBatch

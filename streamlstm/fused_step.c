@@ -1,10 +1,13 @@
-/* The engine's per-key elementwise work in one pass per key (streamlstm/fused.py).
+/* The engine's fused step: its per-key work in C loops over the keys (streamlstm/fused.py).
  *
- * Each function walks the state rows of B distinct keys once, in place in the table (no
- * gather, no scatter), doing what streamlstm/engine.py's plain path does with ~40 tensor operations: the same formulas, in float32, in the same order
+ * Each loop walks the state rows of B distinct keys once, in place in the table (no
+ * gather, no scatter). fused_before and fused_after do what streamlstm/engine.py's plain
+ * path does with ~40 tensor operations: the same formulas, in float32, in the same order
  * of operations (no contraction into FMAs: built with -ffp-contract=off), NaN propagating
- * like torch's clamp/maximum/amax. The layout's column offsets and the settings come in
- * two arrays (COL_* and PRM_* below, filled by fused.py).
+ * like torch's clamp/maximum/amax. fused_lstm_cell is the LSTM cell after the gates'
+ * matrix product, with a vectorised exponential (within float32 rounding of torch's).
+ * The layout's column offsets and the settings come in two arrays (COL_* and PRM_*
+ * below, filled by fused.py).
  */
 #include <math.h>
 #include <stdint.h>
