@@ -35,15 +35,15 @@ class PackedLstm:
             raise ValueError("PackedLstm packs LSTM layers only")
         self.model = model
         self.hidden = model.hidden_size
+        self._params = list(model.rnn.parameters())
         self._packed_for: tuple[int, ...] = ()
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pack()
 
     def _stamp(self) -> tuple[int, ...]:
-        """Identity and in-place version of every LSTM parameter: a changed stamp means
-        the packed copies are stale (``load_state_dict`` copies in place)."""
-        params = list(self.model.rnn.parameters())
-        return (*(p.data_ptr() for p in params), *(p._version for p in params))
+        """Storage and in-place version of every LSTM parameter: a changed stamp means the
+        packed copies are stale (``load_state_dict`` copies in place)."""
+        return (*(p.data_ptr() for p in self._params), *(p._version for p in self._params))
 
     @torch.no_grad()
     def _pack(self) -> None:

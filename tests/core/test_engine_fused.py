@@ -20,6 +20,8 @@ from streamlstm import fused
 from streamlstm.config import load_settings
 from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
+from streamlstm.kernels import PackedLstm
+from streamlstm.model import RecurrentModel
 
 WIDTH, HIDDEN = 3, 16
 needs_compiler = pytest.mark.skipif(
@@ -147,3 +149,16 @@ def test_an_unwritable_cache_folder_builds_in_a_temporary_one(
     engine = _engine(True)
     assert engine.fused_step is not None, fused._failure
     assert np.isfinite(engine.process(_stream()[0]).prediction).all()
+
+
+def test_packed_weights_follow_weights_changed_in_place() -> None:
+    net = RecurrentModel(input_size=WIDTH, hidden_size=8, num_layers=2)
+    packed = PackedLstm(net)
+    with torch.no_grad():  # as load_state_dict does: the same tensors, new values
+        for p in net.rnn.parameters():
+            p.mul_(-2.0)
+    x, state = torch.randn(4, WIDTH), torch.randn(4, 2, 2, 8)
+    expected, expected_state = net.step(x, state)
+    out = packed.step_(x, state)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
