@@ -23,6 +23,7 @@ step and ADWIN over blocks of errors; drift marks the output (``BatchOutput.drif
 
 All keys of a batch advance together: the k-th events of all keys present form one
 batched step, so a batch costs ``max events per key`` model calls, not one per event.
+Steps run fused (:mod:`streamlstm.fused`) or plainly, the reference: the same outputs.
 
 >>> from streamlstm.config import load_settings
 >>> from streamlstm.events import EventBatch
@@ -45,6 +46,7 @@ from streamlstm import anomaly, combine
 from streamlstm.config import Settings
 from streamlstm.drift import DriftMonitor
 from streamlstm.events import EventBatch
+from streamlstm.fused import FusedStep
 from streamlstm.model import RecurrentModel, quantize_for_inference
 from streamlstm.state import KeyedState
 from streamlstm.steps import BatchOutput, StepConsumer, StepRecord
@@ -91,7 +93,6 @@ class Engine:
         torch.set_num_threads(settings.engine.torch_threads)
         self.settings = settings
         self.model = model.eval()
-        self._inference_model = self._prepare(model)
         self.model_version = model_version
         self.store = KeyedState(
             state_shape=model.state_shape,
@@ -99,7 +100,10 @@ class Engine:
             max_keys=settings.state.max_keys,
             ttl_seconds=settings.state.ttl_seconds,
             initial_capacity=settings.state.initial_capacity,
+            typical_step=settings.engine.max_step is not None,
         )
+        self.fused_step: FusedStep | None = None  # None: the plain step runs
+        self._inference_model = self._prepare(model)
         self.learner: StepConsumer | None = None
         self._level_inputs = settings.model.inputs == "level"
         self.drift = DriftMonitor(settings.drift)
@@ -140,6 +144,8 @@ class Engine:
         self.learner = learner
 
     def _prepare(self, model: RecurrentModel) -> RecurrentModel:
+        """The model the plain step runs (int8 with ``model.quantize``); the fused step."""
+        self.fused_step = FusedStep.build(model, self.store.layout, self.settings)
         return quantize_for_inference(model) if self.settings.model.quantize else model
 
     # -- weights -----------------------------------------------------------------
@@ -231,14 +237,17 @@ class Engine:
                 return t.index_select(0, rows)
 
             s = pick(torch.from_numpy(slots))
-            results = self._step_group(
-                s, pick(values), None if target is None else pick(target), rows
-            )
+            if self.fused_step is not None and target is None:  # explicit targets: the plain step
+                self.fused_step.group(self.store, s, pick(values), rows, columns, self.learner)
+            else:
+                results = self._step_group(
+                    s, pick(values), None if target is None else pick(target), rows
+                )
+                for column, result in zip(columns, results, strict=True):
+                    column.index_copy_(0, rows, result)
             self.store.last_ts[s] = pick(ts)
             if offset is not None:
                 self.store.offset[s] = pick(torch.from_numpy(offset))
-            for column, result in zip(columns, results, strict=True):
-                column.index_copy_(0, rows, result)
         if self.learner is not None:
             self.learner.end()
 
@@ -269,16 +278,19 @@ class Engine:
 
         # 1. Score the pending forecasts: the mix (the output) and each forecaster's (their
         # weights), in input units and in the key's std units before this event.
+        # The pending forecast is recomputed, not stored: its forecasters and weights have
+        # not changed since it was made (a labelled event leaves none pending).
+        forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
+        hedge = field("hedge")
         pending = has_pending > 0
-        diff = x - field("pending")
+        diff = x - combine.mix(hedge, forecasters)
         abs_err = diff.abs()
         err = torch.where(pending, abs_err.mean(1), torch.nan)
         squared = torch.where(pending, (diff * diff).mean(1), torch.nan)
         std_before = _std(var, mean)
         std_err = (abs_err / std_before).clamp(max=clip).mean(1)
-        last, step, ewma, hedge = field("last"), field("step"), field("ewma"), field("hedge")
+        last, ewma = field("last"), field("ewma")
         seen = count > 0
-        forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
         combine.learn(hedge, forecasters, x, std_before, pending)  # their forecasts of x
         delta = x - mean  # from the key's mean before this event: novelty, then the scaler
         value_z = torch.where(seen, (delta.abs() / std_before).amax(1), 0.0)
@@ -288,8 +300,10 @@ class Engine:
         # the network's input when model.inputs is "change".
         moved = x - last
         change = torch.where(seen.unsqueeze(1), moved / std_before, 0.0)
-        rate = (seen / count.clamp(min=1, max=_STEP_WINDOW)).unsqueeze(1)  # 0 on a first event
-        step.add_(rate * (moved.abs() - step))
+        if cfg.engine.max_step is not None:  # its typical step: 0 weight on a first event
+            rate = (seen / count.clamp(min=1, max=_STEP_WINDOW)).unsqueeze(1)
+            step = field("step")
+            step.add_(rate * (moved.abs() - step))
         last.copy_(x)
         if bool(seen.all()):
             ewma.add_(combine.EWMA_ALPHA * (x - ewma))
@@ -314,12 +328,11 @@ class Engine:
         out, new_state = self._inference_model.step(model_input, state)
         move = (out - model_input) * std
         if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw
-            limit = cfg.engine.max_step * step
+            limit = cfg.engine.max_step * field("step")
             move = torch.maximum(torch.minimum(move, limit), -limit)
         state.copy_(new_state)
         field("net_pending").copy_(x + move)  # `last` and `ewma` already hold theirs
         pred = combine.mix(hedge, forecasters)
-        field("pending").copy_(pred)
 
         # 4. With an explicit target the prediction is scored at once, not left pending.
         scored = pending

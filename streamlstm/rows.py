@@ -21,7 +21,7 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 50)
+    (slice(8, 11, None), 44)
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
@@ -29,25 +29,27 @@ class RowLayout:
     PH = ("ph_mean", "ph_n", "ph_inc", "ph_dec", "ph_min", "ph_max", "ph_drift")
     SCALARS = ("count", "has_pending", "err_mean", "err_count", "err_peak", *PH)
 
-    def __init__(self, state_shape: tuple[int, int, int], width: int) -> None:
+    def __init__(
+        self, state_shape: tuple[int, int, int], width: int, typical_step: bool = False
+    ) -> None:
         self.state_shape = state_shape
         self.value_width = width
         sizes = {
             "recurrent": math.prod(state_shape),
             "mean": width,
             "var": width,
-            "pending": width,  # the combined forecast of the key's next values
             # The forecasters' own next values, side by side in ``combine.EXPERTS`` order
             # (one [B, 3, F] view, no copy): the network's, persistence's (the key's last
             # values, also its change inputs and labels) and the EWMA's level.
             "net_pending": width,
             "last": width,
             "ewma": width,
-            "step": width,  # its typical absolute step-to-step change (engine.max_step)
             "hedge": len(EXPERTS),  # discounted losses of the forecasters
             "err_scales": len(SCALES),  # error averages over the anomaly time scales
             "err_var": len(SCALES),  # each average's long variance (autocorrelated errors)
         }
+        if typical_step:  # only engine.max_step reads it: a layout without it is 8% smaller
+            sizes["step"] = width  # the key's typical absolute step-to-step change
         sizes.update(dict.fromkeys(self.SCALARS, 1))
         self.columns: dict[str, slice] = {}
         start = 0

@@ -24,7 +24,7 @@ non-finite (an overflow; a fault) is reset to a fresh key's row and counted
 >>> store.assign(["a", "b", "a"], ts=np.array([0.0, 1.0, 2.0])).tolist()
 [0, 1, 0]
 >>> len(store), store.layout.width, store.bytes_per_row
-(2, 74, 325)
+(2, 68, 301)
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class KeyedState:
         initial_capacity: int = 1024,
         on_evict: Callable[[list[str], str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        typical_step: bool = False,
     ) -> None:
-        self.layout = RowLayout(state_shape, width)
+        self.layout = RowLayout(state_shape, width, typical_step)
         self.state_shape = state_shape
         self.width = width
         self.max_keys = max_keys

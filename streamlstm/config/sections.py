@@ -144,6 +144,12 @@ class EngineSettings(Section):
 
     max_batch: int = Field(2048, ge=1, le=1_000_000, description="Most events per micro-batch.")
     torch_threads: int = Field(1, ge=1, le=256, description="Intra-op threads for inference.")
+    fused: bool = Field(
+        True,
+        description="Run the step through the fused kernels (packed LSTM weights, state "
+        "updated in place in the gathered rows); false: the plain reference path. Both give "
+        "the same outputs to float32 rounding. Float LSTMs only; others use the plain path.",
+    )
     input_clip: float = Field(
         10.0, gt=0, description="Normalised inputs are clipped to +-this many standard deviations."
     )

@@ -5,7 +5,11 @@ event. The engine advances all keys of a micro-batch in one call. Both run the s
 model and the same per-event work (score, normalise, step, de-normalise) on the same
 synthetic events; both are timed here, in one process, as medians of several rounds,
 because this kind of machine is shared and noisy. The compute bound is a GEMM probe's
-FLOP/s divided by the FLOPs of one event.
+FLOP/s divided by the FLOPs of one event. The engine runs with the defaults (the fused
+step where it builds) and, in the same rounds, with ``engine.fused = false`` (the plain
+reference path); each round times the probe, then both engines, so a busy moment of the
+machine weighs on the bound and the engine alike, and the fraction of the bound is the
+median of the rounds' fractions.
 
 ``--churn`` (:func:`bench_churn`) measures the state store at ``state.max_keys``: a full
 table, batches with and without one brand-new key each (which evicts the least recently
@@ -40,6 +44,9 @@ class EngineBench:
     keys: int
     batch: int
     threads: int
+    fused: bool  # the default engine ran the fused step (False: it could not be built)
+    plain_events_per_s: float  # engine.fused = false, the same rounds
+    plain_fraction_of_bound: float
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -47,16 +54,19 @@ class EngineBench:
     def lines(self) -> list[str]:
         return [
             f"reference: {self.keys:,} keys, batch {self.batch}, {self.threads} thread(s)",
-            f"engine        {self.events_per_s:>12,.0f} events/s",
+            f"engine        {self.events_per_s:>12,.0f} events/s "
+            f"({'fused step' if self.fused else 'plain path: the fused step did not build'})",
+            f"plain path    {self.plain_events_per_s:>12,.0f} events/s (engine.fused = false)",
             f"naive loop    {self.naive_events_per_s:>12,.0f} events/s",
             f"ratio         {self.ratio:>12.1f} x",
             f"compute bound {self.bound_events_per_s:>12,.0f} events/s "
-            f"(engine at {100 * self.fraction_of_bound:.0f}%)",
+            f"(engine at {100 * self.fraction_of_bound:.0f}%, "
+            f"plain path at {100 * self.plain_fraction_of_bound:.0f}%)",
             f"state         {self.bytes_per_key:>12,} bytes per key",
         ]
 
 
-def reference_settings(keys: int, batch: int, threads: int) -> Settings:
+def reference_settings(keys: int, batch: int, threads: int, fused: bool = True) -> Settings:
     return load_settings(
         overrides={
             "model.input_size": 8,
@@ -64,6 +74,7 @@ def reference_settings(keys: int, batch: int, threads: int) -> Settings:
             "model.num_layers": 2,
             "engine.max_batch": batch,
             "engine.torch_threads": threads,
+            "engine.fused": fused,
             "state.max_keys": max(keys, batch),
             "state.initial_capacity": keys,
         }
@@ -79,13 +90,15 @@ def _median_rate(run: Callable[[], object], events: int, rounds: int) -> float:
     return statistics.median(rates)
 
 
-def gemm_flops(threads: int, rows: int = 4096, inner: int = 128, cols: int = 256) -> float:
-    """Sustained FLOP/s of a float32 GEMM of the engine's shape (median of 20)."""
+def gemm_flops(
+    threads: int, rows: int = 4096, inner: int = 128, cols: int = 256, repeats: int = 20
+) -> float:
+    """Sustained FLOP/s of a float32 GEMM of the engine's shape (median of ``repeats``)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(rows, inner), torch.randn(inner, cols)
     for _ in range(3):
         a @ b
-    return _median_rate(lambda: a @ b, 2 * rows * inner * cols, 20)
+    return _median_rate(lambda: a @ b, 2 * rows * inner * cols, repeats)
 
 
 class NaiveLoop:
@@ -134,9 +147,11 @@ _TRUE = torch.tensor([True])
 def bench_engine(
     keys: int = 100_000, batch: int = 4096, threads: int = 1, rounds: int = 5, seed: int = 0
 ) -> EngineBench:
-    """Measure the engine and the naive loop on the same events, in this process."""
+    """Measure the engine (fused and plain) and the naive loop on the same events, in
+    this process, against the GEMM bound measured in the same rounds."""
     settings = reference_settings(keys, batch, threads)
     engine = Engine.from_settings(settings)
+    plain = Engine.from_settings(reference_settings(keys, batch, threads, fused=False))
     rng = np.random.default_rng(seed)
     names = [f"sensor-{i:06d}" for i in range(keys)]
 
@@ -148,17 +163,22 @@ def bench_engine(
     # Warm-up: every key gets its slot before timing starts.
     for start in range(0, keys, batch):
         chunk = names[start : start + batch]
-        engine.process(
-            EventBatch.from_arrays(chunk, np.zeros(len(chunk)), np.zeros((len(chunk), 8)))
-        )
+        warm = EventBatch.from_arrays(chunk, np.zeros(len(chunk)), np.zeros((len(chunk), 8)))
+        engine.process(warm)
+        plain.process(warm)
     per_round = 10
     batches = [events(batch, 1.0 + i) for i in range(per_round)]
+    flops = flops_per_event(8, 64, 2, "lstm")
+    rates: dict[str, list[float]] = {"bound": [], "engine": [], "plain": []}
+    for _ in range(rounds):
+        rates["bound"].append(gemm_flops(threads, repeats=5) / flops)
+        for name, which in (("engine", engine), ("plain", plain)):
 
-    def run_engine() -> None:
-        for b in batches:
-            engine.process(b)
+            def run(which: Engine = which) -> None:
+                for b in batches:
+                    which.process(b)
 
-    engine_rate = _median_rate(run_engine, per_round * batch, rounds)
+            rates[name].append(_median_rate(run, per_round * batch, 1))
 
     naive = NaiveLoop(engine.model, settings)
     naive_events = events(1000, 1.0)
@@ -166,18 +186,24 @@ def bench_engine(
     naive_rate = _median_rate(
         lambda: naive.process(naive_events.keys, naive_events.values), 1000, 3
     )
-    flops = flops_per_event(8, 64, 2, "lstm")
-    bound = gemm_flops(threads) / flops
+    engine_rate, plain_rate = (statistics.median(rates[n]) for n in ("engine", "plain"))
+
+    def fraction(name: str) -> float:
+        return statistics.median(r / b for r, b in zip(rates[name], rates["bound"], strict=True))
+
     return EngineBench(
         events_per_s=engine_rate,
         naive_events_per_s=naive_rate,
         ratio=engine_rate / naive_rate,
         bytes_per_key=engine.store.bytes_per_key(),
-        bound_events_per_s=bound,
-        fraction_of_bound=engine_rate / bound,
+        bound_events_per_s=statistics.median(rates["bound"]),
+        fraction_of_bound=fraction("engine"),
         keys=keys,
         batch=batch,
         threads=threads,
+        fused=engine.fused_step is not None,
+        plain_events_per_s=plain_rate,
+        plain_fraction_of_bound=fraction("plain"),
     )
 
 

@@ -1,0 +1,263 @@
+"""The engine's fused step: one pass over each key's row for the elementwise work.
+
+The plain step (``Engine._step_group``) is ~40 tensor operations per batched step, each
+a pass over a few thousand keys' small vectors, plus a gather and a scatter of the rows
+and an ``nn.LSTM`` call that copies the state in and out; together they cost more than
+the network's matrix products. Here the keys' rows are worked on in place in the table
+(no gather, no scatter): the scoring, the scaler, the forecasters and their combination,
+the anomaly and drift statistics run in two C loops over the keys (``fused_step.c``:
+before and after the network), and the network is one ``addmm`` per layer on packed
+weights (:class:`~streamlstm.kernels.PackedLstm`) followed by one C loop over the cells
+(sigmoid and tanh from one vectorised exponential, the state updated in the table).
+
+The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``)
+into a cache folder (``$STREAMLSTM_CACHE``, else ``~/.cache/streamlstm``), once per
+source version, in about a second. Without a compiler, or if anything about building or
+loading fails, :func:`load` says why in the log and returns None, and the engine runs the
+plain path: the daemon never depends on a compiler. The plain path stays the reference:
+``tests/core/test_engine_fused.py`` checks both give the same outputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamlstm.config import Settings
+from streamlstm.kernels import PackedLstm
+from streamlstm.model import RecurrentModel
+from streamlstm.rows import RowLayout
+from streamlstm.state import KeyedState
+from streamlstm.steps import StepConsumer, StepRecord
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused_step.c")
+# Built where it runs (-march=native: its vector units; the cache key names the CPU). No
+# contraction of a * b + c beyond the explicit fmaf in the exponential's polynomial, so the
+# statistics round as torch's do; -fno-trapping-math only lets the loops vectorise.
+FLAGS: tuple[str, ...] = ("-O3", "-std=c99", "-shared", "-fPIC", "-march=native")
+FLAGS += ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
+_MODES = {"both": 0, "up": 1, "down": 2}
+# Layout columns, in the order of the C file's COL_* (-1: absent).
+_COLUMNS: tuple[str, ...] = (
+    "mean",
+    "var",
+    "net_pending",
+    "step",
+    "hedge",
+    "err_scales",
+    "err_var",
+    "count",
+)
+_COLUMNS += ("has_pending", "err_mean", "err_count", "err_peak", "ph_mean")
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("STREAMLSTM_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "streamlstm"
+
+
+def _cpu() -> str:
+    """What ``-march=native`` builds for: a library built on another CPU (a shared home
+    folder) is never loaded here."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc, $CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        except OSError as exc:  # not the folder's fault: no temporary folder will help
+            raise RuntimeError(f"cannot run {compiler}: {exc}") from exc
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+        os.replace(built, target)  # atomic: a concurrent process sees all of it or none
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels (built once per source version), or None if they cannot be
+    built or loaded here (logged once; the engine then runs the plain path)."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    try:
+        spec = SOURCE.read_bytes() + repr((FLAGS, platform.machine(), _cpu())).encode()
+        name = f"fused_step-{hashlib.sha256(spec).hexdigest()[:16]}.so"
+        target = _cache_dir() / name
+        if not target.exists():
+            try:
+                _build(target)
+            except OSError:  # the cache folder cannot be written: a private temporary one
+                target = Path(tempfile.mkdtemp(prefix="streamlstm-")) / name
+                _build(target)
+        lib = ctypes.CDLL(str(target))
+        lib.fused_after.restype = ctypes.c_int64
+        _library = lib
+    except Exception as exc:  # any failure: the plain path, never a dead daemon
+        _failure = f"{type(exc).__name__}: {exc}"
+        log.warning("fused engine step unavailable, running the plain path: %s", _failure)
+    return _library
+
+
+def _ptr(t: torch.Tensor | np.ndarray, column: int = 0) -> ctypes.c_void_p:
+    """Address of a contiguous array's data (``column`` float32s in)."""
+    base = t.data_ptr() if isinstance(t, torch.Tensor) else t.ctypes.data
+    return ctypes.c_void_p(base + 4 * column)
+
+
+class FusedStep:
+    """The fused step of one engine (its layout, settings and float LSTM model)."""
+
+    def __init__(
+        self, lib: ctypes.CDLL, model: RecurrentModel, layout: RowLayout, settings: Settings
+    ) -> None:
+        self.lib = lib
+        self.lstm = PackedLstm(model)
+        self.layout = layout
+        cols = layout.columns
+        self.columns = np.array([cols[n].start if n in cols else -1 for n in _COLUMNS], np.int64)
+        e, s, d = settings.engine, settings.state, settings.drift
+        self.params = np.array(
+            [
+                e.input_clip,
+                s.scaler_window,
+                s.anomaly_short_alpha,
+                s.anomaly_long_alpha,
+                s.anomaly_min_events,
+                math.nan if e.max_step is None else e.max_step,
+                settings.model.inputs == "level",
+                d.enabled,
+                d.ph_delta,
+                d.ph_threshold,
+                d.ph_alpha,
+                d.ph_min_instances,
+                _MODES[d.ph_mode],
+            ],
+            np.float64,
+        )
+        if e.max_step is not None and "step" not in cols:
+            raise ValueError("engine.max_step needs the layout's step column")
+
+    @classmethod
+    def build(
+        cls, model: RecurrentModel, layout: RowLayout, settings: Settings
+    ) -> FusedStep | None:
+        """The fused step where ``engine.fused`` is on, the model a float LSTM and the
+        kernels build here; else None (the engine runs the plain step)."""
+        if not settings.engine.fused or settings.model.quantize or model.cell != "lstm":
+            return None
+        lib = load()
+        return None if lib is None else cls(lib, model, layout, settings)
+
+    def group(
+        self,
+        store: KeyedState,
+        s: torch.Tensor,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        columns: list[torch.Tensor],
+        learner: StepConsumer | None,
+    ) -> None:
+        """One batched step of distinct keys (slots ``s``, values ``x`` at ``positions`` of
+        the chunk), in place in the store's rows, which are marked dirty; outputs written
+        into ``columns`` (prediction, error, squared error, score, std-unit error, drift
+        flag). A row that became non-finite (an overflow; a fault) is reset, counted."""
+        if not all(c.dtype == torch.float32 and c.is_contiguous() for c in columns):
+            raise ValueError("the fused step writes float32, contiguous output columns")
+        bad = self._step(store.table, s, x, positions, columns, learner)
+        store.dirty[s] = True
+        if len(bad):
+            store.reset(bad, "non_finite")
+
+    def _step(
+        self,
+        table: torch.Tensor,
+        s: torch.Tensor,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        columns: list[torch.Tensor],
+        learner: StepConsumer | None,
+    ) -> torch.Tensor:
+        """:meth:`group` on the table; returns the slots whose rows became non-finite."""
+        lib, layout = self.lib, self.layout
+        n, width, f = len(s), layout.width, x.shape[1]
+        i64 = ctypes.c_int64
+        # The C loops read raw float32 / int64 memory: make sure that is what they get.
+        x, s = x.to(torch.float32).contiguous(), s.to(torch.int64).contiguous()
+        positions = positions.to(torch.int64).contiguous()
+        hidden = self.lstm.hidden
+        xh = torch.empty(n, f + hidden)  # the first layer's input: [clipped input, hidden]
+        raw, change, std = (torch.empty(n, f) for _ in range(3))
+        err, sq, std_err, score = (torch.empty(n) for _ in range(4))
+        common = (i64(n), _ptr(table), i64(width), _ptr(s), _ptr(self.columns), _ptr(self.params))
+        lib.fused_before(
+            *common, _ptr(x), i64(f), _ptr(xh), i64(f + hidden), _ptr(raw), _ptr(change),
+            _ptr(std), _ptr(err), _ptr(sq), _ptr(std_err), _ptr(score),
+        )  # fmt: skip
+        if learner is not None:  # copies of the keys' state before the step, and counts
+            rows = torch.empty(n, width)
+            lib.fused_take(i64(n), i64(width), _ptr(table), i64(width), _ptr(s), i64(0),
+                           _ptr(rows), i64(width))  # fmt: skip
+            count, state = layout.field(rows, "count"), layout.field(rows, "recurrent")
+            learner.record(StepRecord(s, raw, change, count, state, positions))
+        out = self._network(table, s, xh, f)
+        bad = np.zeros(n, np.uint8)
+        if lib.fused_after(
+            *common, _ptr(x), i64(f), _ptr(xh), i64(f + hidden), _ptr(out), _ptr(std),
+            _ptr(err), _ptr(sq), _ptr(std_err), _ptr(score), _ptr(positions),
+            *map(_ptr, columns), _ptr(bad),
+        ):  # fmt: skip
+            return s[torch.from_numpy(bad.astype(bool))]
+        return s[:0]
+
+    def _network(
+        self, table: torch.Tensor, s: torch.Tensor, xh: torch.Tensor, f: int
+    ) -> torch.Tensor:
+        """The LSTM step of the keys at slots ``s`` (their state updated in place in the
+        table): per layer one ``addmm`` for the gates and one C pass for the cells. ``xh``
+        holds the clipped inputs in its first ``f`` columns. Returns the predicted next
+        inputs [n, f]."""
+        lib, lstm, i64 = self.lib, self.lstm, ctypes.c_int64
+        lstm.refresh()
+        n, width, h = len(s), table.shape[1], lstm.hidden
+        rec = self.layout.columns["recurrent"].start  # (layer, part) at (2 * layer + part) * h
+        lib.fused_take(
+            i64(n), i64(h), _ptr(table), i64(width), _ptr(s), i64(rec), _ptr(xh, f), i64(f + h)
+        )  # the first layer's hidden state beside the inputs
+        inp = xh
+        for layer, (weight, bias) in enumerate(lstm.layers):
+            gates = torch.addmm(bias, inp, weight)
+            top = layer == len(lstm.layers) - 1
+            dst = torch.empty(n, h if top else 2 * h)  # [h_new, next layer's h]: its input
+            here = rec + 2 * layer * h
+            lib.fused_lstm_cell(
+                i64(n), i64(h), _ptr(gates), _ptr(table), i64(width), _ptr(s), i64(here),
+                i64(here + h), _ptr(dst), i64(dst.shape[1]), i64(-1 if top else here + 2 * h),
+            )  # fmt: skip
+            inp = dst
+        head = lstm.model.head
+        return torch.addmm(head.bias, inp, head.weight.t()).add_(xh[:, :f])

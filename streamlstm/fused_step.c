@@ -1,0 +1,318 @@
+/* The engine's fused step: its per-key work in C loops over the keys (streamlstm/fused.py).
+ *
+ * Each loop walks the state rows of B distinct keys once, in place in the table (no
+ * gather, no scatter). fused_before and fused_after do what streamlstm/engine.py's plain
+ * path does with ~40 tensor operations: the same formulas, in float32, in the same order
+ * of operations (no contraction into FMAs: built with -ffp-contract=off), NaN propagating
+ * like torch's clamp/maximum/amax. fused_lstm_cell is the LSTM cell after the gates'
+ * matrix product, with a vectorised exponential (within float32 rounding of torch's).
+ * The layout's column offsets and the settings come in two arrays (COL_* and PRM_*
+ * below, filled by fused.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { COL_MEAN, COL_VAR, COL_FORECASTERS, COL_STEP, COL_HEDGE, COL_SCALES, COL_SVAR,
+       COL_COUNT, COL_HAS_PENDING, COL_ERR_MEAN, COL_ERR_COUNT, COL_ERR_PEAK, COL_PH };
+enum { PRM_CLIP, PRM_WINDOW, PRM_SHORT_ALPHA, PRM_LONG_ALPHA, PRM_MIN_EVENTS, PRM_MAX_STEP,
+       PRM_LEVEL, PRM_DRIFT, PRM_PH_DELTA, PRM_PH_THRESHOLD, PRM_PH_ALPHA, PRM_PH_MIN,
+       PRM_PH_MODE };
+
+#define K 3 /* forecasters: network, persistence, ewma (combine.EXPERTS) */
+#define S 3 /* anomaly time scales (anomaly.SCALES) */
+static const float SCALES[S] = {1.0f, 0.25f, 0.0625f};
+
+static float nmax(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
+static float nmin(float a, float b) { return (a != a || b != b) ? NAN : (a < b ? a : b); }
+static float cmax(float v, float hi) { return v > hi ? hi : v; } /* clamp(max=): NaN stays */
+static float cmin(float v, float lo) { return v < lo ? lo : v; } /* clamp(min=): NaN stays */
+
+static float std_of(float var, float mean) {
+    return sqrtf(var + 1e-14f * mean * mean + 1e-30f);
+}
+
+/* -log10 of the upper normal tail beyond z (anomaly._decades), computed in double. */
+static float decades(float z) {
+    double y = -(double)z, t = y * 0.70710678118654752440, lg;
+    if (z != z) return NAN;
+    if (y < -1.0) {
+        double u = -t;
+        if (u < 25.0) {
+            lg = log(erfc(u) / 2.0);
+        } else { /* erfc underflows: its asymptotic series, log(erfcx(u) / 2) - u^2 */
+            double v = 1.0 / (2.0 * u * u);
+            double erfcx = (1.0 - v * (1.0 - 3.0 * v * (1.0 - 5.0 * v))) / (u * 1.7724538509055160273);
+            lg = log(erfcx / 2.0) - u * u;
+        }
+    } else {
+        lg = log1p(-erfc(t) / 2.0);
+    }
+    return (float)(-lg / 2.302585092994045684);
+}
+
+/* The combined forecast (combine.mix) of one key. */
+static void mix(const float *hedge, const float *fc, int64_t f, float *out) {
+    float best = nmin(nmin(hedge[0], hedge[1]), hedge[2]), logit[K], top, w[K], sum = 0.0f;
+    for (int k = 0; k < K; k++) logit[k] = -5.0f * (hedge[k] - best) / (best + 1e-3f);
+    top = nmax(nmax(logit[0], logit[1]), logit[2]);
+    for (int k = 0; k < K; k++) sum += (w[k] = expf(logit[k] - top));
+    for (int k = 0; k < K; k++) w[k] = w[k] / sum;
+    for (int64_t j = 0; j < f; j++) {
+        float acc = w[0] * fc[j];
+        for (int k = 1; k < K; k++) acc += w[k] * fc[k * f + j];
+        out[j] = acc;
+    }
+}
+
+/* Fold the forecasters' errors on truth into the discounted losses (combine.learn). */
+static void learn(float *hedge, const float *fc, const float *truth, const float *std, int64_t f) {
+    for (int k = 0; k < K; k++) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < f; j++) {
+            float e = (fc[k * f + j] - truth[j]) / std[j];
+            sum += cmax(e * e, 25.0f);
+        }
+        hedge[k] = 0.96875f * hedge[k] + sum / (float)f;
+    }
+}
+
+/* anomaly.update for one key: score error (std units) and fold it into the statistics. */
+static float anomaly(float *row, const int64_t *col, const double *prm, float error, float value_z) {
+    float *shrt = row + col[COL_SCALES], *svar = row + col[COL_SVAR];
+    float *mean = row + col[COL_ERR_MEAN], *count = row + col[COL_ERR_COUNT];
+    float *peak = row + col[COL_ERR_PEAK], by_scale = -INFINITY, z, by_value, d, p, fresh, a;
+    float short_alpha = (float)prm[PRM_SHORT_ALPHA], long_alpha = (float)prm[PRM_LONG_ALPHA];
+    int first = *count == 0.0f;
+    for (int s = 0; s < S; s++) {
+        float alpha = short_alpha * SCALES[s];
+        shrt[s] = first ? error : shrt[s] + alpha * (error - shrt[s]);
+        by_scale = nmax(by_scale, decades((shrt[s] - *mean) / sqrtf(svar[s] + 1e-4f)));
+    }
+    z = cmax(value_z, 1e6f);
+    by_value = log10f(1.0f + z * z);
+    d = cmin(nmax(by_scale, by_value) - 0.60205999132796239f, 0.0f);
+    if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;
+    p = *peak * (float)(1.0 - prm[PRM_LONG_ALPHA]);
+    fresh = cmin(d - p, 0.0f);
+    *peak = nmax(p, d);
+    a = 1.0f / (*count + 1.0f);
+    a = a < long_alpha ? long_alpha : a;
+    *mean += a * (error - *mean);
+    for (int s = 0; s < S; s++) {
+        float dev = shrt[s] - *mean;
+        svar[s] = (1.0f - a) * svar[s] + a * dev * dev;
+    }
+    *count += 1.0f;
+    return fresh / (fresh + 5.0f);
+}
+
+/* Before the network: score the pending forecasts, update forecasters and scaler, and
+ * write the network's input. Outputs per key: xin [n, xin_stride] (clipped input in its
+ * first f columns), raw and change [n, f], std [n, f], err/sq/std_err/score [n]. */
+void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, const int64_t *col,
+                  const double *prm,
+                  const float *x, int64_t f, float *xin, int64_t xin_stride, float *raw,
+                  float *change, float *std, float *err, float *sq, float *std_err, float *score) {
+    float clip = (float)prm[PRM_CLIP], window = (float)prm[PRM_WINDOW];
+    float pending[f], std_before[f];
+    for (int64_t i = 0; i < n; i++) {
+        float *row = table + slots[i] * w, *mean = row + col[COL_MEAN], *var = row + col[COL_VAR];
+        float *fc = row + col[COL_FORECASTERS], *last = fc + f, *ewma = fc + 2 * f;
+        float *hedge = row + col[COL_HEDGE], *count = row + col[COL_COUNT];
+        float *has_pending = row + col[COL_HAS_PENDING];
+        const float *xi = x + i * f;
+        float abs_sum = 0.0f, sq_sum = 0.0f, se_sum = 0.0f, value_z = -INFINITY, alpha;
+        int is_pending = *has_pending > 0.0f, seen = *count > 0.0f;
+        mix(hedge, fc, f, pending);
+        for (int64_t j = 0; j < f; j++) {
+            float diff = xi[j] - pending[j], ad = fabsf(diff);
+            std_before[j] = std_of(var[j], mean[j]);
+            abs_sum += ad;
+            sq_sum += diff * diff;
+            se_sum += cmax(ad / std_before[j], clip);
+        }
+        err[i] = is_pending ? abs_sum / (float)f : NAN;
+        sq[i] = is_pending ? sq_sum / (float)f : NAN;
+        std_err[i] = se_sum / (float)f;
+        if (is_pending) learn(hedge, fc, xi, std_before, f);
+        for (int64_t j = 0; j < f; j++)
+            value_z = nmax(value_z, fabsf(xi[j] - mean[j]) / std_before[j]);
+        if (!seen) value_z = 0.0f;
+        score[i] = is_pending ? anomaly(row, col, prm, std_err[i], value_z) : 0.0f;
+        for (int64_t j = 0; j < f; j++) {
+            float moved = xi[j] - last[j];
+            change[i * f + j] = seen ? moved / std_before[j] : 0.0f;
+            if (col[COL_STEP] >= 0) {
+                float *step = row + col[COL_STEP], limit = *count < 1.0f ? 1.0f : *count;
+                float rate = (float)seen / (limit > 100.0f ? 100.0f : limit);
+                step[j] += rate * (fabsf(moved) - step[j]);
+            }
+            last[j] = xi[j];
+            ewma[j] = seen ? ewma[j] + 0.5f * (xi[j] - ewma[j]) : xi[j];
+        }
+        *count += 1.0f;
+        alpha = 1.0f / (*count > window ? window : *count);
+        for (int64_t j = 0; j < f; j++) {
+            float delta = xi[j] - mean[j], r;
+            mean[j] += alpha * delta;
+            var[j] = (1.0f - alpha) * (var[j] + alpha * delta * delta);
+            std[i * f + j] = std_of(var[j], mean[j]);
+            r = prm[PRM_LEVEL] != 0.0 ? (xi[j] - mean[j]) / std[i * f + j] : change[i * f + j];
+            raw[i * f + j] = r;
+            xin[i * xin_stride + j] = r < -clip ? -clip : (r > clip ? clip : r);
+        }
+    }
+}
+
+/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones). */
+static int non_finite(const float *row, int64_t w) {
+    uint32_t all = 0, bits;
+    for (int64_t j = 0; j < w; j++) {
+        memcpy(&bits, row + j, sizeof bits);
+        all |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return all != 0;
+}
+
+/* Page-Hinkley (drift.page_hinkley_update) on one key's 7 columns; returns the hit. */
+static int page_hinkley(float *ph, float x, const double *prm) {
+    float delta = (float)prm[PRM_PH_DELTA], threshold = (float)prm[PRM_PH_THRESHOLD];
+    float alpha = (float)prm[PRM_PH_ALPHA], mean = ph[0], n = ph[1], inc = ph[2], dec = ph[3];
+    float low = ph[4], high = ph[5], dev;
+    int mode = (int)prm[PRM_PH_MODE], test, hit;
+    if (n == 0.0f || ph[6] > 0.0f) mean = 0.0f, n = 0.0f, inc = 0.0f, dec = 0.0f,
+                                   low = INFINITY, high = -1.0f;
+    n = n + 1.0f;
+    mean = mean + (x - mean) / n;
+    dev = x - mean;
+    inc = alpha * inc + dev - delta;
+    dec = alpha * dec + dev + delta;
+    low = nmin(low, inc);
+    high = nmax(high, dec);
+    if (mode == 1) test = inc - low > threshold;
+    else if (mode == 2) test = high - dec > threshold;
+    else test = (inc - low > threshold) || (high - dec > threshold);
+    hit = test && n >= (float)prm[PRM_PH_MIN];
+    ph[0] = mean, ph[1] = n, ph[2] = inc, ph[3] = dec, ph[4] = low, ph[5] = high;
+    ph[6] = (float)hit;
+    return hit;
+}
+
+/* After the network (out [n, f]: its prediction of the next clipped inputs xin): the
+ * network's forecast, the combined prediction, per-key drift, and the event's outputs,
+ * written at positions of the chunk's output columns; bad[i] = 1 where the key's row now
+ * holds a NaN or an infinity. Returns how many do. */
+int64_t fused_after(int64_t n, float *table, int64_t w, const int64_t *slots,
+                    const int64_t *col, const double *prm, const float *x, int64_t f,
+                    const float *xin, int64_t xin_stride, const float *out, const float *std,
+                    const float *err, const float *sq, const float *std_err,
+                    const float *score, const int64_t *pos, float *o_pred, float *o_err,
+                    float *o_sq, float *o_score, float *o_scaled, float *o_flags, uint8_t *bad) {
+    float max_step = (float)prm[PRM_MAX_STEP];
+    int64_t bad_rows = 0;
+    int capped = prm[PRM_MAX_STEP] == prm[PRM_MAX_STEP]; /* NaN: no cap */
+    for (int64_t i = 0; i < n; i++) {
+        float *row = table + slots[i] * w, *fc = row + col[COL_FORECASTERS];
+        const float *xi = x + i * f;
+        int64_t p = pos[i];
+        int scored = row[col[COL_HAS_PENDING]] > 0.0f, unscored = err[i] != err[i];
+        for (int64_t j = 0; j < f; j++) {
+            float move = (out[i * f + j] - xin[i * xin_stride + j]) * std[i * f + j];
+            if (capped) {
+                float limit = max_step * row[col[COL_STEP] + j];
+                move = nmax(nmin(move, limit), -limit);
+            }
+            fc[j] = xi[j] + move;
+        }
+        mix(row + col[COL_HEDGE], fc, f, o_pred + p * f);
+        row[col[COL_HAS_PENDING]] = 1.0f;
+        o_flags[p] = 0.0f;
+        if (prm[PRM_DRIFT] != 0.0 && scored) {
+            float e = std_err[i];
+            e = e != e ? 0.0f : (e > 3.4028234663852886e38f ? 3.4028234663852886e38f
+                                 : (e < -3.4028234663852886e38f ? -3.4028234663852886e38f : e));
+            o_flags[p] = (float)page_hinkley(row + col[COL_PH], e, prm);
+        }
+        o_err[p] = err[i];
+        o_sq[p] = sq[i];
+        o_score[p] = unscored ? NAN : score[i];
+        o_scaled[p] = unscored ? NAN : std_err[i];
+        bad_rows += bad[i] = (uint8_t)non_finite(row, w); /* to be reset */
+    }
+    return bad_rows;
+}
+
+/* dst[i, :m] = table[slots[i], col:col + m] (dst row stride dst_stride). */
+void fused_take(int64_t n, int64_t m, const float *table, int64_t w, const int64_t *slots,
+                int64_t col, float *dst, int64_t dst_stride) {
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst + i * dst_stride, table + slots[i] * w + col, m * sizeof(float));
+}
+
+/* a * b + c, in one rounding where the CPU has fused multiply-add (the polynomial below
+ * is an approximation anyway: this only makes it cheaper). */
+#ifdef __FMA__
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* e^x to about 2 ulp (Cephes' expf polynomial), branch-free so the loops below vectorise:
+ * n = round(x / ln 2) by adding 1.5 * 2^23 (the sum's low mantissa bits are n), then
+ * e^x = 2^n e^r with |r| <= ln 2 / 2. */
+static inline float exp_approx(float x) {
+    union { int32_t i; float f; } round, scale;
+    float n, r, p;
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* NaN stays NaN */
+    round.f = x * 1.44269504088896341f + 12582912.0f;
+    n = round.f - 12582912.0f;
+    r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    p = MADD(1.9875691500e-4f, r, 1.3981999507e-3f);
+    p = MADD(p, r, 8.3334519073e-3f);
+    p = MADD(p, r, 4.1665795894e-2f);
+    p = MADD(p, r, 1.6666665459e-1f);
+    p = MADD(p, r, 5.0000001201e-1f);
+    p = MADD(p * r, r, r + 1.0f);
+    scale.i = (round.i - 0x4B400000 + 127) << 23;
+    return p * scale.f;
+}
+
+/* 1 / (1 + e^-x) in place over a[0..m) (one exponential per loop: few registers). */
+static void sigmoid(int64_t m, float *restrict a) {
+    for (int64_t j = 0; j < m; j++) a[j] = 1.0f / (1.0f + exp_approx(-a[j]));
+}
+
+/* One key's cell: gates g [4h] in (input, forget, output, cell) order, overwritten; hidden
+ * state hr and cell state cr updated in place; the new hidden state also written to d.
+ * tanh(x) = 2 sigmoid(2x) - 1. */
+static void lstm_cell(int64_t h, float *restrict g, float *restrict hr, float *restrict cr,
+                      float *restrict d) {
+    float *restrict cand = g + 3 * h;
+    for (int64_t j = 0; j < h; j++) cand[j] *= 2.0f;
+    sigmoid(4 * h, g);
+    for (int64_t j = 0; j < h; j++) {
+        cr[j] = g[h + j] * cr[j] + g[j] * (2.0f * cand[j] - 1.0f);
+        d[j] = 2.0f * cr[j];
+    }
+    sigmoid(h, d);
+    for (int64_t j = 0; j < h; j++) {
+        d[j] = g[2 * h + j] * (2.0f * d[j] - 1.0f);
+        hr[j] = d[j];
+    }
+}
+
+/* One LSTM layer's cells for n keys, after its gates' matrix product (gates [n, 4h]): the
+ * key's hidden and cell state at columns hid and cel of its row (row stride w) updated in
+ * place; the new hidden state also written to dst[i * dst_stride], followed by the next
+ * layer's hidden state from the row where nxt >= 0, so that [h_new, h_next] is the next
+ * layer's matrix product input. */
+void fused_lstm_cell(int64_t n, int64_t h, float *gates, float *table, int64_t w,
+                     const int64_t *slots, int64_t hid, int64_t cel, float *dst,
+                     int64_t dst_stride, int64_t nxt) {
+    for (int64_t i = 0; i < n; i++) {
+        float *row = table + slots[i] * w, *d = dst + i * dst_stride;
+        lstm_cell(h, gates + i * 4 * h, row + hid, row + cel, d);
+        if (nxt >= 0) memcpy(d + h, row + nxt, h * sizeof(float));
+    }
+}

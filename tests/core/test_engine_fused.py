@@ -1,0 +1,164 @@
+"""The fused step (``engine.fused``, the default) against the plain reference path.
+
+Both engines run the same stream: keys interleaved with several events per key per
+batch, new keys arriving in later batches (unscored first events), a key that overflows
+float32 (its row reset as non-finite), a batch with explicit targets (some missing),
+drift and anomaly statistics that move. Every output, every step handed to learning and
+every state row must agree within 1e-5 (float32 rounding of differently ordered sums).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamlstm import fused
+from streamlstm.config import load_settings
+from streamlstm.engine import Engine, StepRecord
+from streamlstm.events import EventBatch
+from streamlstm.kernels import PackedLstm
+from streamlstm.model import RecurrentModel
+
+WIDTH, HIDDEN = 3, 16
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+
+def _engine(fused_step: bool, **overrides: object) -> Engine:
+    base = {
+        "model.input_size": WIDTH,
+        "model.hidden_size": HIDDEN,
+        "model.num_layers": 2,
+        "engine.fused": fused_step,
+        "training.enabled": False,
+        "drift.ph_threshold": 2.0,
+        "drift.ph_min_instances": 5,
+        "state.anomaly_min_events": 3,
+        **overrides,
+    }
+    engine = Engine.from_settings(load_settings(overrides=base), resume=False)
+    with torch.no_grad():  # weights that make the network matter (the head starts at 0)
+        gen = torch.Generator().manual_seed(1)
+        for p in engine.model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    engine.offer_weights(engine.model.state_dict(), 1)
+    return engine
+
+
+def _stream() -> list[EventBatch]:
+    rng = np.random.default_rng(3)
+    batches = []
+    for b in range(6):
+        keys = [f"k{k}" for k in rng.integers(0, 4 + 2 * b, 40)]  # new keys as it goes
+        t = np.arange(40.0) + 40 * b
+        values = np.sin(t[:, None] / 5 + np.arange(WIDTH)) * (1 + 3 * (b == 4))
+        values = values + 0.2 * rng.normal(size=(40, WIDTH))
+        if b == 3:
+            values[5] = 1e38  # overflows the key's variance: a non-finite row, reset
+        target = None
+        if b == 5:  # explicit targets, some missing: the plain path in both engines
+            target = values + 0.1
+            target[::3] = np.nan
+        batches.append(EventBatch.from_arrays(keys, t, values.astype(np.float32), target))
+    return batches
+
+
+class _Steps:
+    def __init__(self) -> None:
+        self.steps: list[tuple[torch.Tensor, ...]] = []
+
+    def begin(self, events: int, capacity: int) -> None:
+        pass
+
+    def record(self, step: StepRecord) -> None:
+        self.steps.append(
+            (step.slots.clone(), step.x.clone(), step.label_prev.clone(), step.count.clone(),
+             step.state.clone(), step.positions.clone())
+        )  # fmt: skip
+
+    def end(self) -> None:
+        pass
+
+
+SETTINGS = [
+    {},
+    {"engine.max_step": 0.5, "drift.ph_mode": "up"},
+    {"model.inputs": "change", "drift.enabled": False},
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("overrides", SETTINGS)
+def test_fused_and_plain_engines_agree_within_1e_5(overrides: dict[str, object]) -> None:
+    plain, fast = _engine(False, **overrides), _engine(True, **overrides)
+    assert plain.fused_step is None and fast.fused_step is not None
+    taps = _Steps(), _Steps()
+    plain.attach_learner(taps[0])
+    fast.attach_learner(taps[1])
+    close = {"rtol": 1e-6, "atol": 1e-5, "equal_nan": True}
+    drifts, top_score = 0, 0.0
+    for batch in _stream():
+        a, b = plain.process(batch), fast.process(batch)
+        for name in ("prediction", "error", "squared_error", "anomaly_score", "scaled_error"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), **close, err_msg=name)
+        top_score = max(top_score, float(np.nanmax(a.anomaly_score)))
+        if a.drift is not None:
+            np.testing.assert_array_equal(b.drift, a.drift)
+            drifts += int(a.drift.sum())
+    assert plain.store.resets["non_finite"] == fast.store.resets["non_finite"] == 1
+    assert top_score > 0.1  # the anomaly statistics were exercised
+    if plain.drift.enabled:
+        assert drifts > 0
+    assert len(taps[0].steps) == len(taps[1].steps) > 10
+    for mine, theirs in zip(taps[1].steps, taps[0].steps, strict=True):
+        for x, y in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-5, equal_nan=True)
+    assert plain.store.keys() == fast.store.keys()
+    torch.testing.assert_close(fast.store.table, plain.store.table, rtol=1e-6, atol=1e-5)
+    assert torch.equal(fast.store.dirty, plain.store.dirty)
+
+
+def test_without_a_compiler_the_engine_runs_the_plain_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(fused, "_failure", None)
+    monkeypatch.setenv("STREAMLSTM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    engine = _engine(True)
+    assert engine.fused_step is None and fused._failure is not None
+    out = engine.process(_stream()[0])
+    assert np.isfinite(out.prediction).all()
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
+
+
+@needs_compiler
+def test_an_unwritable_cache_folder_builds_in_a_temporary_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(fused, "_library", None)
+    monkeypatch.setattr(fused, "_failure", None)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("STREAMLSTM_CACHE", str(blocked / "cache"))
+    engine = _engine(True)
+    assert engine.fused_step is not None, fused._failure
+    assert np.isfinite(engine.process(_stream()[0]).prediction).all()
+
+
+def test_packed_weights_follow_weights_changed_in_place() -> None:
+    net = RecurrentModel(input_size=WIDTH, hidden_size=8, num_layers=2)
+    packed = PackedLstm(net)
+    with torch.no_grad():  # as load_state_dict does: the same tensors, new values
+        for p in net.rnn.parameters():
+            p.mul_(-2.0)
+    x, state = torch.randn(4, WIDTH), torch.randn(4, 2, 2, 8)
+    expected, expected_state = net.step(x, state)
+    out = packed.step_(x, state)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, expected_state, rtol=1e-5, atol=1e-5)
