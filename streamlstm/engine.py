@@ -131,7 +131,7 @@ class Engine:
         rows = self.store.table[self.store.occupied()]
         if len(rows) == 0:
             return dict.fromkeys(combine.EXPERTS, 0.0)
-        led = combine.leaders(self.store.layout.field(rows, "hedge"))
+        led = combine.leaders(self.store.layout.losses(rows))
         counts = torch.bincount(led, minlength=len(combine.EXPERTS)).tolist()
         return {name: n / len(rows) for name, n in zip(combine.EXPERTS, counts, strict=True)}
 
@@ -276,7 +276,8 @@ class Engine:
         squared = torch.where(pending, (diff * diff).mean(1), torch.nan)
         std_before = _std(var, mean)
         std_err = (abs_err / std_before).clamp(max=clip).mean(1)
-        last, step, ewma, hedge = field("last"), field("step"), field("ewma"), field("hedge")
+        last, step, ewma = field("last"), field("step"), field("ewma")
+        hedge = self.store.layout.losses(rows)  # [B, K, F] view into the rows
         seen = count > 0
         forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
         combine.learn(hedge, forecasters, x, std_before, pending)  # their forecasts of x
