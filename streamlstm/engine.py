@@ -135,7 +135,7 @@ class Engine:
         rows = self.store.table[self.store.occupied()]
         if len(rows) == 0:
             return dict.fromkeys(combine.EXPERTS, 0.0)
-        led = combine.leaders(self.store.layout.field(rows, "hedge"))
+        led = combine.leaders(self.store.layout.losses(rows))
         counts = torch.bincount(led, minlength=len(combine.EXPERTS)).tolist()
         return {name: n / len(rows) for name, n in zip(combine.EXPERTS, counts, strict=True)}
 
@@ -281,7 +281,7 @@ class Engine:
         # The pending forecast is recomputed, not stored: its forecasters and weights have
         # not changed since it was made (a labelled event leaves none pending).
         forecasters = self.store.layout.forecasters(rows)  # [B, K, F] view into the rows
-        hedge = field("hedge")
+        hedge = self.store.layout.losses(rows)  # [B, K, F] view into the rows
         pending = has_pending > 0
         diff = x - combine.mix(hedge, forecasters)
         abs_err = diff.abs()

@@ -51,29 +51,32 @@ static float decades(float z) {
     return (float)(-lg / 2.302585092994045684);
 }
 
-/* The combined forecast (combine.mix) of one key. */
+/* The combined forecast (combine.mix) of one key: hedge and fc are [K, f], one weight per
+ * forecaster and value. */
 static void mix(const float *hedge, const float *fc, int64_t f, float *out) {
-    float best = nmin(nmin(hedge[0], hedge[1]), hedge[2]), logit[K], top, w[K], sum = 0.0f;
-    for (int k = 0; k < K; k++) logit[k] = -5.0f * (hedge[k] - best) / (best + 1e-3f);
-    top = nmax(nmax(logit[0], logit[1]), logit[2]);
-    for (int k = 0; k < K; k++) sum += (w[k] = expf(logit[k] - top));
-    for (int k = 0; k < K; k++) w[k] = w[k] / sum;
     for (int64_t j = 0; j < f; j++) {
-        float acc = w[0] * fc[j];
+        float h0 = hedge[j], h1 = hedge[f + j], h2 = hedge[2 * f + j];
+        float best = nmin(nmin(h0, h1), h2), logit[K], top, w[K], sum = 0.0f, acc;
+        logit[0] = -5.0f * (h0 - best) / (best + 1e-3f);
+        logit[1] = -5.0f * (h1 - best) / (best + 1e-3f);
+        logit[2] = -5.0f * (h2 - best) / (best + 1e-3f);
+        top = nmax(nmax(logit[0], logit[1]), logit[2]);
+        for (int k = 0; k < K; k++) sum += (w[k] = expf(logit[k] - top));
+        for (int k = 0; k < K; k++) w[k] = w[k] / sum;
+        acc = w[0] * fc[j];
         for (int k = 1; k < K; k++) acc += w[k] * fc[k * f + j];
         out[j] = acc;
     }
 }
 
-/* Fold the forecasters' errors on truth into the discounted losses (combine.learn). */
+/* Fold the forecasters' errors on truth into the discounted losses (combine.learn), per
+ * forecaster and value. */
 static void learn(float *hedge, const float *fc, const float *truth, const float *std, int64_t f) {
     for (int k = 0; k < K; k++) {
-        float sum = 0.0f;
         for (int64_t j = 0; j < f; j++) {
             float e = (fc[k * f + j] - truth[j]) / std[j];
-            sum += cmax(e * e, 25.0f);
+            hedge[k * f + j] = 0.96875f * hedge[k * f + j] + cmax(e * e, 25.0f);
         }
-        hedge[k] = 0.96875f * hedge[k] + sum / (float)f;
     }
 }
 

@@ -21,7 +21,7 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 44)
+    (slice(8, 11, None), 50)
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
@@ -44,7 +44,7 @@ class RowLayout:
             "net_pending": width,
             "last": width,
             "ewma": width,
-            "hedge": len(EXPERTS),  # discounted losses of the forecasters
+            "hedge": len(EXPERTS) * width,  # discounted losses of the forecasters, per value
             "err_scales": len(SCALES),  # error averages over the anomaly time scales
             "err_var": len(SCALES),  # each average's long variance (autocorrelated errors)
         }
@@ -82,6 +82,10 @@ class RowLayout:
         return rows[:, first : first + len(EXPERTS) * self.value_width].view(
             len(rows), len(EXPERTS), self.value_width
         )
+
+    def losses(self, rows: torch.Tensor) -> torch.Tensor:
+        """A ``[B, len(EXPERTS), width]`` view of the forecasters' discounted losses."""
+        return self.field(rows, "hedge").view(len(rows), len(EXPERTS), self.value_width)
 
     def field(self, rows: torch.Tensor, name: str) -> torch.Tensor:
         """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``."""

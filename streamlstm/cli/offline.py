@@ -181,7 +181,12 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     split.add_argument(
         "--validation-fraction", type=float, default=0.2, help="held-out share at the end"
     )
-    p.add_argument("--patience", type=int, default=5, help="epochs without improvement to stop")
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="epochs without improvement to stop (default: twice training.lr_patience, so a "
+        "backed-off learning rate gets as many epochs as the first)",
+    )
     p.add_argument(
         "--until-row", type=int, metavar="N", help="use only the file's first N valid events"
     )

@@ -120,7 +120,7 @@ class NaiveLoop:
             if state is None:
                 zeros = torch.zeros(width)
                 state = (torch.zeros(shape), torch.zeros(shape), zeros, zeros, 0, None)
-                state += (torch.zeros(1, len(combine.EXPERTS)), zeros, zeros, zeros)
+                state += (torch.zeros(1, len(combine.EXPERTS), width), zeros, zeros, zeros)
             h, c, mean, var, count, pending, loss, net, last, ewma = state
             if pending is not None:
                 _error = (row - pending).abs().mean()

@@ -26,7 +26,7 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
     width = values.shape[1]
     mean, var, count = np.zeros(width), np.zeros(width), 0
     last, ewma, net = np.zeros(width), np.zeros(width), np.zeros(width)
-    loss, pending = np.zeros(3), np.zeros(width)
+    loss, pending = np.zeros((3, width)), np.zeros(width)  # losses per forecaster and value
     alphas = short * np.array(anomaly.SCALES)
     avg, m, v, n, peak = np.zeros(3), 0.0, np.zeros(3), 0, 0.0
     predictions, scores = [], []
@@ -36,7 +36,7 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             std = np.sqrt(var + 1e-14 * mean * mean + 1e-30)
             e = float(np.minimum(np.abs(x - pending) / std, clip).mean())
             made = np.stack([net, last, ewma])
-            step = np.minimum(((made - x) / std) ** 2, combine.LOSS_CLIP).mean(1)
+            step = np.minimum(((made - x) / std) ** 2, combine.LOSS_CLIP)
             loss = combine.DISCOUNT * loss + step
             value_z = float((np.abs(x - mean) / std).max())
             avg = np.full(3, e) if n == 0 else avg + alphas * (e - avg)
@@ -57,9 +57,9 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
         delta = x - mean
         mean, var = mean + a * delta, (1 - a) * (var + a * delta * delta)
         net = x.copy()
-        best = loss.min()
+        best = loss.min(0)  # each value's best forecaster
         w = np.exp(-combine.ETA * (loss - best) / (best + combine.LOSS_FLOOR))
-        pending = (w / w.sum()) @ np.stack([net, x, ewma])
+        pending = (w / w.sum(0) * np.stack([net, x, ewma])).sum(0)
         predictions.append(pending)
         scores.append(score)
     return np.array(predictions), np.array(scores)

@@ -12,7 +12,7 @@ from streamlstm.events import EventBatch
 
 
 def test_weight_moves_to_the_better_forecaster_as_that_changes() -> None:
-    loss = torch.zeros(1, len(combine.EXPERTS))
+    loss = torch.zeros(1, len(combine.EXPERTS), 1)
     truth = torch.zeros(1, 1)
     good, bad = 0.0, 3.0
     leaders = []
@@ -29,10 +29,29 @@ def test_weight_moves_to_the_better_forecaster_as_that_changes() -> None:
 
 
 def test_untouched_rows_keep_their_losses() -> None:
-    loss = torch.ones(2, 3)
+    loss = torch.ones(2, 3, 1)
     forecasts = torch.zeros(2, 3, 1)
     combine.learn(loss, forecasts, torch.ones(2, 1), torch.ones(2, 1), torch.tensor([True, False]))
-    assert loss[1].tolist() == [1.0, 1.0, 1.0] and loss[0, 0] > 1.0
+    assert loss[1].flatten().tolist() == [1.0, 1.0, 1.0] and loss[0, 0, 0] > 1.0
+
+
+def test_each_value_of_a_key_follows_its_own_best_forecaster() -> None:
+    """Value 0: the network is right and persistence wrong; value 1 the other way round.
+    One weight per key would have to blend both; per value, each takes its own leader."""
+    loss = torch.zeros(1, len(combine.EXPERTS), 2)
+    truth = torch.tensor([[1.0, 5.0]])
+    forecasts = torch.tensor([[[1.0, 0.0], [0.0, 5.0], [0.5, 2.5]]])  # [B, K, F]
+    for _ in range(50):
+        combine.learn(loss, forecasts, truth, torch.ones(1, 2), torch.tensor([True]))
+    weights = combine.weights(loss)[0]
+    assert float(weights[0, 0]) > 0.99 and float(weights[1, 1]) > 0.99
+    assert torch.allclose(weights.sum(0), torch.ones(2))
+    assert torch.allclose(combine.mix(loss, forecasts), truth, atol=1e-3)
+
+
+def test_the_leader_is_judged_over_all_of_a_keys_values() -> None:
+    loss = torch.tensor([[[1.0, 9.0], [2.0, 2.0], [3.0, 3.0]]])  # network best on value 0 only
+    assert combine.EXPERTS[int(combine.leaders(loss)[0])] == "persistence"
 
 
 def test_a_useless_network_costs_a_key_little_against_persistence() -> None:

@@ -94,5 +94,7 @@ def test_memory_per_key_is_close_to_the_raw_state() -> None:
     store = KeyedState(state_shape=(2, 2, 64), width=8)
     store.assign([f"sensor-{i}" for i in range(1000)], np.zeros(1000))
     raw = 2 * 2 * 64 * 4  # h and c of two layers, float32
-    assert raw < store.bytes_per_row < 1.35 * raw
-    assert store.bytes_per_key() < 1.5 * raw
+    # The rest: 7 per-value fields, the combination's losses (3 per value: 96 bytes here),
+    # anomaly and drift statistics; 1,445 bytes for 8 values.
+    assert raw < store.bytes_per_row < 1.45 * raw
+    assert store.bytes_per_key() < 1.6 * raw  # plus the key and its slot in the index

@@ -12,7 +12,7 @@ import torch
 from streamlstm.cli import main
 from streamlstm.config import load_settings
 from streamlstm.events import EventBatch
-from streamlstm.learning.pretrain import normalised_sequences, pretrain
+from streamlstm.learning.pretrain import Plateau, normalised_sequences, pretrain
 from streamlstm.offline.eventfiles import read_events
 
 
@@ -92,3 +92,34 @@ def test_cli_pretrain_then_replay_resumes_from_the_checkpoint(tmp_path: Path) ->
 
 def test_pretrain_without_a_checkpoint_dir_is_a_usage_error(tmp_path: Path) -> None:
     assert main(["pretrain", str(_csv(tmp_path / "d.csv", rows=50)), "--no-progress"]) == 2
+
+
+def _plateau_run(losses: list[float], **kwargs: int) -> tuple[int, list[float]]:
+    """Feed losses until the plateau says stop; return (epochs fed, learning rate after each)."""
+    plateau = Plateau(lr=1.0, lr_patience=3, factor=0.5, min_lr=0.01, **kwargs)
+    rates = []
+    for epoch, loss in enumerate(losses, start=1):
+        plateau.update(loss)
+        rates.append(plateau.lr)
+        if plateau.stop:
+            return epoch, rates
+    return len(losses), rates
+
+
+def test_pretraining_stops_only_after_the_lowered_rate_had_lr_patience_epochs() -> None:
+    epochs, rates = _plateau_run([1.0] + [2.0] * 20)
+    # best at epoch 1; backed off after 3 epochs without improvement, stopped after 3 more
+    assert rates[:4] == [1.0, 1.0, 1.0, 0.5]
+    assert epochs == 7
+
+
+def test_an_improvement_at_the_lowered_rate_restarts_both_counts() -> None:
+    losses = [1.0, 2.0, 2.0, 2.0, 2.0, 0.5] + [2.0] * 20
+    epochs, rates = _plateau_run(losses)
+    assert rates[5] == 0.5, "the rate stays where it was when it improved"
+    assert epochs == 12  # the improvement at epoch 6, then 6 epochs without one
+
+
+def test_an_explicit_patience_overrides_the_derived_one() -> None:
+    epochs, _ = _plateau_run([1.0] + [2.0] * 20, patience=2)
+    assert epochs == 3
