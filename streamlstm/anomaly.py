@@ -21,6 +21,13 @@ jumps (a daily shape at one event per 5 minutes is 288 events) look new every ti
 a 100-event window the spread forgets yesterday's jump before today's. It also sets how
 fast the one-alarm peak below decays (a half-life of ~700 events).
 
+The fastest average sees an error only as far as the value itself is from the key's
+running mean (``min(error, value_z)``): after a spike the forecast follows it, and the
+value's return to normal errs as much as the spike did; that error is the forecaster's
+lag behind an incident already reported, so a spike-and-return is one alarm, not two.
+Slower averages keep the whole error: a pattern broken at ordinary values still builds
+evidence there.
+
 A value far outside the key's usual range is evidence too, with a distribution-free
 bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are rarely Gaussian.
 Evidence is counted in decades of improbability, ``-log10 p``, less the
@@ -43,10 +50,10 @@ long statistics are updated after scoring, so an event is judged against the pas
 ...     score = update(stats, torch.tensor([e]), torch.tensor([0.5]), 0.5, 0.01, 20)
 >>> float(score) < 0.3
 True
->>> spike = float(update(stats, torch.tensor([3.0]), torch.tensor([0.5]), 0.5, 0.01, 20))
+>>> spike = float(update(stats, torch.tensor([3.0]), torch.tensor([3.0]), 0.5, 0.01, 20))
 >>> 0.5 < spike < 1.0
 True
->>> again = float(update(stats, torch.tensor([3.0]), torch.tensor([0.5]), 0.5, 0.01, 20))
+>>> again = float(update(stats, torch.tensor([3.0]), torch.tensor([3.0]), 0.5, 0.01, 20))
 >>> again < spike  # the same incident: no fresh evidence
 True
 """
@@ -122,7 +129,13 @@ def update(
     (the largest over features).
     """
     alphas = short_alpha * _SCALES
-    e = error.unsqueeze(1)
+    # The fastest scale sees an error only as far as the value itself is from the key's
+    # usual level: a value returning to normal after a spike errs against a forecast that
+    # followed the spike, which is the forecaster's lag behind an excursion already
+    # reported, not a second incident. Slower scales keep the whole error, so a pattern
+    # broken at ordinary values (a flat stretch in a daily swing) still builds evidence.
+    e = error.unsqueeze(1).repeat(1, len(SCALES))
+    e[:, 0] = torch.minimum(error, value_z)
     first = stats.count == 0
     if bool(first.any()):
         stats.short.copy_(

@@ -88,8 +88,9 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
     float short_alpha = (float)prm[PRM_SHORT_ALPHA], long_alpha = (float)prm[PRM_LONG_ALPHA];
     int first = *count == 0.0f;
     for (int s = 0; s < S; s++) {
-        float alpha = short_alpha * SCALES[s];
-        shrt[s] = first ? error : shrt[s] + alpha * (error - shrt[s]);
+        /* the fastest scale: an error only as far as the value is from its mean */
+        float alpha = short_alpha * SCALES[s], e = s == 0 ? nmin(error, value_z) : error;
+        shrt[s] = first ? e : shrt[s] + alpha * (e - shrt[s]);
         by_scale = nmax(by_scale, decades((shrt[s] - *mean) / sqrtf(svar[s] + 1e-4f)));
     }
     z = cmax(value_z, 1e6f);

@@ -35,10 +35,17 @@ def test_scores_do_not_depend_on_a_keys_scale_and_flag_a_spike() -> None:
     assert np.median(small[100:240]) < 0.1
 
 
+def _update(stats: anomaly.AnomalyStats, error: float, long_alpha: float = 0.01) -> float:
+    """One key's error, its value as far from the key's mean as the forecast missed by (a
+    key forecast by its mean)."""
+    e = torch.tensor([error])
+    return float(anomaly.update(stats, e, e, 0.5, long_alpha, 20))
+
+
 def _stats_after(errors: list[float]) -> anomaly.AnomalyStats:
     stats = anomaly.AnomalyStats.zeros(1)
     for e in errors:
-        anomaly.update(stats, torch.tensor([e]), torch.zeros(1), 0.5, 0.01, 20)
+        _update(stats, e)
     return stats
 
 
@@ -49,9 +56,7 @@ def test_no_ties_at_the_top_of_the_score() -> None:
     scores = []
     for spike in (8.0, 20.0, 50.0, 200.0, 1000.0):
         stats = _stats_after(ordinary)
-        scores.append(
-            float(anomaly.update(stats, torch.tensor([spike]), torch.zeros(1), 0.5, 0.01, 20))
-        )
+        scores.append(_update(stats, spike))
     assert all(b > a for a, b in itertools.pairwise(scores)), scores
     assert scores[-1] < 1.0
 
@@ -64,12 +69,7 @@ def test_one_alarm_per_incident() -> None:
     errors[230:260] = list(np.abs(rng.normal(size=30)))
     errors[260] = 60.0  # a second, much stronger one soon after
     stats = anomaly.AnomalyStats.zeros(1)
-    scores = np.array(
-        [
-            float(anomaly.update(stats, torch.tensor([e]), torch.zeros(1), 0.5, 0.01, 20))
-            for e in errors
-        ]
-    )
+    scores = np.array([_update(stats, e) for e in errors])
     alarms = np.flatnonzero(scores[100:] >= 0.5) + 100  # after the long window settled
     assert alarms[0] == 200 and set(alarms) <= {200, 201, 202, 260}, alarms
     assert 260 in alarms
@@ -95,12 +95,13 @@ def test_a_keys_score_does_not_depend_on_a_new_key_sharing_its_batch() -> None:
     rng = np.random.default_rng(3)
     history = list(np.abs(rng.normal(size=40)))
     alone = _stats_after(history)
-    score_alone = anomaly.update(alone, torch.tensor([5.0]), torch.zeros(1), 0.5, 0.01, 20)
+    score_alone = anomaly.update(alone, torch.tensor([5.0]), torch.tensor([5.0]), 0.5, 0.01, 20)
     old = _stats_after(history)
     shared = anomaly.AnomalyStats.zeros(2)
     for name in ("short", "mean", "var", "count", "peak"):
         getattr(shared, name)[0] = getattr(old, name)[0]
-    scores = anomaly.update(shared, torch.tensor([5.0, 1.0]), torch.zeros(2), 0.5, 0.01, 20)
+    errors = torch.tensor([5.0, 1.0])
+    scores = anomaly.update(shared, errors, errors, 0.5, 0.01, 20)
     assert float(scores[0]) == float(score_alone[0])
     torch.testing.assert_close(shared.short[0], alone.short[0])
     assert shared.short[1].tolist() == [1.0] * shared.short.shape[1]  # starts at its error
@@ -118,11 +119,29 @@ def test_slow_scales_are_calibrated_on_autocorrelated_errors() -> None:
         errors.append(abs(wander))
     errors[3500] = 30.0
     stats = anomaly.AnomalyStats.zeros(1)
-    scores = np.array(
-        [
-            float(anomaly.update(stats, torch.tensor([e]), torch.zeros(1), 0.5, 0.001, 20))
-            for e in errors
-        ]
-    )
+    scores = np.array([_update(stats, e, 0.001) for e in errors])
     assert (scores[1000:3500] >= 0.3).sum() == 0
     assert scores[3500] >= 0.5
+
+
+def test_a_value_returning_to_normal_after_a_spike_is_not_a_second_alarm() -> None:
+    """A spike, then the value back at its usual level: the forecast followed the spike, so
+    the return errs as much as the spike did, but only the spike is an incident (at the
+    default threshold, 0.5). Had the value stayed out, the excursion would go on: that
+    event alarms again, as every event did before the fastest scale was capped."""
+    rng = np.random.default_rng(4)
+    history = list(np.abs(rng.normal(size=1500)))
+
+    def after_spike(next_value_z: float) -> tuple[float, float]:
+        stats = anomaly.AnomalyStats.zeros(1)
+        for e in history:
+            _update(stats, e, 0.001)
+        spike = _update(stats, 8.0, 0.001)
+        e = torch.tensor([8.0])  # the forecast that followed the spike misses by as much
+        again = anomaly.update(stats, e, torch.tensor([next_value_z]), 0.5, 0.001, 20)
+        return spike, float(again)
+
+    spike, back = after_spike(0.3)
+    assert spike >= 0.5 and back < 0.5
+    _, still_out = after_spike(8.0)
+    assert still_out >= 0.5

@@ -2,11 +2,11 @@
 
 The reference re-derives every number from the documented rules, for one key, in
 float64: the scaler's std *before* each event, each forecaster's discounted loss, the
-mixture, the error averages, each average's own long variance and the long mean updated
-*after* scoring (an event
-is judged against the past only), fresh evidence beyond the decaying peak. An untrained
-network forecasts persistence exactly (its head starts at zero), so the reference needs
-no network.
+mixture, the error averages (the fastest capped by the value's distance from its
+mean), each average's own long variance and the long mean updated *after* scoring (an
+event is judged against the past only), fresh evidence beyond the decaying peak. An
+untrained network forecasts persistence exactly (its head starts at zero), so the
+reference needs no network.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             step = np.minimum(((made - x) / std) ** 2, combine.LOSS_CLIP)
             loss = combine.DISCOUNT * loss + step
             value_z = float((np.abs(x - mean) / std).max())
-            avg = np.full(3, e) if n == 0 else avg + alphas * (e - avg)
+            # the fastest scale sees the error only as far as the value is from its mean
+            inputs = np.array([min(e, value_z), e, e])
+            avg = inputs if n == 0 else avg + alphas * (inputs - avg)
             spread = np.sqrt(v + 1e-4)  # each average's own spread
             by_scale = float((-log_ndtr(-(avg - m) / spread) / math.log(10)).max())
             by_value = math.log10(1 + value_z**2)
