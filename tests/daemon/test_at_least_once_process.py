@@ -92,7 +92,7 @@ def _in_flight(port: int, events: int) -> tuple[float, float] | None:
 
 
 def test_every_event_is_predicted_after_a_sigkill_mid_stream(
-    kafka_tools: KafkaTools, tmp_path: Path
+    kafka_tools: KafkaTools, tmp_path: Path, client: str
 ) -> None:
     prefix = f"kill-{uuid.uuid4().hex[:10]}"
     kafka_tools.create({f"{prefix}-in": 2, f"{prefix}-out": 2, f"{prefix}-dlq": 2})
@@ -100,7 +100,7 @@ def test_every_event_is_predicted_after_a_sigkill_mid_stream(
     expected = {(orjson.loads(v)["key"], orjson.loads(v)["ts"]) for _, v in events}
     kafka_tools.produce(f"{prefix}-in", events)
     overrides = {
-        **daemon_overrides(prefix),
+        **daemon_overrides(prefix, client=client),
         "kafka.producer_linger_ms": "3000",  # outputs wait in the producer: in flight
         "kafka.commit_interval_ms": "100",  # commits run while they wait
         "engine.max_batch": "32",
