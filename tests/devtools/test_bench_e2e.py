@@ -63,4 +63,5 @@ def test_bench_e2e_cli_options() -> None:
     )
     assert (args.json, args.batch, args.bootstrap) == (True, 20, "h:1")
     assert (args.output_per_message, args.rounds) == (True, 3)
+    assert (args.clients, args.rate) == ("kafka-python,confluent", 0)  # 0: half of the max
     assert args.handler is dev.run_bench_e2e
