@@ -23,6 +23,7 @@ from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.events import Decoder
 
 TICK_S = 0.002  # the paced producer sends what is due every 2 ms
+WARM_S = 1.0  # seconds of load before latencies are kept
 
 
 def bare_consume_confluent(settings: Settings, events: int) -> float:
@@ -93,15 +94,23 @@ def paced_produce(settings: Settings, stream: SyntheticStream, rate: float, coun
 
 
 def latency(settings: Settings, keys: int, width: int, rate: float, seconds: float) -> np.ndarray:
-    """Event latencies (s, ts to prediction acknowledged) of a daemon fed at ``rate``."""
+    """Event latencies (s, ts to prediction acknowledged) of a daemon fed at ``rate`` for
+    ``seconds``, after a second of the same load."""
     daemon, thread = start_daemon(settings)
     try:
         deadline = time.monotonic() + 60
         while not daemon.ready() and time.monotonic() < deadline:
             time.sleep(0.05)
+        stream = SyntheticStream(keys, width, seed=1)
+        # Steady state: the first second (every key new, the engine warming) is not timed.
+        warm = int(rate * WARM_S)
+        paced_produce(settings, stream, rate, warm)
+        deadline = time.monotonic() + 30
+        while daemon.live.predictions < warm and time.monotonic() < deadline:
+            time.sleep(0.01)
         daemon.live.take()
         count = int(rate * seconds)
-        paced_produce(settings, SyntheticStream(keys, width, seed=1), rate, count)
+        paced_produce(settings, stream, rate, count)
         deadline = time.monotonic() + 30
         while daemon.live.predictions < count and time.monotonic() < deadline:
             time.sleep(0.01)
