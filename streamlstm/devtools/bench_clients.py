@@ -108,11 +108,11 @@ def latency(settings: Settings, keys: int, width: int, rate: float, seconds: flo
         deadline = time.monotonic() + 30
         while daemon.live.predictions < warm and time.monotonic() < deadline:
             time.sleep(0.01)
-        daemon.live.take()
+        daemon.live.take()  # a window: its counters run on (predictions is a total)
         count = int(rate * seconds)
         paced_produce(settings, stream, rate, count)
         deadline = time.monotonic() + 30
-        while daemon.live.predictions < count and time.monotonic() < deadline:
+        while daemon.live.predictions < warm + count and time.monotonic() < deadline:
             time.sleep(0.01)
         return daemon.live.take().latencies
     finally:
