@@ -31,6 +31,26 @@ def kafka_bootstrap() -> Iterator[str]:
         yield broker.bootstrap
 
 
+#: The Kafka clients the daemon runs on (``kafka.client``); broker tests that matter run
+#: for both (see the README's "Choosing the Kafka client" for which and why).
+CLIENTS = ("kafka-python", "confluent")
+
+
+@pytest.fixture(scope="module", params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> str:
+    """Each Kafka client in turn. confluent-kafka is in the ``dev`` extra: missing, the
+    confluent runs are skipped locally and fail under CI."""
+    if request.param == "confluent":
+        import importlib.util
+
+        if importlib.util.find_spec("confluent_kafka") is None:
+            message = "confluent-kafka is not installed (pip install 'streamlstm[confluent]')"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return request.param
+
+
 @pytest.fixture
 def unique_topic() -> str:
     """A fresh topic name prefix for one test, e.g. ``t-3f9c...``; append suffixes to it."""
@@ -56,9 +76,13 @@ def require_binary(name: str) -> str:
     return path
 
 
-def daemon_overrides(prefix: str, metrics_port: int = 0) -> dict[str, str]:
-    """Small, fast daemon settings on topics ``<prefix>-in/-out/-dlq`` (no training)."""
+def daemon_overrides(
+    prefix: str, metrics_port: int = 0, client: str = "kafka-python"
+) -> dict[str, str]:
+    """Small, fast daemon settings on topics ``<prefix>-in/-out/-dlq`` (no training), on
+    the Kafka client ``client``."""
     return {
+        "kafka.client": client,
         "kafka.input_topic": f"{prefix}-in",
         "kafka.output_topic": f"{prefix}-out",
         "kafka.dead_letter_topic": f"{prefix}-dlq",
@@ -128,33 +152,35 @@ class KafkaTools:
         """
         import time
 
-        from kafka import KafkaConsumer, TopicPartition
-
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        reader = self.reader(topic, timeout)
         try:
             deadline = time.monotonic() + timeout
-            parts = wait_for(
-                lambda: consumer.partitions_for_topic(topic),
-                timeout,
-                interval=0.2,
-                what=f"topic {topic} to exist",
-            )
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
             records: list = []
-
-            def take() -> None:
-                for recs in consumer.poll(timeout_ms=200).values():
-                    records.extend(recs)
-
             while len(records) < expect and time.monotonic() < deadline:
-                take()
+                records += reader.poll(0.2)
             if len(records) >= expect:
-                read_to_high_watermark(consumer, tps, take, deadline - time.monotonic())
+                read_to_end(reader, records.extend, max(deadline - time.monotonic(), 1.0))
             return sorted(records, key=lambda r: (r.partition, r.offset))
         finally:
-            consumer.close(autocommit=False)
+            reader.close()
+
+    def reader(self, topic: str, timeout: float = 60.0, partitions: int | None = None):
+        """A kafka-python :class:`~streamlstm.io.reader.KafkaPythonReader` on every
+        partition of ``topic`` (waits for the topic to exist), from the beginning."""
+        from streamlstm.io.reader import KafkaPythonReader
+
+        reader = KafkaPythonReader({"bootstrap_servers": self.bootstrap}, fetch_wait_ms=100)
+        if partitions is None:
+            partitions = len(
+                wait_for(
+                    lambda: reader.partitions(topic),
+                    timeout,
+                    interval=0.2,
+                    what=f"topic {topic} to exist",
+                )
+            )
+        reader.assign(topic, dict.fromkeys(range(partitions)))
+        return reader
 
     def settings(self, prefix: str, **overrides: str):
         """Daemon settings on topics ``<prefix>-in/-out/-dlq``, fast group joins, no training."""
@@ -185,20 +211,16 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def read_to_high_watermark(consumer, tps: list, take, timeout: float) -> None:
-    """Call ``take`` (one poll) until every partition's position reaches the high watermark
-    of the latest fetch. Not ``end_offsets()``: the embedded broker under-counts it for
-    topics written in batches, and the fetch's high watermark is right on every broker."""
+def read_to_end(reader, take, timeout: float) -> None:
+    """Hand ``take`` every record until each partition is read to the high watermark of
+    its latest fetch (the io helper, failing the test on a timeout)."""
+    from streamlstm.io.reader import EndNotReached
+    from streamlstm.io.reader import read_to_end as io_read_to_end
 
-    def caught_up() -> bool:
-        take()
-        marks = [consumer.highwater(tp) for tp in tps]
-        return all(
-            mark is not None and consumer.position(tp) >= mark
-            for tp, mark in zip(tps, marks, strict=True)
-        )
-
-    wait_for(caught_up, max(timeout, 1.0), interval=0.0, what="partitions read to their end")
+    try:
+        io_read_to_end(reader, take, max(timeout, 1.0), poll_s=0.1)
+    except EndNotReached:
+        pytest.fail(f"partitions not read to their end in {timeout:.0f}s")
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):

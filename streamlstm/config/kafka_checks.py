@@ -100,6 +100,15 @@ def kafka_problems(k: KafkaSettings) -> list[str]:
             'broker may never have stored; use "all" or "1", or set '
             "kafka.allow_unsafe_acks = true (got '0')"
         )
+    if k.client == "confluent":
+        from streamlstm.io.client import INSTALL_CONFLUENT
+
+        if importlib.util.find_spec("confluent_kafka") is None:
+            problems.append(
+                "kafka.client: confluent needs the confluent-kafka package, which is not "
+                f"installed: {INSTALL_CONFLUENT}"
+            )
+        return problems  # librdkafka has its own codecs
     modules = _CODEC_MODULES.get(k.compression_type, ())
     if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
         problems.append(

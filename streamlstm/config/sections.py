@@ -26,6 +26,13 @@ class KafkaSettings(Section):
     bootstrap_servers: str = Field(
         "127.0.0.1:9092", description="Comma-separated host:port list of Kafka brokers."
     )
+    client: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python",
+        description="The Kafka client library: kafka-python (pure Python, installed with "
+        "streamlstm) or confluent (librdkafka through confluent-kafka: `pip install "
+        "'streamlstm[confluent]'`; faster). Same settings, same commit protocol; see the "
+        'README\'s "Choosing the Kafka client".',
+    )
     input_topic: str = Field("events", min_length=1, description="Topic the events are read from.")
     output_topic: str = Field(
         "predictions", min_length=1, description="Topic the prediction records are written to."

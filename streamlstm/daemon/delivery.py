@@ -15,10 +15,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from kafka import OffsetAndMetadata, TopicPartition
-
 from streamlstm.daemon.telemetry import Telemetry
-from streamlstm.io import OffsetTracker, Sink, Source, Ticket
+from streamlstm.io import OffsetTracker, Sink, Source, Ticket, TopicPartition
 from streamlstm.io.producer import Group
 from streamlstm.io.sink import SinkError
 
@@ -175,12 +173,13 @@ class Delivery:
         self.committed(offsets)
         log.info("committed offsets %s", fmt_offsets(offsets))
 
-    def commit_done(self, offsets: dict[TopicPartition, OffsetAndMetadata], result: object) -> None:
-        if isinstance(result, BaseException):
+    def commit_done(self, offsets: dict[TopicPartition, int], error: BaseException | None) -> None:
+        """An asynchronous commit's result (the client calls it from a later poll)."""
+        if error is not None:
             self.telemetry.metrics.commit_failures.inc()
-            log.warning("offset commit failed (%s); will retry", short(result))
+            log.warning("offset commit failed (%s); will retry", short(error))
             return
-        self.committed({tp: om.offset for tp, om in offsets.items()})
+        self.committed(offsets)
 
     def committed(self, offsets: dict[TopicPartition, int]) -> None:
         """The broker accepted these offsets (any commit path, the revoke one included)."""

@@ -1,7 +1,8 @@
 """The daemon's lifecycle: connect, turn the loop, hand partitions over, shut down.
 
-One main thread runs the loop; kafka-python's I/O threads move the bytes, and the
-producer runs in a child process (``streamlstm.io.producer``)::
+One main thread runs the loop; the Kafka client's threads move the bytes (kafka-python's
+or librdkafka's, ``kafka.client``), and the producer runs in a child process
+(``streamlstm.io.producer``)::
 
     poll -> decode -> engine -> encode -> ticket -> one frame to the producer (no waiting)
     ... next turns ...
@@ -30,7 +31,6 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
-from kafka import TopicPartition
 
 from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
@@ -41,6 +41,7 @@ from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.engine import Engine
 from streamlstm.events import Decoder, EventBatch
 from streamlstm.io import Polled, Sink, Source, Ticket, dead_letters, ensure_topics
+from streamlstm.io.client import TopicPartition, make_source
 from streamlstm.io.producer import Group
 from streamlstm.io.sink import encode_predictions, per_message, send_groups
 from streamlstm.learning.device import require_training_device
@@ -168,7 +169,7 @@ class Daemon:
                 if k.create_topics:
                     ensure_topics(k, changelog_topic=self.settings.changelog_topic)
                 self.delivery.sink = Sink(self.settings)
-                self.source = Source(
+                self.source = make_source(
                     self.settings,
                     on_revoke=self._on_revoke,
                     on_assigned=self._on_assigned,
@@ -312,7 +313,7 @@ class Daemon:
             log.info("Kafka at %s answers again", self.settings.kafka.bootstrap_servers)
         elif not ok and self._broker_ok:
             log.warning(
-                "Kafka at %s has not answered for %.0fs: not ready; kafka-python reconnects "
+                "Kafka at %s has not answered for %.0fs: not ready; the client reconnects "
                 "with backoff, outputs wait in the producer",
                 self.settings.kafka.bootstrap_servers,
                 now - last,
@@ -327,8 +328,8 @@ class Daemon:
             log.debug("lag: %s", exc)
             return {}
 
-    # -- rebalances: kafka-python calls these on its I/O thread while the loop waits in
-    # -- poll() or close(), so no batch is half-processed when they run -----------------
+    # -- rebalances: the client calls these while the loop waits in poll() or close()
+    # -- (kafka-python on its I/O thread, librdkafka on this one), never mid-batch ------
 
     def _on_revoke(self, revoked: set[TopicPartition]) -> dict[TopicPartition, int]:
         """Flush, write the changelog, and return what may be committed."""

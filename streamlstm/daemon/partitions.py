@@ -1,11 +1,12 @@
 """Partition ownership: keys come in with a partition (restored) and go out with it.
 
-kafka-python calls the rebalance callbacks on its I/O thread while the loop waits in
-``poll()``, so they only account and queue: revoked partitions are flushed, their rows
-written to the changelog and their offsets committed (:meth:`Partitions.revoke`); newly
-assigned ones are queued, and the loop restores them (:meth:`Partitions.restore`) right
-after that ``poll()`` returns and *before* it processes any record: a record of a
-partition is never applied to a key whose state is not loaded yet. While a restore
+The client calls the rebalance callbacks while the loop waits in ``poll()``
+(kafka-python on its I/O thread, librdkafka inside ``consume()``), so they only account
+and queue: revoked partitions are flushed, their rows written to the changelog and their
+offsets committed (:meth:`Partitions.revoke`); newly assigned ones are queued, and the
+loop restores them (:meth:`Partitions.restore`) right after that ``poll()`` returns and
+*before* it processes any record: a record of a partition is never applied to a key
+whose state is not loaded yet. While a restore
 runs, nothing polls, so no rebalance can interleave with it; a partition revoked before
 its queued restore ran is simply taken off the queue.
 
@@ -29,7 +30,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from kafka import TopicPartition
 
 from streamlstm.config import Settings
 from streamlstm.daemon.delivery import Delivery, Fatal, short
@@ -42,7 +42,7 @@ from streamlstm.daemon.localstate import (
 )
 from streamlstm.daemon.statelog import StateLog
 from streamlstm.daemon.telemetry import Telemetry
-from streamlstm.io import Source
+from streamlstm.io import Source, TopicPartition
 from streamlstm.io.changelog import ChangelogReader, decode
 from streamlstm.state import KeyedState
 
@@ -74,7 +74,7 @@ class Partitions:
         self.reader: ChangelogReader | None = None
         self.beat: Callable[[], None] | None = None  # the loop's liveness, while restoring
 
-    # -- rebalance callbacks (kafka's I/O thread) ------------------------------------------
+    # -- rebalance callbacks (while the loop waits in poll) -------------------------------
 
     def revoke(self, revoked: set[TopicPartition], budget_s: float) -> dict[TopicPartition, int]:
         """Flush, write the changelog, say what to commit; the keys stay until the new set."""
@@ -186,9 +186,7 @@ class Partitions:
     def _reader(self) -> ChangelogReader:
         if self.reader is None:
             assert self.settings.changelog_topic is not None
-            self.reader = ChangelogReader(
-                self.settings.changelog_topic, self.settings.kafka.client_kwargs()
-            )
+            self.reader = ChangelogReader(self.settings.changelog_topic, kafka=self.settings.kafka)
         return self.reader
 
     def _local(self, partition: int) -> LocalSnapshot | None:
@@ -262,7 +260,7 @@ class Partitions:
         assert self.reader is not None
         tp = TopicPartition(source.topic, partition)
         try:
-            committed = source.consumer.committed(tp)
+            committed = source.committed(tp)
         except Exception as exc:
             log.debug("committed offset of %s: %s", tp, exc)
             return

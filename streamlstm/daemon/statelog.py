@@ -33,10 +33,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from kafka import TopicPartition
-
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, SEND_ATTEMPTS, Delivery, Fatal
-from streamlstm.io import Source, Ticket
+from streamlstm.io import Source, Ticket, TopicPartition
 from streamlstm.io.changelog import encode, groups
 from streamlstm.metrics import Metrics
 from streamlstm.state import KeyedState

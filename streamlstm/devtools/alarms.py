@@ -22,8 +22,8 @@ the prediction for its n-th event, since a key's events are predicted in order.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -114,31 +114,27 @@ def read_outputs(
     kafka: KafkaSettings, tally: AlarmTally, stop: threading.Event, drain_s: float = 3.0
 ) -> None:
     """Feed every record of the output topic to ``tally`` until ``stop``, then read on to
-    the partitions' high watermarks (at most ``drain_s``) for what the daemon flushed last."""
-    from kafka import KafkaConsumer, TopicPartition
+    the partitions' high watermarks (at most ``drain_s``) for what the daemon flushed last.
+    On the client ``kafka.client`` names (:func:`streamlstm.io.reader.read_to_end`)."""
+    from streamlstm.io.client import make_reader
+    from streamlstm.io.reader import EndNotReached, read_to_end
 
-    kwargs = kafka.client_kwargs()
-    consumer = KafkaConsumer(enable_auto_commit=False, **kwargs)
+    def take(records: list) -> None:
+        for r in records:
+            doc = orjson.loads(r.value)
+            tally.record(doc["key"], doc.get("anomaly_score"))
+
+    reader = make_reader(kafka, fetch_wait_ms=kafka.fetch_max_wait_ms)
     try:
         parts = None
         while not parts and not stop.wait(0.2):
-            parts = consumer.partitions_for_topic(kafka.output_topic)
-        tps = [TopicPartition(kafka.output_topic, p) for p in sorted(parts or ())]
-        if not tps:
+            parts = reader.partitions(kafka.output_topic)
+        if not parts:
             return
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        deadline = None
-        while True:
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    doc = orjson.loads(r.value)
-                    tally.record(doc["key"], doc.get("anomaly_score"))
-            if stop.is_set():
-                deadline = deadline or time.monotonic() + drain_s
-                marks = {tp: consumer.highwater(tp) for tp in tps}
-                done = all(m is not None and consumer.position(tp) >= m for tp, m in marks.items())
-                if done or time.monotonic() > deadline:
-                    return
+        reader.assign(kafka.output_topic, dict.fromkeys(parts))
+        while not stop.is_set():
+            take(reader.poll(0.2))
+        with contextlib.suppress(EndNotReached):
+            read_to_end(reader, take, drain_s)
     finally:
-        consumer.close(autocommit=False)
+        reader.close()

@@ -1,16 +1,18 @@
-"""``streamlstm bench e2e``: the daemon against a bare kafka-python consumer, same run.
+"""``streamlstm bench e2e``: the daemon on each Kafka client against bare consumers, same run.
 
 1. N synthetic events are produced to a fresh topic (one event per message, or
    ``batch`` per JSON-array message).
-2. A bare consumer (kafka-python, same fetch settings) reads the topic and decodes
-   every message with the same decoder: the most any Python daemon built on this client
-   could do.
-3. The daemon reads the same topic in its own group and runs its whole job: decode,
-   engine, prediction records produced and acknowledged, dead letters, offsets
-   committed. Its rate runs from its first event to the last prediction acknowledged.
-4. A second baseline: a bare consume -> decode -> produce pipe (no engine), which is
-   what the client costs when every event also yields an output record.
-5. Event latency (ts to prediction acknowledged) at a fixed offered rate.
+2. Bare consumers, kafka-python and librdkafka (confluent-kafka), same fetch settings,
+   read the topic and decode every message with the same decoder: the most any Python
+   daemon built on that client could do.
+3. The daemon, on each client (``kafka.client``), reads the same topic in its own group
+   and runs its whole job: decode, engine, prediction records produced and
+   acknowledged, dead letters, offsets committed. Its rate runs from its first event to
+   the last prediction acknowledged: its maximum sustained rate.
+4. A second baseline: a bare kafka-python consume -> decode -> produce pipe (no engine),
+   which is what that client costs when every event also yields an output record.
+5. Event latency (ts to prediction acknowledged) of each client's daemon at half its
+   maximum sustained rate (or at ``rate``), fed by a paced librdkafka producer.
 
 With ``output_per_message`` the batched run also measures the daemon with
 ``kafka.output_per_message`` on (one JSON array out per message in), the two modes
@@ -25,19 +27,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import orjson
 from kafka import KafkaConsumer
 
 from streamlstm.config import Settings, load_settings
-from streamlstm.devtools.loadgen import Producer, chunks_for_rate, make_producer, synthetic_events
+from streamlstm.devtools.bench_clients import (
+    bare_consume_confluent,
+    latency,
+    percentiles,
+    start_daemon,
+)
+from streamlstm.devtools.loadgen import Producer, make_producer, synthetic_events
 from streamlstm.devtools.synthetic import SyntheticStream
 from streamlstm.events import Decoder
 from streamlstm.io.source import consumer_kwargs
@@ -54,6 +60,8 @@ class Throughput:
     daemon_events_per_s: float  # the median over ``rounds`` runs
     per_message_events_per_s: float | None = None  # kafka.output_per_message on (median)
     rounds: int = 1
+    bare_confluent_events_per_s: float | None = None  # a bare librdkafka consumer + decode
+    confluent_events_per_s: float | None = None  # the daemon on kafka.client = confluent
 
     @property
     def ratio(self) -> float:
@@ -63,13 +71,26 @@ class Throughput:
     def pipe_ratio(self) -> float:
         return self.daemon_events_per_s / self.pipe_events_per_s
 
+    @property
+    def confluent_ratio(self) -> float | None:
+        """The confluent daemon against the bare kafka-python consumer (target >= 0.9)."""
+        if self.confluent_events_per_s is None:
+            return None
+        return self.confluent_events_per_s / self.bare_events_per_s
+
+
+@dataclass
+class Latency:
+    client: str
+    offered_events_per_s: float
+    events: int
+    ms: dict[str, float]  # p50, p90, p99, max
+
 
 @dataclass
 class E2EResult:
     throughput: list[Throughput] = field(default_factory=list)
-    latency_rate: float = 0.0
-    latency_events: int = 0
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency: list[Latency] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,13 +98,18 @@ class E2EResult:
         for t in self.throughput:
             row = asdict(t)
             row.update(ratio=round(t.ratio, 3), pipe_ratio=round(t.pipe_ratio, 3))
+            if t.confluent_ratio is not None:
+                row["confluent_ratio"] = round(t.confluent_ratio, 3)
             rows.append(row)
         return {
             "throughput": rows,
             "latency": {
-                "offered_events_per_s": self.latency_rate,
-                "events": self.latency_events,
-                **{k: round(v, 2) for k, v in self.latency_ms.items()},
+                lat.client: {
+                    "offered_events_per_s": round(lat.offered_events_per_s, 1),
+                    "events": lat.events,
+                    **{k: round(v, 2) for k, v in lat.ms.items()},
+                }
+                for lat in self.latency
             },
             "settings": self.settings,
         }
@@ -94,11 +120,31 @@ class E2EResult:
             kind = "1 event per message" if t.batch == 1 else f"{t.batch} events per message"
             out += [
                 f"{kind}, {t.events:,} events:",
-                f"  bare consumer + decode    {t.bare_events_per_s:10,.0f} events/s",
-                f"  bare consume+decode+produce {t.pipe_events_per_s:8,.0f} events/s",
-                f"  daemon (end to end)       {t.daemon_events_per_s:10,.0f} events/s",
-                f"  daemon / bare consumer    {t.ratio:10.2f}",
-                f"  daemon / bare pipe        {t.pipe_ratio:10.2f}",
+                f"  bare consumer + decode, kafka-python {t.bare_events_per_s:10,.0f} events/s",
+            ]
+            if t.bare_confluent_events_per_s is not None:
+                out.append(
+                    f"  bare consumer + decode, confluent    "
+                    f"{t.bare_confluent_events_per_s:10,.0f} events/s"
+                )
+            out += [
+                f"  bare consume+decode+produce (k-p)    {t.pipe_events_per_s:10,.0f} events/s",
+                f"  daemon, kafka-python (end to end)    {t.daemon_events_per_s:10,.0f} events/s",
+            ]
+            if t.confluent_events_per_s is not None and t.confluent_ratio is not None:
+                out.append(
+                    f"  daemon, confluent (end to end)       "
+                    f"{t.confluent_events_per_s:10,.0f} events/s"
+                )
+                own = t.bare_confluent_events_per_s or float("nan")
+                out += [
+                    f"  daemon confluent / bare kafka-python {t.confluent_ratio:10.2f}",
+                    f"  daemon confluent / bare confluent    "
+                    f"{t.confluent_events_per_s / own:10.2f}",
+                ]
+            out += [
+                f"  daemon / bare consumer (kafka-python) {t.ratio:9.2f}",
+                f"  daemon / bare pipe (kafka-python)    {t.pipe_ratio:10.2f}",
             ]
             if t.per_message_events_per_s is not None:
                 gain = t.per_message_events_per_s / t.daemon_events_per_s
@@ -106,12 +152,14 @@ class E2EResult:
                     f"  daemon, one array out per message in {t.per_message_events_per_s:,.0f}"
                     f" events/s ({gain:.2f}x; medians of {t.rounds} interleaved runs)",
                 ]
-        lat = self.latency_ms
-        if lat:
+        for lat in self.latency:
+            if not lat.ms:
+                continue
+            ms = lat.ms
             out.append(
-                f"event latency at {self.latency_rate:,.0f} events/s offered "
-                f"({self.latency_events:,} events): p50 {lat['p50']:.1f} ms  "
-                f"p90 {lat['p90']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms"
+                f"event latency, {lat.client}, at {lat.offered_events_per_s:,.0f} events/s "
+                f"offered ({lat.events:,} events): p50 {ms['p50']:.1f} ms  "
+                f"p90 {ms['p90']:.1f} ms  p99 {ms['p99']:.1f} ms  max {ms['max']:.1f} ms"
             )
         s = self.settings
         out.append(
@@ -197,18 +245,9 @@ def bare_consume(settings: Settings, events: int, produce_outputs: bool = False)
     return seen / elapsed
 
 
-def _start_daemon(settings: Settings) -> tuple[Any, threading.Thread]:
-    from streamlstm.daemon import Daemon
-
-    daemon = Daemon(settings)
-    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
-    thread.start()
-    return daemon, thread
-
-
 def daemon_throughput(settings: Settings, events: int) -> float:
     """Events/s of the daemon from its first event to its last prediction acknowledged."""
-    daemon, thread = _start_daemon(settings)
+    daemon, thread = start_daemon(settings)
     live = daemon.live
     deadline = time.monotonic() + 600
     try:
@@ -222,46 +261,22 @@ def daemon_throughput(settings: Settings, events: int) -> float:
     return events / (live.last_ack_at - live.first_event_at)
 
 
-def latency(settings: Settings, keys: int, width: int, rate: float, seconds: float) -> np.ndarray:
-    """Event latencies (s) of a daemon fed at ``rate`` events/s for ``seconds``."""
-    daemon, thread = _start_daemon(settings)
-    try:
-        deadline = time.monotonic() + 60
-        while not daemon.ready() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        daemon.live.take()
-        count = int(rate * seconds)
-        stream = SyntheticStream(keys, width, seed=1)
-        producer = make_producer(settings.kafka)
-        try:
-            Producer(producer, settings.kafka.input_topic, rate=rate, stamp_now=True).run(
-                chunks_for_rate(synthetic_events(stream, count), rate), progress=False
-            )
-        finally:
-            producer.close(timeout=5)
-        deadline = time.monotonic() + 30
-        while daemon.live.predictions < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return daemon.live.take().latencies
-    finally:
-        daemon.request_stop()
-        thread.join(timeout=15)
-
-
 def bench_e2e(
     events: int = 100_000,
     keys: int = 1000,
     width: int = 8,
     hidden: int = 64,
     batch: int = 1,
-    rate: float = 2000.0,
+    rate: float = 0.0,
     latency_seconds: float = 10.0,
     max_batch: int = 2048,
     bootstrap: str | None = None,
     output_per_message: bool = False,
     rounds: int = 1,
+    clients: tuple[str, ...] = ("kafka-python", "confluent"),
 ) -> E2EResult:
-    """Run the benchmark (an embedded broker unless ``bootstrap`` is given)."""
+    """Run the benchmark (an embedded broker unless ``bootstrap`` is given). ``rate`` 0:
+    latency at half of each client's measured maximum sustained rate."""
     from streamlstm.devtools.broker import EmbeddedBroker
     from streamlstm.io import ensure_topics
 
@@ -281,8 +296,10 @@ def bench_e2e(
                 "max_batch": max_batch,
                 "broker": where,
                 "rounds": rounds,
+                "clients": list(clients),
             }
         )
+        most: dict[str, float] = {}
         for per_message in sorted({1, batch}):
             topic = f"bench-{uuid.uuid4().hex[:8]}"
             s = _settings(bootstrap, topic, width, hidden, max_batch)
@@ -290,42 +307,49 @@ def bench_e2e(
             stream = SyntheticStream(keys, width, seed=0)
             _produce(s, synthetic_events(stream, events), per_message)
             bare = bare_consume(s, events)
+            bare_ck = bare_consume_confluent(s, events) if "confluent" in clients else None
             pipe = bare_consume(s, events, produce_outputs=True)
-            modes = [False, True] if output_per_message and per_message > 1 else [False]
-            runs: dict[bool, list[float]] = {mode: [] for mode in modes}
+            # (client, output_per_message) runs, interleaved: all see the same machine load.
+            modes = [(c, False) for c in clients]
+            if output_per_message and per_message > 1:
+                modes.append(("kafka-python", True))
+            runs: dict[tuple[str, bool], list[float]] = {mode: [] for mode in modes}
             for r in range(max(1, rounds)):
-                for mode in modes:  # interleaved: both modes see the same machine load
+                for client, grouped in modes:
+                    tag = f"{r}-{client}-{int(grouped)}"
                     kafka = s.kafka.model_copy(
                         update={
-                            "group_id": f"{topic}-daemon-{r}-{int(mode)}",
-                            "output_per_message": mode,
+                            "group_id": f"{topic}-daemon-{tag}",
+                            "output_per_message": grouped,
+                            "client": client,
                         }
                     )
                     # A fresh changelog too: one restored from an earlier run skips its events.
-                    state = s.state.model_copy(
-                        update={"changelog_topic": f"{topic}-state-{r}-{int(mode)}"}
-                    )
+                    state = s.state.model_copy(update={"changelog_topic": f"{topic}-state-{tag}"})
                     run = s.model_copy(update={"kafka": kafka, "state": state})
-                    runs[mode].append(daemon_throughput(run, events))
+                    runs[(client, grouped)].append(daemon_throughput(run, events))
+            median = {mode: statistics.median(v) for mode, v in runs.items()}
             row = Throughput(
-                per_message, events, bare, pipe, statistics.median(runs[False]), rounds=rounds
+                per_message,
+                events,
+                bare,
+                pipe,
+                median.get(("kafka-python", False), float("nan")),
+                rounds=rounds,
+                bare_confluent_events_per_s=bare_ck,
+                confluent_events_per_s=median.get(("confluent", False)),
             )
-            if True in runs:
-                row.per_message_events_per_s = statistics.median(runs[True])
+            row.per_message_events_per_s = median.get(("kafka-python", True))
             result.throughput.append(row)
+            if per_message == 1:
+                most = {c: median[(c, False)] for c in clients}
         if latency_seconds > 0:
-            topic = f"bench-{uuid.uuid4().hex[:8]}"
-            s = _settings(bootstrap, topic, width, hidden, max_batch)
-            ensure_topics(s.kafka)
-            lat = latency(s, keys, width, rate, latency_seconds) * 1000
-            result.latency_rate = rate
-            result.latency_events = len(lat)
-            if len(lat):
-                p50, p90, p99 = np.percentile(lat, [50, 90, 99])
-                result.latency_ms = {
-                    "p50": float(p50),
-                    "p90": float(p90),
-                    "p99": float(p99),
-                    "max": float(lat.max()),
-                }
+            for client in clients:
+                offered = rate or most[client] / 2
+                topic = f"bench-{uuid.uuid4().hex[:8]}"
+                s = _settings(bootstrap, topic, width, hidden, max_batch)
+                s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"client": client})})
+                ensure_topics(s.kafka)
+                lat = latency(s, keys, width, offered, latency_seconds)
+                result.latency.append(Latency(client, offered, len(lat), percentiles(lat)))
     return result

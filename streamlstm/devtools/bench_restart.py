@@ -67,7 +67,8 @@ def _fill(settings: Settings, names: list[str]) -> None:
 
 def _restart(settings: Settings, event: list[dict]) -> dict[str, float]:
     """Produce one event, start the daemon, time its prediction, stop it (timed too)."""
-    from streamlstm.devtools.bench_e2e import _produce, _start_daemon
+    from streamlstm.devtools.bench_clients import start_daemon as _start_daemon
+    from streamlstm.devtools.bench_e2e import _produce
 
     _produce(settings, iter([event]), 1)
     started = time.perf_counter()

@@ -33,12 +33,17 @@ True
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from streamlstm.io.client import PartitionReader, make_reader
+from streamlstm.io.reader import EndNotReached, read_to_end
+
+if TYPE_CHECKING:
+    from streamlstm.config import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -140,32 +145,35 @@ class Restored:
 
 
 class ChangelogReader:
-    """A consumer outside the group that reads changelog partitions from the start.
+    """Reads changelog partitions from the start, outside the group.
 
-    The end is the high watermark reported by the fetch responses themselves (not
-    ``end_offsets()``, which some brokers under-count). Works on a log that was never
+    Through a :class:`~streamlstm.io.client.PartitionReader`: ``reader``, or the one
+    ``kafka.client`` names (``kafka``), or kafka-python's built from ``client_kwargs``.
+    The end is the high watermark the fetches report
+    (:func:`~streamlstm.io.reader.read_to_end`). Works on a log that was never
     compacted: the last record of each key wins, a tombstone deletes.
     """
 
-    def __init__(self, topic: str, client_kwargs: dict[str, Any]) -> None:
-        from kafka import KafkaConsumer
+    def __init__(
+        self,
+        topic: str,
+        client_kwargs: dict[str, Any] | None = None,
+        *,
+        reader: PartitionReader | None = None,
+        kafka: KafkaSettings | None = None,
+    ) -> None:
+        if reader is None and kafka is not None:
+            reader = make_reader(kafka)
+        if reader is None:
+            from streamlstm.io.reader import KafkaPythonReader
 
+            reader = KafkaPythonReader(client_kwargs or {})
         self.topic = topic
-        self.consumer = KafkaConsumer(
-            **client_kwargs,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 << 20,
-            fetch_max_bytes=64 << 20,
-            max_poll_records=100_000,
-            fetch_max_wait_ms=10,  # an empty or finished partition answers at once
-            metrics_enabled=False,
-        )
+        self.reader = reader
 
     def partitions(self) -> set[int] | None:
         """The changelog topic's partitions (None if the broker does not know it)."""
-        return self.consumer.partitions_for_topic(self.topic)
+        return self.reader.partitions(self.topic)
 
     def read(
         self,
@@ -178,39 +186,33 @@ class ChangelogReader:
         after every fetch (the daemon's liveness: a long restore is not a hung loop).
         From ``start`` (a local snapshot's offset; check it with :meth:`bounds` first)
         only the tail is read, and ``deleted`` names the keys it tombstoned."""
-        from kafka import TopicPartition
-
-        tp = TopicPartition(self.topic, partition)
-        consumer = self.consumer
-        consumer.assign([tp])
-        if start is None:
-            consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, start)
+        reader = self.reader
+        reader.assign(self.topic, {partition: start})
         latest: dict[bytes, bytes | None] = {}
         out = Restored(start=start or 0)
-        deadline = time.monotonic() + timeout_s
         first = True
-        while True:
-            batches = consumer.poll(timeout_ms=20)
-            for rec in batches.get(tp, ()):
+        last = -1
+
+        def take(records: list[Any]) -> None:
+            nonlocal first, last
+            for rec in records:
                 if first:
                     out.start, first = rec.offset, False
                 latest[rec.key] = rec.value
                 out.records += 1
                 out.bytes += len(rec.value) if rec.value is not None else 0
-            if progress is not None:
-                progress()
-            high = consumer.highwater(tp)
-            if high is not None and consumer.position(tp, timeout_ms=1000) >= high:
-                out.end = high
-                break
-            if time.monotonic() > deadline:
-                raise RestoreError(
-                    f"{self.topic}[{partition}] not read to its end in {timeout_s:.0f}s "
-                    f"({out.records} records read, high watermark {high})"
-                )
-        consumer.assign([])
+                last = rec.offset
+
+        try:
+            read_to_end(reader, take, timeout_s, progress)
+        except EndNotReached as exc:
+            raise RestoreError(
+                f"{self.topic}[{partition}] not read to its end in {timeout_s:.0f}s "
+                f"({out.records} records read)"
+            ) from exc
+        finally:
+            reader.assign(self.topic, {})
+        out.end = max(last + 1, start or 0)
         for key, value in latest.items():
             if key is None:
                 continue
@@ -223,27 +225,12 @@ class ChangelogReader:
 
     def bounds(self, partition: int) -> tuple[int, int] | None:
         """The first and end offsets of changelog ``partition`` (None if unknown)."""
-        from kafka import TopicPartition
-
-        tp = TopicPartition(self.topic, partition)
-        try:
-            first = self.consumer.beginning_offsets([tp]).get(tp)
-            end = self.consumer.end_offsets([tp]).get(tp)
-        except Exception as exc:
-            log.warning("changelog %s bounds: %s", tp, exc)
-            return None
-        return None if first is None or end is None else (int(first), int(end))
+        return self.reader.bounds(self.topic, partition)
 
     def log_start(self, topic: str, partition: int) -> int | None:
         """The first offset still in ``topic[partition]`` (None if unknown)."""
-        from kafka import TopicPartition
-
-        tp = TopicPartition(topic, partition)
-        try:
-            return self.consumer.beginning_offsets([tp]).get(tp)
-        except Exception as exc:
-            log.debug("beginning offset of %s: %s", tp, exc)
-            return None
+        bounds = self.reader.bounds(topic, partition)
+        return None if bounds is None else bounds[0]
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        self.reader.close()

@@ -8,20 +8,20 @@ The follower is a consumer outside the consumer group (no group id, nothing comm
 every member reads the whole partition, from the beginning at start-up, then whatever
 arrives, polled with a zero timeout between batches so the loop never waits for it.
 Whether it has read everything is judged against the high watermark the fetches report
-(``highwater()``), not ``end_offsets()``, which some brokers under-count.
+(:mod:`streamlstm.io.reader`), not ``end_offsets()``, which some brokers under-count.
+Both run on the client ``kafka.client`` names.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
 from streamlstm.config import Settings
+from streamlstm.io.client import client_name, make_reader
+from streamlstm.io.reader import EndNotReached, read_to_end
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +38,17 @@ MAX_RECORD_BYTES = 64 * 2**20
 class ModelFollower:
     """Reads the model topic's one partition outside the group."""
 
-    def __init__(self, settings: Settings, topic: str, bootstrap_timeout_ms: int = 5000) -> None:
-        k = settings.kafka
-        self.tp = TopicPartition(topic, 0)
-        self.consumer = KafkaConsumer(
-            **k.client_kwargs(),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=MAX_RECORD_BYTES,
-            fetch_max_bytes=MAX_RECORD_BYTES,
-            fetch_max_wait_ms=k.fetch_max_wait_ms,
-            bootstrap_timeout_ms=bootstrap_timeout_ms,
-            metrics_enabled=False,
-        )
-        self.consumer.assign([self.tp])
-        self.consumer.seek_to_beginning(self.tp)
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.topic = topic
+        self.reader = make_reader(settings.kafka, max_fetch_bytes=MAX_RECORD_BYTES)
+        self.reader.assign(topic, {0: None})
         self.newest: deque[bytes] = deque(maxlen=KEEP_RECORDS)
 
     def poll(self, timeout_ms: int = 0) -> list[bytes]:
         """Weights records that arrived, oldest first (tombstones and other keys skipped)."""
-        got = self.consumer.poll(timeout_ms=timeout_ms)
         values = [
             r.value
-            for r in got.get(self.tp, [])
+            for r in self.reader.poll(timeout_ms / 1000)
             if r.key == MODEL_KEY and isinstance(r.value, bytes) and r.value
         ]
         self.newest.extend(values)
@@ -69,34 +56,32 @@ class ModelFollower:
 
     def caught_up(self) -> bool:
         """Read up to the high watermark the last fetch reported (False before any fetch)."""
-        high = self.consumer.highwater(self.tp)
-        if high is None:
-            return False
-        try:
-            position = self.consumer.position(self.tp, timeout_ms=0)
-        except Exception:
-            return False
-        return position is not None and position >= high
+        return self.reader.at_end()
 
     def read_to_end(self, timeout_s: float, stop: Callable[[], bool] | None = None) -> list[bytes]:
         """Read from the current position to the high watermark (start-up); returns the
         newest few records, oldest first. Gives up after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not (stop and stop()):
-            self.poll(timeout_ms=100)
-            if self.caught_up():
-                break
-        else:
+
+        def take(records: list[Any]) -> None:
+            self.newest.extend(
+                r.value
+                for r in records
+                if r.key == MODEL_KEY and isinstance(r.value, bytes) and r.value
+            )
+
+        try:
+            read_to_end(self.reader, take, timeout_s, stop=stop, poll_s=0.1)
+        except EndNotReached:
             log.warning(
                 "model topic %s not read to its end within %.0fs; newer weights will be "
                 "adopted when they arrive",
-                self.tp.topic,
+                self.topic,
                 timeout_s,
             )
         return list(self.newest)
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        self.reader.close()
 
 
 class ModelPublisher:
@@ -106,6 +91,15 @@ class ModelPublisher:
     def __init__(self, settings: Settings, topic: str, bootstrap_timeout_ms: int = 5000) -> None:
         k = settings.kafka
         self.topic = topic
+        if client_name(k) == "confluent":
+            from streamlstm.io.confluent_config import producer_config
+            from streamlstm.io.confluent_producer import ConfluentProducer
+
+            conf = producer_config(k, MAX_RECORD_BYTES, acks="all", idempotent=False, linger_ms=0)
+            self.producer: Any = ConfluentProducer(conf, serve=True)
+            return
+        from kafka import KafkaProducer
+
         self.producer = KafkaProducer(
             **k.client_kwargs(),
             acks="all",

@@ -10,9 +10,7 @@ is lost.
 The reports are applied by :meth:`streamlstm.io.sink.Sink.poll_acks` from the daemon's
 loop (or by ``flush`` from the rebalance listener while the loop waits in ``poll``).
 
->>> from kafka import TopicPartition
-
-from streamlstm.io.producer import Group
+>>> from streamlstm.io.client import TopicPartition
 >>> tracker = OffsetTracker()
 >>> tp = TopicPartition("events", 0)
 >>> a, b = Ticket({tp: 10}, polled_at=0.0), Ticket({tp: 20}, polled_at=0.0)
@@ -34,8 +32,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from kafka import TopicPartition
 
+from streamlstm.io.client import TopicPartition
 from streamlstm.io.producer import Group
 
 # (topic, key, value, headers) of one produced record, kept until acknowledged so a
@@ -82,7 +80,7 @@ class OffsetTracker:
         self._tickets: deque[Ticket] = deque()
         self._acked: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
-        self._lock = threading.Lock()  # the rebalance listener runs on kafka's I/O thread
+        self._lock = threading.Lock()  # kafka-python's rebalance listener: its I/O thread
 
     def __len__(self) -> int:
         return len(self._tickets)

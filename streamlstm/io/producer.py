@@ -1,15 +1,17 @@
-"""The producer's own process: kafka-python's ``KafkaProducer`` beside the daemon, not in it.
+"""The producer's own process: the Kafka client's producer beside the daemon, not in it.
 
-kafka-python spends some 20 µs of Python per produced record; in the daemon's process
-that time would be taken from polling, decoding and the engine (one GIL). So the
-producer lives in a child process (a fresh interpreter: no torch, no engine) and the
-daemon hands it whole poll batches over a socket pair (:class:`~streamlstm.io.sink.Sink`
-is the daemon's side).
+kafka-python spends some 20 µs of Python per produced record (librdkafka a few); in the
+daemon's process that time would be taken from polling, decoding and the engine (one
+GIL). So the producer, kafka-python's ``KafkaProducer`` or librdkafka's
+(:class:`~streamlstm.io.confluent_producer.ConfluentProducer`), lives in a child process
+(a fresh interpreter: no torch, no engine) and the daemon hands it whole poll batches
+over a socket pair (:class:`~streamlstm.io.sink.Sink` is the daemon's side).
 
 Frames are pickled tuples, one ``send_bytes`` each:
 
 parent -> child
-    ``("config", producer_kwargs)``           first frame: build the producer
+    ``("config", kwargs, client, connect_s)`` first frame: build the producer of
+                                               ``client`` ("kafka-python" or "confluent")
     ``("send", seq, groups)``                  groups: ``[(topic, keys, values, headers)]``,
                                                ``headers`` None or one list per record; an
                                                optional 5th item: explicit partitions
@@ -258,6 +260,23 @@ def _watch_parent(parent: int) -> None:
             os._exit(3)
 
 
+def build_producer(client: str, kwargs: dict[str, Any], connect_s: float) -> Any:
+    """The producer of ``client``; raises when no broker answers within ``connect_s``."""
+    if client == "confluent":
+        from streamlstm.io.confluent_producer import ConfluentProducer
+
+        producer = ConfluentProducer(kwargs)
+        try:
+            producer.producer.list_topics(timeout=connect_s)  # as kafka-python's bootstrap
+        except BaseException:
+            producer.close(0)
+            raise
+        return producer
+    from kafka import KafkaProducer
+
+    return KafkaProducer(**kwargs)
+
+
 def main(fd: int | None = None, parent: int | None = None) -> None:
     """Child entry point: ``python -c 'from streamlstm.io.producer import main; main()'``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -269,11 +288,9 @@ def main(fd: int | None = None, parent: int | None = None) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     conn = Connection(fd)
     try:
-        kind, kwargs = pickle.loads(conn.recv_bytes())
+        kind, kwargs, client, connect_s = pickle.loads(conn.recv_bytes())
         assert kind == "config"
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(**kwargs)
+        producer = build_producer(client, kwargs, connect_s)
     except EOFError:
         os._exit(0)
     except Exception as exc:

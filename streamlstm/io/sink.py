@@ -1,10 +1,10 @@
 """The output side: prediction records and dead letters, produced without waiting.
 
-The producer runs in a child process (:mod:`streamlstm.io.producer`): kafka-python's
-per-record cost then runs beside the daemon's loop instead of inside it. ``send``
-hands one poll's records to the child in one frame and returns at once; the child
-reports when every record of a frame is acknowledged (or which failed), and
-:meth:`Sink.poll_acks` applies those reports to the daemon's
+The producer runs in a child process (:mod:`streamlstm.io.producer`), on the client
+``kafka.client`` names: its per-record cost then runs beside the daemon's loop instead
+of inside it. ``send`` hands one poll's records to the child in one frame and returns at
+once; the child reports when every record of a frame is acknowledged (or which failed),
+and :meth:`Sink.poll_acks` applies those reports to the daemon's
 :class:`~streamlstm.io.offsets.Ticket`\\ s, which commit offsets only once everything
 is acknowledged.
 
@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import orjson
 
 from streamlstm.config import Settings
+from streamlstm.io.client import client_name
 from streamlstm.io.offsets import Send, Ticket
 from streamlstm.io.producer import Group, dumps
 
@@ -116,7 +117,26 @@ def send_groups(sends: list[Send]) -> list[Group]:
     return groups
 
 
+def max_request_bytes(settings: Settings) -> int:
+    """Largest produce request: a dead letter is a copy of an input record plus headers."""
+    return max(1_048_576, settings.engine.max_message_bytes) + 64 * 1024
+
+
+def producer_config(settings: Settings, bootstrap_timeout_ms: int = 5000) -> tuple:
+    """The producer process's ``config`` frame for the client ``kafka.client`` names."""
+    k = settings.kafka
+    connect_s = bootstrap_timeout_ms / 1000
+    if client_name(k) == "confluent":
+        from streamlstm.io.confluent_config import producer_config as confluent_config
+
+        conf = confluent_config(k, max_request_bytes(settings))
+        conf.pop("logger")  # the child logs through its parent
+        return ("config", conf, "confluent", connect_s)
+    return ("config", producer_kwargs(settings, bootstrap_timeout_ms), "kafka-python", connect_s)
+
+
 def producer_kwargs(settings: Settings, bootstrap_timeout_ms: int = 5000) -> dict[str, Any]:
+    """kafka-python's producer settings."""
     k = settings.kafka
     acks = _ACKS[k.producer_acks]
     return {
@@ -126,8 +146,7 @@ def producer_kwargs(settings: Settings, bootstrap_timeout_ms: int = 5000) -> dic
         "linger_ms": k.producer_linger_ms,
         "compression_type": None if k.compression_type == "none" else k.compression_type,
         "batch_size": 256 * 1024,
-        # A dead letter is a copy of an input record plus a few headers.
-        "max_request_size": max(1_048_576, settings.engine.max_message_bytes) + 64 * 1024,
+        "max_request_size": max_request_bytes(settings),
         "bootstrap_timeout_ms": bootstrap_timeout_ms,
         "metrics_enabled": False,
     }
@@ -185,7 +204,7 @@ class Sink:
         self.conn = Connection(ours.detach())
         self._finalizer = weakref.finalize(self, _stop_child, self.proc, 0.5, self.conn)
         try:
-            self._write(("config", producer_kwargs(settings, bootstrap_timeout_ms)))
+            self._write(producer_config(settings, bootstrap_timeout_ms))
             deadline = time.monotonic() + bootstrap_timeout_ms / 1000 + _START_SECONDS
             while True:
                 left = deadline - time.monotonic()

@@ -1,4 +1,5 @@
-"""The input side: a group consumer that never auto-commits, polled into flat columns.
+"""The input side on kafka-python: a group consumer that never auto-commits, polled into
+flat columns (:class:`Polled`, the same from either client; see :mod:`streamlstm.io.client`).
 
 Offsets are committed by the daemon through :class:`~streamlstm.io.offsets.OffsetTracker`
 (never by kafka-python's auto-commit), and the rebalance listener hands revoked, assigned
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata
+from kafka import TopicPartition as KafkaTopicPartition
 from kafka.structs import MemberState
 
 from streamlstm.config import Settings
+from streamlstm.io.client import CommitCallback, Offsets, TopicPartition
 
 log = logging.getLogger(__name__)
 _KEY = operator.attrgetter("key")
@@ -33,12 +36,13 @@ class Polled:
     """One poll's records, flattened in partition order (order within a partition kept)."""
 
     topic: str
-    records: list[Any]  # kafka ConsumerRecord, for dead letters (key, headers, offset)
+    records: Sequence[Any]  # Record-like (key, value, headers, partition, offset)
     payloads: list[bytes | None]
     partition: np.ndarray  # int64 [M]
     offset: np.ndarray  # int64 [M]
     ends: dict[TopicPartition, int]  # next offset per partition
     polled_at: float  # time.time()
+    keys: list[bytes | None] | None = None  # the records' keys, when the client has them
 
     def __len__(self) -> int:
         return len(self.records)
@@ -51,7 +55,7 @@ class Polled:
         """
         if not len(keys):
             return 0
-        by_event = list(map(_KEY, self.records))
+        by_event = self.keys if self.keys is not None else list(map(_KEY, self.records))
         if not np.array_equal(source, np.arange(len(by_event))):  # arrays or rejections
             by_event = list(map(by_event.__getitem__, source.tolist()))
         unkeyed = by_event.count(None)  # None != key counts below: take them out
@@ -61,11 +65,12 @@ class Polled:
 class _Listener(AsyncConsumerRebalanceListener):
     """Forwards rebalances to the daemon; commits what the daemon says is safe on revoke."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: KafkaPythonSource) -> None:
         self.source = source
 
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def on_partitions_revoked(self, theirs: set[KafkaTopicPartition]) -> None:
         source = self.source
+        revoked = _ours(theirs)
         if not revoked:
             return
         offsets = source.on_revoke(set(revoked)) if source.on_revoke else {}
@@ -74,32 +79,38 @@ class _Listener(AsyncConsumerRebalanceListener):
                 await source.consumer.commit_async(source.to_commit(offsets))
                 if source.on_committed:
                     source.on_committed(offsets)
-                log.info("committed %s before giving up partitions", _fmt(offsets))
+                log.info("committed %s before giving up partitions", fmt_offsets(offsets))
             except Exception as exc:  # the new owner re-reads from the last commit
                 log.warning("commit on revoke failed (%s); those records will be re-read", exc)
         source.assigned -= set(revoked)
-        log.info("partitions revoked: %s", _fmt_tps(revoked))
+        log.info("partitions revoked: %s", fmt_tps(revoked))
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, theirs: set[KafkaTopicPartition]) -> None:
         source = self.source
-        source.assigned |= set(assigned)
-        log.info("partitions assigned: %s", _fmt_tps(assigned) or "none")
+        assigned = _ours(theirs)
+        source.assigned |= assigned
+        log.info("partitions assigned: %s", fmt_tps(assigned) or "none")
         if source.on_assigned:  # the whole set: what is not in it moved to another member
             source.on_assigned(set(source.assigned))
 
-    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+    async def on_partitions_lost(self, theirs: set[KafkaTopicPartition]) -> None:
         # Membership was lost: committing would fail, and the new owner re-reads anyway.
+        lost = _ours(theirs)
         if self.source.on_lost:
             self.source.on_lost(set(lost))
         self.source.assigned -= set(lost)
-        log.warning("partitions lost (group membership expired): %s", _fmt_tps(lost))
+        log.warning("partitions lost (group membership expired): %s", fmt_tps(lost))
 
 
-def _fmt_tps(tps: set[TopicPartition]) -> str:
+def _ours(tps: set[KafkaTopicPartition]) -> set[TopicPartition]:
+    return {TopicPartition(tp.topic, tp.partition) for tp in tps}
+
+
+def fmt_tps(tps: set[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
 
 
-def _fmt(offsets: dict[TopicPartition, int]) -> str:
+def fmt_offsets(offsets: dict[TopicPartition, int]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]@{off}" for tp, off in sorted(offsets.items()))
 
 
@@ -120,7 +131,7 @@ def consumer_kwargs(settings: Settings, group_id: str | None = None) -> dict[str
     }
 
 
-class Source:
+class KafkaPythonSource:
     """A kafka-python consumer on ``kafka.input_topic`` in group ``kafka.group_id``."""
 
     def __init__(
@@ -158,7 +169,7 @@ class Source:
                 continue
             records.extend(recs)
             parts.append(np.full(len(recs), tp.partition, dtype=np.int64))
-            ends[tp] = recs[-1].offset + 1
+            ends[TopicPartition(tp.topic, tp.partition)] = recs[-1].offset + 1
         if not records:
             return None
         return Polled(
@@ -172,18 +183,28 @@ class Source:
         )
 
     @staticmethod
-    def to_commit(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
-        return {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+    def to_commit(offsets: Offsets) -> dict[KafkaTopicPartition, OffsetAndMetadata]:
+        return {
+            KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(off, "", -1)
+            for tp, off in offsets.items()
+        }
 
-    def commit_async(
-        self, offsets: dict[TopicPartition, int], callback: Callable[[Any, Any], None]
-    ) -> None:
-        """Commit without waiting; ``callback(offsets, response_or_exception)`` runs in poll."""
-        self.consumer.commit_async(self.to_commit(offsets), callback=callback)
+    def commit_async(self, offsets: Offsets, callback: CommitCallback) -> None:
+        """Commit without waiting; ``callback(offsets, error or None)`` runs in a later poll."""
+        offsets = dict(offsets)
+
+        def done(_: Any, result: Any) -> None:
+            callback(offsets, result if isinstance(result, BaseException) else None)
+
+        self.consumer.commit_async(self.to_commit(offsets), callback=done)
 
     def commit(self, offsets: dict[TopicPartition, int], timeout_ms: int) -> None:
         """Commit and wait (shutdown); raises on failure."""
         self.consumer.commit(self.to_commit(offsets), timeout_ms=timeout_ms)
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp`` (None: none)."""
+        return self.consumer.committed(KafkaTopicPartition(tp.topic, tp.partition))
 
     def stable(self) -> bool:
         """Joined the group with an assignment (heartbeats flowing)."""
@@ -204,7 +225,8 @@ class Source:
     def lag(self) -> dict[int, int]:
         """Records between the consumer's position and the high watermark, per partition."""
         out = {}
-        for tp in list(self.assigned):
+        for ours in list(self.assigned):
+            tp = KafkaTopicPartition(ours.topic, ours.partition)
             try:
                 high = self.consumer.highwater(tp)
                 pos = self.consumer.position(tp, timeout_ms=0) if high is not None else None

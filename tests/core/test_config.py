@@ -42,6 +42,7 @@ def test_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.Monkey
         ({"engine.torch_threads": "0"}, "engine.torch_threads"),
         ({"state.max_keys": "1.5"}, "state.max_keys"),
         ({"model.hiden_size": "3"}, "model.hiden_size"),
+        ({"kafka.client": "librdkafka"}, "kafka.client"),
     ],
 )
 def test_bad_value_names_the_field(override: dict[str, str], field: str) -> None:
@@ -182,6 +183,25 @@ def test_missing_codec_package_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     )
     with pytest.raises(ConfigError, match=r"^kafka\.compression_type: zstd needs"):
         load_settings(overrides={"kafka.compression_type": "zstd"})
+
+
+def test_confluent_without_its_package_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "confluent_kafka" else real(name, *a),
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides={"kafka.client": "confluent"})
+    message = str(info.value)
+    assert message.startswith("kafka.client: ") and "\n" not in message
+    assert "pip install 'streamlstm[confluent]'" in message
+    assert load_settings().kafka.client == "kafka-python"  # the default needs nothing
 
 
 def test_run_with_a_bad_combination_exits_2_with_one_line() -> None:

@@ -84,8 +84,7 @@ class _QueueSource:
 
     def commit_async(self, offsets: dict[TopicPartition, int], callback: Any) -> None:
         self.commits.append(dict(offsets))
-        meta = {tp: SimpleNamespace(offset=off) for tp, off in offsets.items()}
-        callback(meta, SimpleNamespace())  # the broker accepted them
+        callback(dict(offsets), None)  # the broker accepted them
 
     def commit(self, offsets: dict[TopicPartition, int], timeout_ms: int) -> None:
         self.commits.append(dict(offsets))
@@ -141,7 +140,7 @@ def _poll(start: dict[int, int], per_partition: int) -> Polled:
 @pytest.fixture
 def daemon(monkeypatch: pytest.MonkeyPatch) -> Daemon:
     sink = _HeldSink()
-    monkeypatch.setattr(loop, "Source", _QueueSource)
+    monkeypatch.setattr(loop, "make_source", _QueueSource)
     monkeypatch.setattr(loop, "Sink", lambda settings: sink)
     monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)
     monkeypatch.setattr(loop.ModelSync, "start", lambda self, stop=None: False)  # no broker

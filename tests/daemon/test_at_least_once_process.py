@@ -20,11 +20,10 @@ from conftest import (
     daemon_overrides,
     http_get,
     logged_metrics_port,
-    read_to_high_watermark,
+    read_to_end,
     start_daemon,
     wait_for,
 )
-from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -45,30 +44,28 @@ def _events() -> list[tuple[bytes, bytes]]:
 class _Outputs:
     """Reads the output topic from the beginning, accumulating (key, ts) of predictions."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        self.tps = tps
-        self.consumer.assign(tps)
-        self.consumer.seek_to_beginning(*tps)
+    def __init__(self, tools: KafkaTools, topic: str, partitions: int) -> None:
+        self.reader = tools.reader(topic, partitions=partitions)
         self.records = 0
         self.seen: set[tuple[str, float]] = set()
 
+    def take(self, records: list) -> None:
+        for r in records:
+            doc = orjson.loads(r.value)
+            self.seen.add((doc["key"], doc["ts"]))
+            self.records += 1
+
     def poll(self) -> int:
-        for recs in self.consumer.poll(timeout_ms=100).values():
-            for r in recs:
-                doc = orjson.loads(r.value)
-                self.seen.add((doc["key"], doc["ts"]))
-                self.records += 1
+        self.take(self.reader.poll(0.1))
         return self.records
 
     def drain(self) -> set[tuple[str, float]]:
         """Everything written so far (nothing else is writing): read up to the end."""
-        read_to_high_watermark(self.consumer, self.tps, self.poll, 30)
+        read_to_end(self.reader, self.take, 30)
         return set(self.seen)
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        self.reader.close()
 
 
 def _counters(port: int) -> dict[str, float]:
@@ -95,7 +92,7 @@ def _in_flight(port: int, events: int) -> tuple[float, float] | None:
 
 
 def test_every_event_is_predicted_after_a_sigkill_mid_stream(
-    kafka_tools: KafkaTools, tmp_path: Path
+    kafka_tools: KafkaTools, tmp_path: Path, client: str
 ) -> None:
     prefix = f"kill-{uuid.uuid4().hex[:10]}"
     kafka_tools.create({f"{prefix}-in": 2, f"{prefix}-out": 2, f"{prefix}-dlq": 2})
@@ -103,12 +100,12 @@ def test_every_event_is_predicted_after_a_sigkill_mid_stream(
     expected = {(orjson.loads(v)["key"], orjson.loads(v)["ts"]) for _, v in events}
     kafka_tools.produce(f"{prefix}-in", events)
     overrides = {
-        **daemon_overrides(prefix),
+        **daemon_overrides(prefix, client=client),
         "kafka.producer_linger_ms": "3000",  # outputs wait in the producer: in flight
         "kafka.commit_interval_ms": "100",  # commits run while they wait
         "engine.max_batch": "32",
     }
-    outputs = _Outputs(kafka_tools.bootstrap, f"{prefix}-out", 2)
+    outputs = _Outputs(kafka_tools, f"{prefix}-out", 2)
     first = start_daemon(kafka_tools.bootstrap, overrides, tmp_path / "first.log")
     try:
         port = logged_metrics_port(tmp_path / "first.log", first)

@@ -22,7 +22,7 @@ from streamlstm.config import Settings
 from streamlstm.daemon import Daemon
 from streamlstm.drift import DETECTORS
 from streamlstm.io import Polled
-from streamlstm.io.source import Source, _Listener
+from streamlstm.io.source import KafkaPythonSource, _Listener
 
 TOPIC = "in"
 
@@ -98,7 +98,7 @@ def test_anomalies_of_tickets_finished_during_a_revoke_are_counted() -> None:
 
 
 class _FakeSource:
-    """Stands in for ``streamlstm.io.source.Source``: keeps the daemon's callbacks."""
+    """Stands in for ``streamlstm.io.source.KafkaPythonSource``: keeps the daemon's callbacks."""
 
     def __init__(self, settings: Settings, **callbacks: Any) -> None:
         self.on_revoke = callbacks.get("on_revoke")
@@ -109,7 +109,7 @@ class _FakeSource:
         self.committed: list[dict[TopicPartition, Any]] = []
         self.consumer = SimpleNamespace(commit_async=self._commit_async)
 
-    to_commit = staticmethod(Source.to_commit)
+    to_commit = staticmethod(KafkaPythonSource.to_commit)
 
     async def _commit_async(self, offsets: dict[TopicPartition, Any]) -> None:
         self.committed.append(offsets)
@@ -121,7 +121,7 @@ class _FakeSource:
 def test_rebalance_callbacks_forget_the_keys_of_partitions_that_moved_away(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(loop, "Source", _FakeSource)
+    monkeypatch.setattr(loop, "make_source", _FakeSource)
     monkeypatch.setattr(loop, "Sink", lambda settings: _fake_sink())
     monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)
     monkeypatch.setattr(loop.ModelSync, "start", lambda self, stop=None: False)  # no broker

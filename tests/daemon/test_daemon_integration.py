@@ -1,6 +1,6 @@
 """The daemon against a real broker: predictions, dead letters and /metrics.
 
-One scenario runs once for the module (a daemon thread, good and malformed records on
+One scenario runs once per Kafka client (a daemon thread, good and malformed records on
 the input topic); each test checks one property of what came out.
 """
 
@@ -61,12 +61,14 @@ class Scenario:
 
 
 @pytest.fixture(scope="module")
-def scenario(kafka_tools: KafkaTools) -> Scenario:
+def scenario(kafka_tools: KafkaTools, client: str) -> Scenario:
     import uuid
 
     prefix = f"d-{uuid.uuid4().hex[:10]}"
     tools = kafka_tools
-    settings = tools.settings(prefix, **{"engine.max_message_bytes": "2048"})
+    settings = tools.settings(
+        prefix, **{"engine.max_message_bytes": "2048", "kafka.client": client}
+    )
     tools.create({f"{prefix}-in": 2, f"{prefix}-out": 2, f"{prefix}-dlq": 2})
 
     daemon = Daemon(settings)

@@ -115,7 +115,7 @@ class _Flow:
 
 
 def test_rebalance_hands_partitions_over_without_loss_or_repeats(
-    kafka_tools: KafkaTools,
+    kafka_tools: KafkaTools, client: str
 ) -> None:
     started = time.monotonic()
     tools = kafka_tools
@@ -138,6 +138,7 @@ def test_rebalance_hands_partitions_over_without_loss_or_repeats(
                 "kafka.output_topic": f"{prefix}-{out}",
                 "kafka.partitions": str(PARTITIONS),
                 "kafka.commit_interval_ms": "30000",
+                "kafka.client": client,
             },
         )
 

@@ -10,7 +10,6 @@ hand-over), and a lost partition is never committed again.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -96,7 +95,7 @@ class FakeSource:
         if self.commit_error is not None:
             callback(offsets, self.commit_error)
         else:
-            callback({tp: SimpleNamespace(offset=o) for tp, o in offsets.items()}, object())
+            callback(dict(offsets), None)
 
     def commit(self, offsets: dict[TopicPartition, int], timeout_ms: int) -> None:
         self.timeouts.append(timeout_ms)

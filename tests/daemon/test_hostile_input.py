@@ -95,8 +95,10 @@ def _good_stream() -> tuple[list[tuple[bytes | None, bytes | None]], list[tuple]
     return keyed, arrays, good
 
 
-def _daemon(bootstrap: str, prefix: str, log: Path) -> subprocess.Popen:
-    settings = daemon_overrides(prefix)  # metrics on port 0: the daemon logs the one it bound
+def _daemon(bootstrap: str, prefix: str, log: Path, client: str) -> subprocess.Popen:
+    settings = daemon_overrides(
+        prefix, client=client
+    )  # metrics on port 0: the daemon logs the one it bound
     settings["engine.max_message_bytes"] = str(MAX_MESSAGE_BYTES)
     cmd = [sys.executable, "-m", "streamlstm.cli", "run", "--bootstrap", bootstrap, "--log-json"]
     for name, value in settings.items():
@@ -122,7 +124,7 @@ def _clean_run(tools: KafkaTools, prefix: str, good: list[dict]) -> dict[str, li
 
 
 def test_hostile_records_are_dead_lettered_and_no_key_is_touched(
-    kafka_tools: KafkaTools, tmp_path: Path
+    kafka_tools: KafkaTools, tmp_path: Path, client: str
 ) -> None:
     prefix = f"h-{uuid.uuid4().hex[:10]}"
     tools = kafka_tools
@@ -130,7 +132,7 @@ def test_hostile_records_are_dead_lettered_and_no_key_is_touched(
     keyed, arrays, good = _good_stream()
     expected_dead = len(HOSTILE) + ARRAYS * len(BAD_ELEMENTS)
     log = tmp_path / "daemon.log"
-    proc = _daemon(tools.bootstrap, prefix, log)
+    proc = _daemon(tools.bootstrap, prefix, log, client)
     try:
         port = logged_metrics_port(log, proc)
         ready = f"http://127.0.0.1:{port}/readyz"

@@ -25,7 +25,7 @@ from streamlstm.config import Settings
 from streamlstm.daemon import Daemon
 from streamlstm.daemon.modelsync import ModelSync
 from streamlstm.engine import Engine
-from streamlstm.io.source import Source, _Listener
+from streamlstm.io.source import KafkaPythonSource, _Listener
 from streamlstm.learning.checkpoint import architecture, decode_checkpoint, encode_checkpoint
 from streamlstm.learning.gate import RunOutcome, weights_to_bytes
 from streamlstm.metrics import Metrics
@@ -77,7 +77,7 @@ class _FakeSource:
         self.assigned: set[TopicPartition] = set()
         self.consumer = SimpleNamespace(commit_async=self._commit_async)
 
-    to_commit = staticmethod(Source.to_commit)
+    to_commit = staticmethod(KafkaPythonSource.to_commit)
 
     async def _commit_async(self, offsets: Any) -> None:
         pass
@@ -116,7 +116,7 @@ def follower(monkeypatch: pytest.MonkeyPatch) -> _Follower:
 def test_the_role_follows_input_partition_0(
     monkeypatch: pytest.MonkeyPatch, follower: _Follower
 ) -> None:
-    monkeypatch.setattr(loop, "Source", _FakeSource)
+    monkeypatch.setattr(loop, "make_source", _FakeSource)
     sink = SimpleNamespace(flush=lambda timeout_s: True, poll_acks=lambda: None)
     monkeypatch.setattr(loop, "Sink", lambda settings: sink)
     monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)

@@ -37,7 +37,7 @@ def _messages() -> list[tuple[bytes | None, list[dict]]]:
 
 
 def test_one_output_message_per_input_message_with_the_default_records(
-    kafka_tools: KafkaTools,
+    kafka_tools: KafkaTools, client: str
 ) -> None:
     prefix = f"pm-{uuid.uuid4().hex[:10]}"
     tools = kafka_tools
@@ -50,7 +50,11 @@ def test_one_output_message_per_input_message_with_the_default_records(
     # that differs between the two daemons, and so would its predictions.
     tools.produce(f"{prefix}-in", payloads, partition=0)
 
-    common = {"kafka.input_topic": f"{prefix}-in", "metrics.enabled": "false"}
+    common = {
+        "kafka.input_topic": f"{prefix}-in",
+        "metrics.enabled": "false",
+        "kafka.client": client,
+    }
     default = Daemon(tools.settings(prefix, **common))
     grouped = Daemon(
         tools.settings(

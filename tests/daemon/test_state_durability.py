@@ -17,6 +17,7 @@ records than keys, i.e. it was restored from an uncompacted log.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import uuid
@@ -104,12 +105,31 @@ def _close(a: list[float] | float | None, b: list[float] | float | None) -> bool
     return bool(np.allclose(a, b, rtol=0, atol=TOLERANCE))
 
 
-def test_state_survives_kills_and_scaling(kafka_tools: KafkaTools, tmp_path: Path) -> None:
+# The longest broker test (~2.5 min per client here): kafka-python by default, both
+# clients with STREAMLSTM_TEST_SLOW_CLIENTS=1 (the librdkafka paths it walks, restore and
+# commit on revoke and after a SIGKILL, are also covered by the rebalance, at-least-once
+# and changelog tests, which run for both).
+@pytest.mark.parametrize(
+    "client",
+    [
+        "kafka-python",
+        pytest.param(
+            "confluent",
+            marks=pytest.mark.skipif(
+                not os.environ.get("STREAMLSTM_TEST_SLOW_CLIENTS"),
+                reason="set STREAMLSTM_TEST_SLOW_CLIENTS=1 to run it on confluent too",
+            ),
+        ),
+    ],
+)
+def test_state_survives_kills_and_scaling(
+    kafka_tools: KafkaTools, tmp_path: Path, client: str
+) -> None:
     prefix = f"durable-{uuid.uuid4().hex[:10]}"
     inp = f"{prefix}-in"
     kafka_tools.create({inp: PARTITIONS, f"{prefix}-out": PARTITIONS, f"{prefix}-dlq": 1})
     overrides = {
-        **daemon_overrides(prefix),
+        **daemon_overrides(prefix, client=client),
         "kafka.partitions": str(PARTITIONS),
         "engine.max_batch": "64",  # many small batches: the kills land mid-stream
         "kafka.commit_interval_ms": "100",

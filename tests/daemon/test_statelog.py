@@ -73,7 +73,7 @@ class _Source:
 
     def commit_async(self, offsets: dict[TopicPartition, int], callback: Any) -> None:
         self.commits.append(dict(offsets))
-        callback({tp: SimpleNamespace(offset=o) for tp, o in offsets.items()}, None)
+        callback(dict(offsets), None)
 
 
 class _World:

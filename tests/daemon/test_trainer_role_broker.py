@@ -148,13 +148,13 @@ class _Outputs:
 
 
 def test_one_member_trains_all_serve_its_weights_and_the_role_moves_on_a_kill(
-    kafka_tools: KafkaTools, tmp_path: Path
+    kafka_tools: KafkaTools, tmp_path: Path, client: str
 ) -> None:
     started = time.monotonic()
     prefix = f"role-{uuid.uuid4().hex[:10]}"
     kafka_tools.create({f"{prefix}-in": 2, f"{prefix}-out": 2, f"{prefix}-dlq": 2})
     overrides = {
-        **daemon_overrides(prefix),
+        **daemon_overrides(prefix, client=client),
         **TRAINING,
         "kafka.commit_interval_ms": str(COMMIT_MS),
         "training.model_topic": f"{prefix}-model",  # created (compacted) by the members

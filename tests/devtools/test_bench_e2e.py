@@ -36,11 +36,14 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
     first, batched = doc["throughput"]
     assert first["per_message_events_per_s"] is None  # one event per message: nothing to group
     assert batched["per_message_events_per_s"] > 0
-    assert doc["latency"]["events"] == 300
-    assert 0 < doc["latency"]["p50"] <= doc["latency"]["p99"]
+    for client in ("kafka-python", "confluent"):
+        assert doc["latency"][client]["events"] == 300
+        assert 0 < doc["latency"][client]["p50"] <= doc["latency"][client]["p99"]
+    assert first["bare_confluent_events_per_s"] > 0 and first["confluent_events_per_s"] > 0
     text = "\n".join(result.lines())
     assert "one array out per message in" in text
-    assert "daemon / bare consumer" in text and "event latency at 300 events/s" in text
+    assert "daemon confluent / bare kafka-python" in text
+    assert "event latency, confluent, at 300 events/s" in text
 
 
 def test_bench_e2e_cli_options() -> None:
@@ -60,4 +63,5 @@ def test_bench_e2e_cli_options() -> None:
     )
     assert (args.json, args.batch, args.bootstrap) == (True, 20, "h:1")
     assert (args.output_per_message, args.rounds) == (True, 3)
+    assert (args.clients, args.rate) == ("kafka-python,confluent", 0)  # 0: half of the max
     assert args.handler is dev.run_bench_e2e

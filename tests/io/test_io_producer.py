@@ -56,11 +56,11 @@ def _settings(tools: KafkaTools, prefix: str, **extra: str):
 
 @pytest.mark.integration
 def test_reports_resolve_tickets_and_records_land_on_the_default_partition(
-    kafka_tools: KafkaTools,
+    kafka_tools: KafkaTools, client: str
 ) -> None:
     prefix = f"sink-{uuid.uuid4().hex[:8]}"
     kafka_tools.create({f"{prefix}-out": 3, f"{prefix}-dlq": 1})
-    sink = Sink(_settings(kafka_tools, prefix))
+    sink = Sink(_settings(kafka_tools, prefix, **{"kafka.client": client}))
     try:
         keys = [f"k{i}".encode() for i in range(50)]
         tickets = [Ticket({}, polled_at=0.0) for _ in range(3)]
@@ -81,10 +81,10 @@ def test_reports_resolve_tickets_and_records_land_on_the_default_partition(
 
 
 @pytest.mark.integration
-def test_failed_records_come_back_to_their_ticket(kafka_tools: KafkaTools) -> None:
+def test_failed_records_come_back_to_their_ticket(kafka_tools: KafkaTools, client: str) -> None:
     prefix = f"sink-{uuid.uuid4().hex[:8]}"
     kafka_tools.create({f"{prefix}-out": 1})
-    sink = Sink(_settings(kafka_tools, prefix))
+    sink = Sink(_settings(kafka_tools, prefix, **{"kafka.client": client}))
     try:
         ticket = Ticket({}, polled_at=0.0)
         huge = b"x" * (3 << 20)  # over max_request_size: refused by the producer
@@ -92,7 +92,8 @@ def test_failed_records_come_back_to_their_ticket(kafka_tools: KafkaTools) -> No
         wait_for(lambda: sink.poll_acks() or ticket.done(), 30, what="the report")
         assert ticket.pending == 0
         assert ticket.failed == [(f"{prefix}-out", b"b", huge, None)]
-        assert "MessageSizeTooLarge" in ticket.errors[0] and not ticket.retriable
+        too_large = {"kafka-python": "MessageSizeTooLarge", "confluent": "MSG_SIZE_TOO_LARGE"}
+        assert too_large[client] in ticket.errors[0] and not ticket.retriable
     finally:
         sink.close(5)
 
@@ -148,7 +149,9 @@ def test_the_child_exits_when_the_parent_dies(kafka_tools: KafkaTools) -> None:
 
 
 @pytest.mark.integration
-def test_explicit_partitions_and_tombstones_land_where_told(kafka_tools: KafkaTools) -> None:
+def test_explicit_partitions_and_tombstones_land_where_told(
+    kafka_tools: KafkaTools, client: str
+) -> None:
     """The state changelog's groups: each record to the partition given, None as a tombstone;
     read back through :class:`~streamlstm.io.changelog.ChangelogReader` (last record per
     key wins, a tombstone deletes, on a log no compaction touched)."""
@@ -157,7 +160,8 @@ def test_explicit_partitions_and_tombstones_land_where_told(kafka_tools: KafkaTo
     prefix = f"sink-{uuid.uuid4().hex[:8]}"
     topic = f"{prefix}-in.state"
     kafka_tools.create({topic: 3})
-    sink = Sink(_settings(kafka_tools, prefix))
+    settings = _settings(kafka_tools, prefix, **{"kafka.client": client})
+    sink = Sink(settings)
     try:
         ticket = Ticket({}, polled_at=0.0)
         sink.send(
@@ -167,7 +171,7 @@ def test_explicit_partitions_and_tombstones_land_where_told(kafka_tools: KafkaTo
         assert sink.flush(30) and ticket.done() and not ticket.failed
     finally:
         sink.close(5)
-    reader = ChangelogReader(topic, {"bootstrap_servers": [kafka_tools.bootstrap]})
+    reader = ChangelogReader(topic, kafka=settings.kafka)
     try:
         two = reader.read(2, timeout_s=30)
         assert dict(zip(two.keys, two.values, strict=True)) == {"a": b"3"}

@@ -18,9 +18,13 @@ from streamlstm.io.modeltopic import KEEP_RECORDS, MODEL_KEY, ModelFollower, Mod
 pytestmark = pytest.mark.integration
 
 
-def test_a_follower_reads_the_newest_records_then_follows(kafka_tools: KafkaTools) -> None:
+def test_a_follower_reads_the_newest_records_then_follows(
+    kafka_tools: KafkaTools, client: str
+) -> None:
     topic = f"model-{uuid.uuid4().hex[:10]}"
-    settings = load_settings(overrides={"kafka.bootstrap_servers": kafka_tools.bootstrap})
+    settings = load_settings(
+        overrides={"kafka.bootstrap_servers": kafka_tools.bootstrap, "kafka.client": client}
+    )
     ensure_model_topic(settings.kafka, topic)
     ensure_model_topic(settings.kafka, topic)  # exists: left as it is
     publisher = ModelPublisher(settings, topic)

@@ -178,7 +178,10 @@ and dead-letter topics must all differ; a `SASL_*` protocol needs `kafka.sasl_me
 plus `sasl_username` and `sasl_password` (OAUTHBEARER is refused: it needs a token provider
 object); SASL settings with a non-SASL protocol, and `ssl_*` files with a plaintext one,
 are refused rather than ignored; `ssl_*` files must exist; `kafka.producer_acks = "0"`
-needs `kafka.allow_unsafe_acks = true`; a compression codec needs its Python package.
+needs `kafka.allow_unsafe_acks = true`; a compression codec needs its Python package
+(kafka-python); `kafka.client = "confluent"` needs the confluent-kafka package
+(`pip install 'streamlstm[confluent]'`). How each Kafka setting maps onto librdkafka:
+[kafka-clients.md](kafka-clients.md).
 `training.device = "cuda"` without a CUDA device is refused when the trainer starts.
 
 ```toml

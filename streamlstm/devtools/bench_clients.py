@@ -1,0 +1,129 @@
+"""``bench e2e``'s pieces per Kafka client: librdkafka's bare consumer, the daemon as a
+thread, and event latency at a paced rate.
+
+The paced load uses librdkafka's producer whichever client the daemon runs: a few µs
+per record, so the generator neither starves the daemon of CPU nor delays what it
+stamps (each event's ``ts`` is taken when it is handed to the producer, in ticks of
+:data:`TICK_S`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streamlstm.config import Settings
+from streamlstm.devtools.loadgen import synthetic_events
+from streamlstm.devtools.synthetic import SyntheticStream
+from streamlstm.events import Decoder
+
+TICK_S = 0.002  # the paced producer sends what is due every 2 ms
+WARM_S = 1.0  # seconds of load before latencies are kept
+
+
+def bare_consume_confluent(settings: Settings, events: int) -> float:
+    """Events/s of a bare librdkafka consumer (the daemon's consumer settings, same poll
+    strategy) that decodes every message, first to last record."""
+    from confluent_kafka import Consumer
+
+    from streamlstm.io.confluent_config import consumer_config
+
+    conf = consumer_config(settings.kafka, f"{settings.kafka.group_id}-ck-{uuid.uuid4().hex[:6]}")
+    conf.pop("statistics.interval.ms")
+    consumer = Consumer(conf)
+    consumer.subscribe([settings.kafka.input_topic])
+    decoder = Decoder.from_settings(settings)
+    n = settings.engine.max_batch
+    seen, first = 0, None
+    deadline = time.monotonic() + 300
+    try:
+        while seen < events and time.monotonic() < deadline:
+            msgs = consumer.consume(n, 0)
+            if not msgs:
+                one = consumer.poll(0.2)
+                msgs = [one, *consumer.consume(n - 1, 0)] if one is not None else []
+            if not msgs:
+                continue
+            if first is None:
+                first = time.perf_counter()
+            batch, _ = decoder.decode([m.value() for m in msgs if m.error() is None])
+            seen += len(batch)
+        elapsed = time.perf_counter() - (first or time.perf_counter())
+    finally:
+        consumer.close()
+    if seen < events:
+        raise RuntimeError(f"bare confluent consumer saw {seen} of {events} events")
+    return seen / elapsed
+
+
+def start_daemon(settings: Settings) -> tuple[Any, threading.Thread]:
+    from streamlstm.daemon import Daemon
+
+    daemon = Daemon(settings)
+    thread = threading.Thread(target=daemon.run, name="daemon", daemon=True)
+    thread.start()
+    return daemon, thread
+
+
+def paced_produce(settings: Settings, stream: SyntheticStream, rate: float, count: int) -> None:
+    """``count`` events at ``rate`` events/s, each stamped when handed to the producer."""
+    from confluent_kafka import Producer
+
+    from streamlstm.io.confluent_config import producer_config
+
+    conf = producer_config(settings.kafka, 1_048_576)
+    producer = Producer({**conf, "linger.ms": 1})
+    topic, dumps = settings.kafka.input_topic, orjson.dumps
+    events = iter(e for chunk in synthetic_events(stream, count) for e in chunk)
+    started, sent = time.monotonic(), 0
+    while sent < count:
+        due = min(count, int((time.monotonic() - started) * rate) + 1)
+        now = time.time()
+        for e in (next(events) for _ in range(due - sent)):
+            e["ts"] = now
+            producer.produce(topic, dumps(e), e["key"].encode())
+        sent = due
+        producer.poll(0)
+        time.sleep(TICK_S)
+    producer.flush(30)
+
+
+def latency(settings: Settings, keys: int, width: int, rate: float, seconds: float) -> np.ndarray:
+    """Event latencies (s, ts to prediction acknowledged) of a daemon fed at ``rate`` for
+    ``seconds``, after a second of the same load."""
+    daemon, thread = start_daemon(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while not daemon.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stream = SyntheticStream(keys, width, seed=1)
+        # Steady state: the first second (every key new, the engine warming) is not timed.
+        warm = int(rate * WARM_S)
+        paced_produce(settings, stream, rate, warm)
+        deadline = time.monotonic() + 30
+        while daemon.live.predictions < warm and time.monotonic() < deadline:
+            time.sleep(0.01)
+        daemon.live.take()  # a window: its counters run on (predictions is a total)
+        count = int(rate * seconds)
+        paced_produce(settings, stream, rate, count)
+        deadline = time.monotonic() + 30
+        while daemon.live.predictions < warm + count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return daemon.live.take().latencies
+    finally:
+        daemon.request_stop()
+        thread.join(timeout=15)
+
+
+def percentiles(lat_s: np.ndarray) -> dict[str, float]:
+    """p50/p90/p99/max in milliseconds (empty: none)."""
+    if not len(lat_s):
+        return {}
+    ms = lat_s * 1000
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(ms.max())}
