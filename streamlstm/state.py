@@ -103,11 +103,15 @@ class KeyedState:
     def _grow(self, capacity: int) -> None:
         """Reallocate every per-slot tensor with ``capacity`` rows, keeping existing rows."""
         old = self.capacity
-        for name in self._COLUMNS:
-            tensor = getattr(self, name)
-            fresh = tensor.new_zeros((capacity, *tensor.shape[1:]))
-            fresh[:old] = tensor
-            setattr(self, name, fresh)
+        # The engine grows the table inside torch.inference_mode(); a tensor made there
+        # could never again be written outside it (the changelog clears dirty marks, a
+        # restore loads rows), so the new ones are made as ordinary tensors.
+        with torch.inference_mode(False):
+            for name in self._COLUMNS:
+                tensor = getattr(self, name)
+                fresh = tensor.new_zeros((capacity, *tensor.shape[1:]))
+                fresh[:old] = tensor
+                setattr(self, name, fresh)
         self._key_of.extend([None] * (capacity - old))
         self._free.extend(range(capacity - 1, old - 1, -1))  # pop() hands out low slots first
         self.capacity = capacity

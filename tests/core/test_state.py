@@ -28,6 +28,20 @@ def test_same_key_same_slot_and_growth_keeps_rows() -> None:
     assert len(store) == 52
 
 
+def test_a_table_grown_by_the_engine_can_still_be_written_outside_it() -> None:
+    """The engine assigns keys inside torch.inference_mode(); the changelog then clears
+    dirty marks and a restore loads rows outside it. A table grown there must allow both
+    (it crashed the daemon once its keys outgrew the first allocation)."""
+    store = make()
+    with torch.inference_mode():
+        store.assign([f"k{i}" for i in range(50)], ts(*[0.0] * 50))
+    assert store.capacity >= 50
+    slot = store.slot("k7")
+    store.dirty[slot] = True
+    assert store.take_dirty().tolist() == [slot]
+    assert store.load(["z"], np.zeros((1, store.layout.width)), [0.0], [3], partition=0) == 1
+
+
 def test_ttl_evicts_idle_keys_in_event_time() -> None:
     evicted: list[tuple[list[str], str]] = []
     store = make(ttl_seconds=100.0, on_evict=lambda keys, cause: evicted.append((keys, cause)))
