@@ -38,6 +38,18 @@ evidence. The reported evidence is what exceeds the key's recent peak, which dec
 the long window's half-life; a sustained incident is reported once, at its start, and a
 second, stronger one still shows.
 
+Routine incidents: an incident that recurs on the key's own rhythm (a nightly job's
+spike, every 288 events at one event per 5 minutes) is what the key does, not news. An
+incident *starts* with fresh evidence of at least ``SCALE`` decades (a score of 0.5) once
+the slowest error average has forgotten the last start (its span, 32 events by default).
+A start as many events after the previous one as that one came after the one before it
+(within the same span) is on rhythm, and unless its evidence is more than twice the
+decayed peak, that whole incident scores 0. So a routine spike alarms twice (the second
+sets the rhythm) and then no more, while a spike off the rhythm or much stronger than the
+last still shows, and a change of rhythm shows once. Two floats per key: events since the
+last start, and the gap before it (negative when it was on rhythm). The rhythm is
+counted in events, so it assumes a regular event rate.
+
 The score maps evidence ``d`` (decades) to ``d / (d + SCALE)`` in [0, 1): 0.5 means a
 tail probability of 1e-5 beyond the key's recent peak, 0.75 means 1e-15. It never
 reaches 1.0, so the strongest evidence always ranks above the merely strong. Until a key
@@ -79,6 +91,10 @@ _MAX_VALUE_Z = 1e6
 _TESTS = math.log10(len(SCALES) + 1)
 
 
+# The state row's columns (``rows.RowLayout``) holding AnomalyStats' fields, in order.
+COLUMNS = ("err_scales", "err_mean", "err_var", "err_count", "err_peak", "err_since", "err_gap")
+
+
 @dataclass
 class AnomalyStats:
     """Rows of per-key evidence statistics (views into the state store, or standalone)."""
@@ -88,6 +104,8 @@ class AnomalyStats:
     var: torch.Tensor  # [B, S] long variance of each scale's average around that mean
     count: torch.Tensor  # [B] errors seen (exact up to 2**24)
     peak: torch.Tensor  # [B] recent peak evidence (decades), decaying
+    since: torch.Tensor  # [B] events since the key's last incident start
+    gap: torch.Tensor  # [B] events between its last two starts; < 0: the last was on rhythm
 
     @staticmethod
     def zeros(batch: int) -> AnomalyStats:
@@ -96,6 +114,8 @@ class AnomalyStats:
             torch.zeros(batch, s),
             torch.zeros(batch),
             torch.zeros(batch, s),
+            torch.zeros(batch),
+            torch.zeros(batch),
             torch.zeros(batch),
             torch.zeros(batch),
         )
@@ -113,6 +133,34 @@ def evidence_to_score(decades: torch.Tensor) -> torch.Tensor:
 def _decades(z: torch.Tensor) -> torch.Tensor:
     """-log10 of the upper normal tail beyond ``z``, accurate far into the tail."""
     return -torch.special.log_ndtr(-z) / _LOG10
+
+
+def _off_rhythm(
+    stats: AnomalyStats,
+    fresh: torch.Tensor,
+    peak: torch.Tensor,
+    short_alpha: float,
+    min_events: int,
+) -> torch.Tensor:
+    """Hold back ``fresh`` evidence of an incident that starts on the key's rhythm.
+
+    An incident starts with fresh evidence of at least ``SCALE`` decades (a score of 0.5)
+    once the slowest error average has had time to forget the last one (``span`` events);
+    if it comes as many events after the last start as that one came after the one
+    before (within ``span``), and is no more than twice as strong as the decayed ``peak``
+    (``fresh <= peak``), it is the key's routine (a nightly job's spike) and the whole
+    incident is held back. Updates ``since`` and ``gap`` in place.
+    """
+    span = 1.0 / (short_alpha * SCALES[-1])
+    counting = stats.count >= min_events
+    since = stats.since + 1.0
+    start = (fresh > SCALE) & (since >= span) & counting
+    on_time = start & (fresh <= peak) & (stats.gap != 0.0)
+    on_time &= (since - stats.gap.abs()).abs() <= span
+    held = on_time | ((fresh > 0.0) & (since < span) & (stats.gap < 0.0))
+    stats.gap.copy_(torch.where(start, torch.where(on_time, -since, since), stats.gap))
+    stats.since.copy_(torch.where(start, 0.0, torch.where(counting, since, stats.since)))
+    return torch.where(held, 0.0, fresh)
 
 
 def update(
@@ -154,6 +202,7 @@ def update(
     # One alarm per incident: report only what exceeds the key's decaying recent peak.
     peak = stats.peak * (1.0 - long_alpha)
     fresh = (decades - peak).clamp(min=0.0)
+    fresh = _off_rhythm(stats, fresh, peak, short_alpha, min_events)
     stats.peak.copy_(torch.maximum(peak, decades))
     # Exact running mean for the first 1/long_alpha errors, then exponential; each scale's
     # spread around it the same way (a first error leaves it 0: its average is the mean).

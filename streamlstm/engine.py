@@ -381,7 +381,7 @@ class Engine:
     ) -> torch.Tensor:
         """Anomaly score for rows in ``scored``; other rows' statistics are left alone."""
         cfg = self.settings.state
-        names = ("err_scales", "err_mean", "err_var", "err_count", "err_peak")
+        names = anomaly.COLUMNS
         partial_rows = not bool(scored.all())  # the usual case: every key had a forecast
         before = [field(n).clone() for n in names] if partial_rows else []
         after = anomaly.AnomalyStats(*(field(n) for n in names))

@@ -61,7 +61,7 @@ _COLUMNS: tuple[str, ...] = (
     "err_var",
     "count",
 )
-_COLUMNS += ("has_pending", "err_mean", "err_count", "err_peak", "ph_mean")
+_COLUMNS += ("has_pending", "err_mean", "err_count", "err_peak", "err_since", "err_gap", "ph_mean")
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 

@@ -14,7 +14,8 @@
 #include <string.h>
 
 enum { COL_MEAN, COL_VAR, COL_FORECASTERS, COL_STEP, COL_HEDGE, COL_SCALES, COL_SVAR,
-       COL_COUNT, COL_HAS_PENDING, COL_ERR_MEAN, COL_ERR_COUNT, COL_ERR_PEAK, COL_PH };
+       COL_COUNT, COL_HAS_PENDING, COL_ERR_MEAN, COL_ERR_COUNT, COL_ERR_PEAK,
+       COL_ERR_SINCE, COL_ERR_GAP, COL_PH };
 enum { PRM_CLIP, PRM_WINDOW, PRM_SHORT_ALPHA, PRM_LONG_ALPHA, PRM_MIN_EVENTS, PRM_MAX_STEP,
        PRM_LEVEL, PRM_DRIFT, PRM_PH_DELTA, PRM_PH_THRESHOLD, PRM_PH_ALPHA, PRM_PH_MIN,
        PRM_PH_MODE };
@@ -80,6 +81,27 @@ static void learn(float *hedge, const float *fc, const float *truth, const float
     }
 }
 
+/* anomaly._off_rhythm: hold back fresh evidence of an incident that starts on the key's
+ * rhythm (as many events after the last start as that one after the one before) and is
+ * no more than twice the decayed peak p. */
+static float off_rhythm(float *row, const int64_t *col, const double *prm, float fresh,
+                        float peak) {
+    float *since = row + col[COL_ERR_SINCE], *gap = row + col[COL_ERR_GAP];
+    float span = (float)(1.0 / (prm[PRM_SHORT_ALPHA] * (double)SCALES[S - 1]));
+    int counting = row[col[COL_ERR_COUNT]] >= (float)prm[PRM_MIN_EVENTS];
+    float next = *since + 1.0f;
+    int start = fresh > 5.0f && next >= span && counting;
+    int on_time = start && fresh <= peak && *gap != 0.0f && fabsf(next - fabsf(*gap)) <= span;
+    int held = on_time || (fresh > 0.0f && next < span && *gap < 0.0f);
+    if (start) {
+        *gap = on_time ? -next : next;
+        *since = 0.0f;
+    } else if (counting) {
+        *since = next;
+    }
+    return held ? 0.0f : fresh;
+}
+
 /* anomaly.update for one key: score error (std units) and fold it into the statistics. */
 static float anomaly(float *row, const int64_t *col, const double *prm, float error, float value_z) {
     float *shrt = row + col[COL_SCALES], *svar = row + col[COL_SVAR];
@@ -99,6 +121,7 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
     if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;
     p = *peak * (float)(1.0 - prm[PRM_LONG_ALPHA]);
     fresh = cmin(d - p, 0.0f);
+    fresh = off_rhythm(row, col, prm, fresh, p);
     *peak = nmax(p, d);
     a = 1.0f / (*count + 1.0f);
     a = a < long_alpha ? long_alpha : a;

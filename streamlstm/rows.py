@@ -21,13 +21,14 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 50)
+    (slice(8, 11, None), 52)
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
     # so they are gathered with the row and travel with the key's snapshot.
     PH = ("ph_mean", "ph_n", "ph_inc", "ph_dec", "ph_min", "ph_max", "ph_drift")
-    SCALARS = ("count", "has_pending", "err_mean", "err_count", "err_peak", *PH)
+    SCALARS: tuple[str, ...] = ("count", "has_pending", "err_mean", "err_count", "err_peak")
+    SCALARS += ("err_since", "err_gap", *PH)  # the rhythm of a key's incidents (anomaly.py)
 
     def __init__(
         self, state_shape: tuple[int, int, int], width: int, typical_step: bool = False

@@ -98,8 +98,8 @@ def test_a_keys_score_does_not_depend_on_a_new_key_sharing_its_batch() -> None:
     score_alone = anomaly.update(alone, torch.tensor([5.0]), torch.tensor([5.0]), 0.5, 0.01, 20)
     old = _stats_after(history)
     shared = anomaly.AnomalyStats.zeros(2)
-    for name in ("short", "mean", "var", "count", "peak"):
-        getattr(shared, name)[0] = getattr(old, name)[0]
+    for name, column in vars(old).items():
+        getattr(shared, name)[0] = column[0]
     errors = torch.tensor([5.0, 1.0])
     scores = anomaly.update(shared, errors, errors, 0.5, 0.01, 20)
     assert float(scores[0]) == float(score_alone[0])
@@ -145,3 +145,48 @@ def test_a_value_returning_to_normal_after_a_spike_is_not_a_second_alarm() -> No
     assert spike >= 0.5 and back < 0.5
     _, still_out = after_spike(8.0)
     assert still_out >= 0.5
+
+
+def _spikes(at: list[int], n: int = 6000) -> np.ndarray:
+    """Scores of a calm key (default long window) whose value is a million stds out at
+    ``at`` (value evidence: 11.4 decades each time, unlike error evidence, which the key's
+    statistics learn) with errors of 1."""
+    stats = anomaly.AnomalyStats.zeros(1)
+    one, scores = torch.tensor([1.0]), []
+    for t in range(n):
+        z = torch.tensor([1e6 if t in at else 1.0])
+        scores.append(float(anomaly.update(stats, one, z, 0.5, 0.001, 20)))
+    return np.array(scores)
+
+
+def test_a_spike_on_the_keys_rhythm_is_routine() -> None:
+    """A job's spike every 600 events (a little under the peak's half-life): the first two
+    set the rhythm and alarm; the later ones come on time and do not (with only the
+    decaying peak to hold them back, each one scored 0.51)."""
+    routine = list(range(1000, 6000, 600))
+    scores = _spikes(routine)
+    assert scores[routine[0]] >= 0.5 and scores[routine[1]] >= 0.5
+    assert scores[routine[2] :].max() < 0.5, scores[routine].round(2)
+
+
+def test_a_spike_off_the_keys_rhythm_still_alarms() -> None:
+    """The same spikes, and one more half-way between two: that one is not held back (it
+    scores what the decaying peak alone leaves, 0.37), and the rhythm holds after it."""
+    routine = list(range(1000, 6000, 600))
+    off = routine[3] + 300
+    scores = _spikes(sorted([*routine, off]))
+    assert scores[off] > 0.35
+    assert scores[routine[2]] < 0.5 and scores[routine[3]] < 0.5
+
+
+def test_a_much_stronger_spike_on_the_keys_rhythm_still_alarms() -> None:
+    """On time, but the forecast also misses by 50 stds (errors are otherwise 1): far more
+    than twice the decayed peak, news rather than routine."""
+    routine = list(range(1000, 6000, 600))
+    stats = anomaly.AnomalyStats.zeros(1)
+    scores = []
+    for t in range(6000):
+        e = torch.tensor([50.0 if t == routine[4] else 1.0])
+        z = torch.tensor([1e6 if t in routine else 1.0])
+        scores.append(float(anomaly.update(stats, e, z, 0.5, 0.001, 20)))
+    assert scores[routine[4]] >= 0.5 and scores[routine[3]] < 0.5

@@ -4,9 +4,9 @@ The reference re-derives every number from the documented rules, for one key, in
 float64: the scaler's std *before* each event, each forecaster's discounted loss, the
 mixture, the error averages (the fastest capped by the value's distance from its
 mean), each average's own long variance and the long mean updated *after* scoring (an
-event is judged against the past only), fresh evidence beyond the decaying peak. An
-untrained network forecasts persistence exactly (its head starts at zero), so the
-reference needs no network.
+event is judged against the past only), fresh evidence beyond the decaying peak, held
+back when its incident starts on the key's rhythm. An untrained network forecasts
+persistence exactly (its head starts at zero), so the reference needs no network.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
     loss, pending = np.zeros((3, width)), np.zeros(width)  # losses per forecaster and value
     alphas = short * np.array(anomaly.SCALES)
     avg, m, v, n, peak = np.zeros(3), 0.0, np.zeros(3), 0, 0.0
+    since, gap, span = 0.0, 0.0, 1 / (short * anomaly.SCALES[-1])  # the incidents' rhythm
     predictions, scores = [], []
     for x in values:
         score = math.nan
@@ -48,6 +49,15 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             d = max(max(by_scale, by_value) - math.log10(4), 0.0) if n >= least else 0.0
             decayed = peak * (1 - long)
             fresh, peak = max(d - decayed, 0.0), max(decayed, d)
+            nxt, counting = since + 1, n >= least
+            start = fresh > anomaly.SCALE and nxt >= span and counting
+            on_time = start and fresh <= decayed and gap != 0 and abs(nxt - abs(gap)) <= span
+            if on_time or (fresh > 0 and nxt < span and gap < 0):
+                fresh = 0.0  # an incident starting on the key's rhythm is its routine
+            if start:
+                gap, since = (-nxt if on_time else nxt), 0.0
+            elif counting:
+                since = nxt
             score = fresh / (fresh + anomaly.SCALE)
             a = max(1 / (n + 1), long)  # the long statistics learn the error after scoring
             m = m + a * (e - m)
