@@ -80,15 +80,15 @@ import torch
 # The three error averages smooth with short_alpha times these: about 1, 7 and 35 events
 # at the default short_alpha of 0.5.
 SCALES = (1.0, 0.25, 0.0625)
-_VAR_FLOOR = 1e-4  # errors in std units: below 1% of a std the spread carries no signal
+VAR_FLOOR = 1e-4  # errors in std units: below 1% of a std the spread carries no signal
 _LOG10 = math.log(10.0)
 # Decades of evidence that score 0.5: a tail probability of 1e-5, the anomaly-likelihood
 # threshold Ahmad et al. recommend (0.99999).
 SCALE = 5.0
 _SCALES = torch.tensor(SCALES)
-_MAX_VALUE_Z = 1e6
+MAX_VALUE_Z = 1e6
 # The cost, in decades, of taking the most surprising of the error scales and the value test.
-_TESTS = math.log10(len(SCALES) + 1)
+TESTS = math.log10(len(SCALES) + 1)
 
 
 # The state row's columns (``rows.RowLayout``) holding AnomalyStats' fields, in order.
@@ -191,13 +191,13 @@ def update(
         )
     else:
         stats.short.add_(alphas * (e - stats.short))
-    spread = torch.sqrt(stats.var + _VAR_FLOOR)
+    spread = torch.sqrt(stats.var + VAR_FLOOR)
     by_scale = _decades((stats.short - stats.mean.unsqueeze(1)) / spread).amax(1)
     # Cantelli's bound, two-sided; a value a million stds out is as novel as it gets (and
     # the square of a larger one would overflow float32 into inf - inf = NaN below).
-    z = value_z.clamp(max=_MAX_VALUE_Z)
+    z = value_z.clamp(max=MAX_VALUE_Z)
     by_value = torch.log10(1.0 + z * z)
-    decades = (torch.maximum(by_scale, by_value) - _TESTS).clamp(min=0.0)
+    decades = (torch.maximum(by_scale, by_value) - TESTS).clamp(min=0.0)
     decades = torch.where(stats.count >= min_events, decades, 0.0)
     # One alarm per incident: report only what exceeds the key's decaying recent peak.
     peak = stats.peak * (1.0 - long_alpha)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamlstm import anomaly, combine
 from streamlstm.config import Settings
 from streamlstm.kernels import PackedLstm
 from streamlstm.model import RecurrentModel
@@ -156,9 +157,20 @@ class FusedStep:
                 d.ph_alpha,
                 d.ph_min_instances,
                 _MODES[d.ph_mode],
+                combine.ETA,
+                combine.LOSS_FLOOR,
+                combine.DISCOUNT,
+                combine.LOSS_CLIP,
+                *anomaly.SCALES,
+                anomaly.VAR_FLOOR,
+                anomaly.SCALE,
+                anomaly.MAX_VALUE_Z,
+                anomaly.TESTS,
             ],
             np.float64,
         )
+        if (len(combine.EXPERTS), len(anomaly.SCALES)) != (3, 3):  # K and S in the C file
+            raise ValueError("fused_step.c is built for 3 forecasters and 3 anomaly scales")
         if e.max_step is not None and "step" not in cols:
             raise ValueError("engine.max_step needs the layout's step column")
 

@@ -18,11 +18,13 @@ enum { COL_MEAN, COL_VAR, COL_FORECASTERS, COL_STEP, COL_HEDGE, COL_SCALES, COL_
        COL_ERR_SINCE, COL_ERR_GAP, COL_PH };
 enum { PRM_CLIP, PRM_WINDOW, PRM_SHORT_ALPHA, PRM_LONG_ALPHA, PRM_MIN_EVENTS, PRM_MAX_STEP,
        PRM_LEVEL, PRM_DRIFT, PRM_PH_DELTA, PRM_PH_THRESHOLD, PRM_PH_ALPHA, PRM_PH_MIN,
-       PRM_PH_MODE };
+       PRM_PH_MODE,
+       /* the modules' own constants, so Python stays their one owner (fused.py fills them) */
+       PRM_ETA, PRM_LOSS_FLOOR, PRM_DISCOUNT, PRM_LOSS_CLIP, PRM_SCALE0, PRM_SCALE1,
+       PRM_SCALE2, PRM_VAR_FLOOR, PRM_EVIDENCE_SCALE, PRM_MAX_VALUE_Z, PRM_TESTS };
 
 #define K 3 /* forecasters: network, persistence, ewma (combine.EXPERTS) */
 #define S 3 /* anomaly time scales (anomaly.SCALES) */
-static const float SCALES[S] = {1.0f, 0.25f, 0.0625f};
 
 static float nmax(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
 static float nmin(float a, float b) { return (a != a || b != b) ? NAN : (a < b ? a : b); }
@@ -54,13 +56,14 @@ static float decades(float z) {
 
 /* The combined forecast (combine.mix) of one key: hedge and fc are [K, f], one weight per
  * forecaster and value. */
-static void mix(const float *hedge, const float *fc, int64_t f, float *out) {
+static void mix(const double *prm, const float *hedge, const float *fc, int64_t f, float *out) {
+    float eta = (float)prm[PRM_ETA], floor_ = (float)prm[PRM_LOSS_FLOOR];
     for (int64_t j = 0; j < f; j++) {
         float h0 = hedge[j], h1 = hedge[f + j], h2 = hedge[2 * f + j];
         float best = nmin(nmin(h0, h1), h2), logit[K], top, w[K], sum = 0.0f, acc;
-        logit[0] = -5.0f * (h0 - best) / (best + 1e-3f);
-        logit[1] = -5.0f * (h1 - best) / (best + 1e-3f);
-        logit[2] = -5.0f * (h2 - best) / (best + 1e-3f);
+        logit[0] = -eta * (h0 - best) / (best + floor_);
+        logit[1] = -eta * (h1 - best) / (best + floor_);
+        logit[2] = -eta * (h2 - best) / (best + floor_);
         top = nmax(nmax(logit[0], logit[1]), logit[2]);
         for (int k = 0; k < K; k++) sum += (w[k] = expf(logit[k] - top));
         for (int k = 0; k < K; k++) w[k] = w[k] / sum;
@@ -72,11 +75,13 @@ static void mix(const float *hedge, const float *fc, int64_t f, float *out) {
 
 /* Fold the forecasters' errors on truth into the discounted losses (combine.learn), per
  * forecaster and value. */
-static void learn(float *hedge, const float *fc, const float *truth, const float *std, int64_t f) {
+static void learn(const double *prm, float *hedge, const float *fc, const float *truth,
+                  const float *std, int64_t f) {
+    float discount = (float)prm[PRM_DISCOUNT], clip = (float)prm[PRM_LOSS_CLIP];
     for (int k = 0; k < K; k++) {
         for (int64_t j = 0; j < f; j++) {
             float e = (fc[k * f + j] - truth[j]) / std[j];
-            hedge[k * f + j] = 0.96875f * hedge[k * f + j] + cmax(e * e, 25.0f);
+            hedge[k * f + j] = discount * hedge[k * f + j] + cmax(e * e, clip);
         }
     }
 }
@@ -87,10 +92,10 @@ static void learn(float *hedge, const float *fc, const float *truth, const float
 static float off_rhythm(float *row, const int64_t *col, const double *prm, float fresh,
                         float peak) {
     float *since = row + col[COL_ERR_SINCE], *gap = row + col[COL_ERR_GAP];
-    float span = (float)(1.0 / (prm[PRM_SHORT_ALPHA] * (double)SCALES[S - 1]));
+    float span = (float)(1.0 / (prm[PRM_SHORT_ALPHA] * (double)(float)prm[PRM_SCALE0 + S - 1]));
     int counting = row[col[COL_ERR_COUNT]] >= (float)prm[PRM_MIN_EVENTS];
     float next = *since + 1.0f;
-    int start = fresh > 5.0f && next >= span && counting;
+    int start = fresh > (float)prm[PRM_EVIDENCE_SCALE] && next >= span && counting;
     int on_time = start && fresh <= peak && *gap != 0.0f && fabsf(next - fabsf(*gap)) <= span;
     int held = on_time || (fresh > 0.0f && next < span && *gap < 0.0f);
     if (start) {
@@ -111,13 +116,14 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
     int first = *count == 0.0f;
     for (int s = 0; s < S; s++) {
         /* the fastest scale: an error only as far as the value is from its mean */
-        float alpha = short_alpha * SCALES[s], e = s == 0 ? nmin(error, value_z) : error;
+        float alpha = short_alpha * (float)prm[PRM_SCALE0 + s], e = s == 0 ? nmin(error, value_z) : error;
         shrt[s] = first ? e : shrt[s] + alpha * (e - shrt[s]);
-        by_scale = nmax(by_scale, decades((shrt[s] - *mean) / sqrtf(svar[s] + 1e-4f)));
+        float spread = sqrtf(svar[s] + (float)prm[PRM_VAR_FLOOR]);
+        by_scale = nmax(by_scale, decades((shrt[s] - *mean) / spread));
     }
-    z = cmax(value_z, 1e6f);
+    z = cmax(value_z, (float)prm[PRM_MAX_VALUE_Z]);
     by_value = log10f(1.0f + z * z);
-    d = cmin(nmax(by_scale, by_value) - 0.60205999132796239f, 0.0f);
+    d = cmin(nmax(by_scale, by_value) - (float)prm[PRM_TESTS], 0.0f);
     if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;
     p = *peak * (float)(1.0 - prm[PRM_LONG_ALPHA]);
     fresh = cmin(d - p, 0.0f);
@@ -131,7 +137,7 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
         svar[s] = (1.0f - a) * svar[s] + a * dev * dev;
     }
     *count += 1.0f;
-    return fresh / (fresh + 5.0f);
+    return fresh / (fresh + (float)prm[PRM_EVIDENCE_SCALE]);
 }
 
 /* Before the network: score the pending forecasts, update forecasters and scaler, and
@@ -151,7 +157,7 @@ void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, cons
         const float *xi = x + i * f;
         float abs_sum = 0.0f, sq_sum = 0.0f, se_sum = 0.0f, value_z = -INFINITY, alpha;
         int is_pending = *has_pending > 0.0f, seen = *count > 0.0f;
-        mix(hedge, fc, f, pending);
+        mix(prm, hedge, fc, f, pending);
         for (int64_t j = 0; j < f; j++) {
             float diff = xi[j] - pending[j], ad = fabsf(diff);
             std_before[j] = std_of(var[j], mean[j]);
@@ -162,7 +168,7 @@ void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, cons
         err[i] = is_pending ? abs_sum / (float)f : NAN;
         sq[i] = is_pending ? sq_sum / (float)f : NAN;
         std_err[i] = se_sum / (float)f;
-        if (is_pending) learn(hedge, fc, xi, std_before, f);
+        if (is_pending) learn(prm, hedge, fc, xi, std_before, f);
         for (int64_t j = 0; j < f; j++)
             value_z = nmax(value_z, fabsf(xi[j] - mean[j]) / std_before[j]);
         if (!seen) value_z = 0.0f;
@@ -252,7 +258,7 @@ int64_t fused_after(int64_t n, float *table, int64_t w, const int64_t *slots,
             }
             fc[j] = xi[j] + move;
         }
-        mix(row + col[COL_HEDGE], fc, f, o_pred + p * f);
+        mix(prm, row + col[COL_HEDGE], fc, f, o_pred + p * f);
         row[col[COL_HAS_PENDING]] = 1.0f;
         o_flags[p] = 0.0f;
         if (prm[PRM_DRIFT] != 0.0 && scored) {
