@@ -8,10 +8,16 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 
 from streamlstm.config import Settings, load_settings
+from streamlstm.engine import BatchOutput, Engine
+from streamlstm.events import EventBatch
+from streamlstm.io.client import TopicPartition
 
 
 @pytest.fixture(scope="session")
@@ -319,3 +325,113 @@ def logged_metrics_port(log, proc: subprocess.Popen | None = None, timeout: floa
         return int(found.group(1)) if found else None
 
     return wait_for(bound, timeout, what="the daemon to log its metrics port")
+
+
+# -- fakes for in-process daemon tests (no broker) -------------------------------------
+
+
+class FakeSink:
+    """Keeps what the daemon hands over: one ``(ticket, groups)`` per ``send``."""
+
+    output_topic = "out"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, list]] = []
+
+    def send(self, ticket: Any, groups: list) -> None:
+        self.sent.append((ticket, groups))
+
+
+class FakeSource:
+    """Stands in for ``make_source``'s consumer: keeps the daemon's callbacks and the
+    offsets it commits (``committed``), so a test can drive rebalances by hand."""
+
+    def __init__(self, settings: Settings, **callbacks: Any) -> None:
+        self.on_revoke = callbacks.get("on_revoke")
+        self.on_assigned = callbacks.get("on_assigned")
+        self.on_lost = callbacks.get("on_lost")
+        self.on_committed = callbacks.get("on_committed")
+        self.assigned: set[TopicPartition] = set()
+        self.committed: list[dict[TopicPartition, Any]] = []
+        self.consumer = SimpleNamespace(commit_async=self._commit_async)
+
+    @staticmethod
+    def to_commit(offsets: dict) -> dict:
+        from streamlstm.io.source import KafkaPythonSource  # kafka-python's commit shape
+
+        return KafkaPythonSource.to_commit(offsets)
+
+    async def _commit_async(self, offsets: dict) -> None:
+        self.committed.append(offsets)
+
+    def close(self, timeout_ms: int = 0) -> None:
+        pass
+
+
+POISON = "poison"
+
+
+class PoisonEngine(Engine):
+    """Raises for any batch holding the key ``POISON``: before applying it, or (``after``)
+    once the batch is applied, so the guard's event-by-event retry must not apply it twice."""
+
+    after = False
+    calls = 0
+
+    def process(
+        self,
+        batch: EventBatch,
+        partition: np.ndarray | None = None,
+        offset: np.ndarray | None = None,
+    ) -> BatchOutput:
+        self.calls += 1
+        if POISON in batch.keys and not self.after:
+            raise RuntimeError("boom before")
+        out = super().process(batch, partition, offset)
+        if POISON in batch.keys:
+            raise RuntimeError("boom after")
+        return out
+
+
+def poisoned_daemon(after: bool = False, **overrides: str) -> tuple[Any, FakeSink]:
+    """An in-process daemon (two-value events, tiny model) on a :class:`PoisonEngine`,
+    handing its sends to a :class:`FakeSink`."""
+    from streamlstm.daemon import Daemon
+
+    settings = load_settings(
+        overrides={
+            "model.input_size": "2",
+            "model.hidden_size": "4",
+            "training.enabled": "false",
+            **overrides,
+        }
+    )
+    engine = PoisonEngine.from_settings(settings)
+    engine.after = after
+    daemon = Daemon(settings, engine=engine)
+    sink = FakeSink()
+    daemon.delivery.sink = sink
+    return daemon, sink
+
+
+def polled_payloads(
+    payloads: list[bytes], keys: list[bytes | None] | None = None, start: int = 0
+) -> Any:
+    """One poll of ``payloads`` from partition 0 of topic ``in``, offsets from ``start``."""
+    from streamlstm.io import Polled
+
+    n = len(payloads)
+    keys = keys if keys is not None else [None] * n
+    records = [
+        SimpleNamespace(key=k, value=p, headers=[], partition=0, offset=start + i)
+        for i, (p, k) in enumerate(zip(payloads, keys, strict=True))
+    ]
+    return Polled(
+        topic="in",
+        records=records,
+        payloads=list(payloads),
+        partition=np.zeros(n, np.int64),
+        offset=np.arange(start, start + n, dtype=np.int64),
+        ends={TopicPartition("in", 0): start + n},
+        polled_at=0.0,
+    )

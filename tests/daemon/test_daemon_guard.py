@@ -2,82 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import orjson
 import pytest
-from kafka import TopicPartition
+from conftest import POISON, PoisonEngine, poisoned_daemon, polled_payloads
 
-from streamlstm.config import load_settings
-from streamlstm.daemon import Daemon
-from streamlstm.engine import BatchOutput, Engine
-from streamlstm.events import EventBatch
-from streamlstm.io import Polled, Ticket
 from streamlstm.io.deadletter import header
-
-POISON = "poison"
-
-
-class PoisonEngine(Engine):
-    """Raises for any batch holding the poisoned key, before or after applying it."""
-
-    after = False
-    calls = 0
-
-    def process(
-        self,
-        batch: EventBatch,
-        partition: np.ndarray | None = None,
-        offset: np.ndarray | None = None,
-    ) -> BatchOutput:
-        self.calls += 1
-        if POISON in batch.keys and not self.after:
-            raise RuntimeError("boom before")
-        out = super().process(batch, partition, offset)
-        if POISON in batch.keys:
-            raise RuntimeError("boom after")
-        return out
-
-
-class FakeSink:
-    output_topic = "out"
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Ticket, list]] = []
-
-    def send(self, ticket: Ticket, groups: list) -> None:
-        self.sent.append((ticket, groups))
-
-
-def _daemon(after: bool = False) -> tuple[Daemon, FakeSink]:
-    settings = load_settings(
-        overrides={"model.input_size": "2", "model.hidden_size": "4", "training.enabled": "false"}
-    )
-    engine = PoisonEngine.from_settings(settings)
-    engine.after = after
-    daemon = Daemon(settings, engine=engine)
-    sink = FakeSink()
-    daemon.delivery.sink = sink  # type: ignore[assignment]
-    return daemon, sink
-
-
-def _polled(payloads: list[bytes], start: int = 0) -> Polled:
-    records = [
-        SimpleNamespace(key=None, value=p, headers=[], partition=0, offset=start + i)
-        for i, p in enumerate(payloads)
-    ]
-    n = len(payloads)
-    return Polled(
-        topic="in",
-        records=records,
-        payloads=list(payloads),
-        partition=np.zeros(n, np.int64),
-        offset=np.arange(start, start + n, dtype=np.int64),
-        ends={TopicPartition("in", 0): start + n},
-        polled_at=0.0,
-    )
 
 
 def _event(key: str, ts: float) -> dict[str, Any]:
@@ -96,12 +27,12 @@ def _outputs(groups: list) -> tuple[list[dict], list[tuple[bytes | None, list]]]
 
 @pytest.mark.parametrize("after", [False, True], ids=["fails-before-applying", "fails-after"])
 def test_a_poisoned_event_is_dead_lettered_and_the_rest_predicted(after: bool) -> None:
-    daemon, sink = _daemon(after)
+    daemon, sink = poisoned_daemon(after)
     payloads = []
     for step in range(3):
         for key in ("a", POISON, "b"):
             payloads.append(orjson.dumps(_event(key, 10.0 + step)))
-    daemon._process(_polled(payloads))  # does not raise
+    daemon._process(polled_payloads(payloads))  # does not raise
 
     ticket, groups = sink.sent[-1]
     predictions, dead = _outputs(groups)
@@ -120,7 +51,7 @@ def test_a_poisoned_event_is_dead_lettered_and_the_rest_predicted(after: bool) -
     assert (errors[0] is None) != after and None not in errors[1:]
 
     # The daemon goes on: the next poll is predicted as usual.
-    daemon._process(_polled([orjson.dumps(_event("a", 20.0))], start=9))
+    daemon._process(polled_payloads([orjson.dumps(_event("a", 20.0))], start=9))
     predictions, dead = _outputs(sink.sent[-1][1])
     assert [p["key"] for p in predictions] == ["a"] and dead == []
     text = daemon.metrics.exposition().decode()
@@ -128,9 +59,9 @@ def test_a_poisoned_event_is_dead_lettered_and_the_rest_predicted(after: bool) -
 
 
 def test_a_poisoned_array_element_is_dead_lettered_alone_with_its_index() -> None:
-    daemon, sink = _daemon()
+    daemon, sink = poisoned_daemon()
     array = [{"key": "x"}, _event("a", 1.0), _event(POISON, 1.0), _event("b", 1.0)]
-    daemon._process(_polled([orjson.dumps(array)]))
+    daemon._process(polled_payloads([orjson.dumps(array)]))
     predictions, dead = _outputs(sink.sent[-1][1])
     assert [p["key"] for p in predictions] == ["a", "b"]
     by_element = {header(h, "streamlstm.element"): (v, h) for v, h in dead}
@@ -141,17 +72,17 @@ def test_a_poisoned_array_element_is_dead_lettered_alone_with_its_index() -> Non
 
 
 def test_a_poisoned_key_does_not_slow_every_later_batch() -> None:
-    daemon, sink = _daemon()
+    daemon, sink = poisoned_daemon()
     engine = daemon.engine
     assert isinstance(engine, PoisonEngine)
     first = [orjson.dumps(_event(k, 1.0)) for k in ("a", POISON, "b")]
-    daemon._process(_polled(first))
+    daemon._process(polled_payloads(first))
     assert engine.calls == 1 + 3  # the batch, then each event alone
     # Later: the suspect's events run alone beside one batch of all the others.
     later = [orjson.dumps(_event(f"k{i}", 2.0)) for i in range(50)]
     later.insert(10, orjson.dumps(_event(POISON, 2.0)))
     engine.calls = 0
-    daemon._process(_polled(later, start=3))
+    daemon._process(polled_payloads(later, start=3))
     assert engine.calls == 2
     predictions, dead = _outputs(sink.sent[-1][1])
     assert [p["key"] for p in predictions] == [f"k{i}" for i in range(50)]  # batch order

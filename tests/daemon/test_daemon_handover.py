@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from conftest import unit_daemon_settings
+from conftest import FakeSource, unit_daemon_settings
 from kafka import TopicPartition
 
 import streamlstm.daemon.loop as loop
@@ -22,7 +22,7 @@ from streamlstm.config import Settings
 from streamlstm.daemon import Daemon
 from streamlstm.drift import DETECTORS
 from streamlstm.io import Polled
-from streamlstm.io.source import KafkaPythonSource, _Listener
+from streamlstm.io.source import _Listener
 
 TOPIC = "in"
 
@@ -97,31 +97,10 @@ def test_anomalies_of_tickets_finished_during_a_revoke_are_counted() -> None:
     assert _sample(daemon, "streamlstm_anomalies_total") == ticket.anomalies
 
 
-class _FakeSource:
-    """Stands in for ``streamlstm.io.source.KafkaPythonSource``: keeps the daemon's callbacks."""
-
-    def __init__(self, settings: Settings, **callbacks: Any) -> None:
-        self.on_revoke = callbacks.get("on_revoke")
-        self.on_assigned = callbacks.get("on_assigned")
-        self.on_lost = callbacks.get("on_lost")
-        self.on_committed = callbacks.get("on_committed")
-        self.assigned: set[TopicPartition] = set()
-        self.committed: list[dict[TopicPartition, Any]] = []
-        self.consumer = SimpleNamespace(commit_async=self._commit_async)
-
-    to_commit = staticmethod(KafkaPythonSource.to_commit)
-
-    async def _commit_async(self, offsets: dict[TopicPartition, Any]) -> None:
-        self.committed.append(offsets)
-
-    def close(self, timeout_ms: int = 0) -> None:
-        pass
-
-
 def test_rebalance_callbacks_forget_the_keys_of_partitions_that_moved_away(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(loop, "make_source", _FakeSource)
+    monkeypatch.setattr(loop, "make_source", FakeSource)
     monkeypatch.setattr(loop, "Sink", lambda settings: _fake_sink())
     monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)
     monkeypatch.setattr(loop.ModelSync, "start", lambda self, stop=None: False)  # no broker

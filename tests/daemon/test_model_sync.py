@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import unit_daemon_settings
+from conftest import FakeSource, unit_daemon_settings
 from kafka import TopicPartition
 
 import streamlstm.daemon.loop as loop
@@ -25,7 +25,7 @@ from streamlstm.config import Settings
 from streamlstm.daemon import Daemon
 from streamlstm.daemon.modelsync import ModelSync
 from streamlstm.engine import Engine
-from streamlstm.io.source import KafkaPythonSource, _Listener
+from streamlstm.io.source import _Listener
 from streamlstm.learning.checkpoint import architecture, decode_checkpoint, encode_checkpoint
 from streamlstm.learning.gate import RunOutcome, weights_to_bytes
 from streamlstm.metrics import Metrics
@@ -68,24 +68,6 @@ class _Publisher:
         pass
 
 
-class _FakeSource:
-    def __init__(self, settings: Settings, **callbacks: Any) -> None:
-        self.on_revoke = callbacks.get("on_revoke")
-        self.on_assigned = callbacks.get("on_assigned")
-        self.on_lost = callbacks.get("on_lost")
-        self.on_committed = callbacks.get("on_committed")
-        self.assigned: set[TopicPartition] = set()
-        self.consumer = SimpleNamespace(commit_async=self._commit_async)
-
-    to_commit = staticmethod(KafkaPythonSource.to_commit)
-
-    async def _commit_async(self, offsets: Any) -> None:
-        pass
-
-    def close(self, timeout_ms: int = 0) -> None:
-        pass
-
-
 def _settings(**overrides: str) -> Settings:
     return unit_daemon_settings(TOPIC, **overrides)
 
@@ -116,7 +98,7 @@ def follower(monkeypatch: pytest.MonkeyPatch) -> _Follower:
 def test_the_role_follows_input_partition_0(
     monkeypatch: pytest.MonkeyPatch, follower: _Follower
 ) -> None:
-    monkeypatch.setattr(loop, "make_source", _FakeSource)
+    monkeypatch.setattr(loop, "make_source", FakeSource)
     sink = SimpleNamespace(flush=lambda timeout_s: True, poll_acks=lambda: None)
     monkeypatch.setattr(loop, "Sink", lambda settings: sink)
     monkeypatch.setattr(loop, "ensure_topics", lambda kafka, **kw: None)

@@ -8,73 +8,10 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from kafka import TopicPartition
+from conftest import POISON, poisoned_daemon, polled_payloads
 
-from streamlstm.config import load_settings
-from streamlstm.daemon import Daemon
-from streamlstm.engine import BatchOutput, Engine
-from streamlstm.events import EventBatch
-from streamlstm.io import Polled, Ticket
 from streamlstm.io.deadletter import header
 from streamlstm.io.sink import per_message
-
-POISON = "poison"
-
-
-class PoisonEngine(Engine):
-    """Raises for any batch holding the poisoned key (the guard then goes event by event)."""
-
-    def process(
-        self,
-        batch: EventBatch,
-        partition: np.ndarray | None = None,
-        offset: np.ndarray | None = None,
-    ) -> BatchOutput:
-        if POISON in batch.keys:
-            raise RuntimeError("boom")
-        return super().process(batch, partition, offset)
-
-
-class FakeSink:
-    output_topic = "out"
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Ticket, list]] = []
-
-    def send(self, ticket: Ticket, groups: list) -> None:
-        self.sent.append((ticket, groups))
-
-
-def _daemon(per_msg: bool) -> tuple[Daemon, FakeSink]:
-    settings = load_settings(
-        overrides={
-            "model.input_size": "2",
-            "model.hidden_size": "4",
-            "training.enabled": "false",
-            "kafka.output_per_message": str(per_msg).lower(),
-        }
-    )
-    daemon = Daemon(settings, engine=PoisonEngine.from_settings(settings))
-    sink = FakeSink()
-    daemon.delivery.sink = sink  # type: ignore[assignment]
-    return daemon, sink
-
-
-def _polled(payloads: list[bytes], keys: list[bytes | None]) -> Polled:
-    records = [
-        SimpleNamespace(key=k, value=p, headers=[], partition=0, offset=i)
-        for i, (p, k) in enumerate(zip(payloads, keys, strict=True))
-    ]
-    n = len(payloads)
-    return Polled(
-        topic="in",
-        records=records,
-        payloads=list(payloads),
-        partition=np.zeros(n, np.int64),
-        offset=np.arange(n, dtype=np.int64),
-        ends={TopicPartition("in", 0): n},
-        polled_at=0.0,
-    )
 
 
 def _event(key: str, ts: float) -> dict[str, Any]:
@@ -132,9 +69,12 @@ def test_per_message_output_holds_the_default_records_one_array_per_message(
     ]
     payloads = [orjson.dumps(m) for m in messages]
     kafka_keys = [b"m%d" % i if message_keyed else None for i in range(len(messages))]
-    (default, sink_d), (grouped, sink_g) = _daemon(False), _daemon(True)
-    default._process(_polled(payloads, kafka_keys))
-    grouped._process(_polled(payloads, kafka_keys))
+    (default, sink_d), (grouped, sink_g) = (
+        poisoned_daemon(),
+        poisoned_daemon(**{"kafka.output_per_message": "true"}),
+    )
+    default._process(polled_payloads(payloads, kafka_keys))
+    grouped._process(polled_payloads(payloads, kafka_keys))
     ticket_d, groups_d = sink_d.sent[-1]
     ticket_g, groups_g = sink_g.sent[-1]
 
