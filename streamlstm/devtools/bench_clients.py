@@ -139,6 +139,69 @@ def latency(settings: Settings, keys: int, width: int, rate: float, seconds: flo
         thread.join(timeout=15)
 
 
+def bare_pipe_latency(
+    settings: Settings, keys: int, width: int, rate: float, seconds: float
+) -> np.ndarray:
+    """The floor under the daemon's latency: ``ts`` to acknowledged output of a bare
+    librdkafka consume -> produce loop (each record copied out, the daemon's consumer and
+    producer settings, no decode, engine or producer process), same paced load and
+    broker, in its own thread of this process as the daemon. What the machine and the
+    broker give before the daemon does anything."""
+    from confluent_kafka import Consumer, Producer
+
+    from streamlstm.io.confluent_config import consumer_config, producer_config
+
+    k = settings.kafka
+    conf = consumer_config(k, f"{k.group_id}-pipe-{uuid.uuid4().hex[:6]}")
+    conf.pop("statistics.interval.ms")
+    consumer = Consumer({**conf, "auto.offset.reset": "latest"})
+    consumer.subscribe([k.input_topic])
+    producer = Producer(producer_config(k, 1_048_576))
+    acked: list[float] = []
+    window = [float("inf")]  # ts from which latencies are kept
+    stop = threading.Event()
+
+    def delivered(err: Any, msg: Any) -> None:
+        ts = orjson.loads(msg.value())["ts"]
+        if err is None and ts >= window[0]:
+            acked.append(time.time() - ts)
+
+    def pipe() -> None:
+        n = settings.engine.max_batch
+        while not stop.is_set():
+            msgs = consumer.consume(n, 0)
+            if not msgs:
+                one = consumer.poll(0.005)
+                msgs = [one, *consumer.consume(n - 1, 0)] if one is not None else []
+            for m in msgs:
+                if m.error() is None:
+                    producer.produce(k.output_topic, m.value(), m.key(), on_delivery=delivered)
+            producer.poll(0)
+
+    thread = threading.Thread(target=pipe, name="bare-pipe", daemon=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not consumer.assignment() and time.monotonic() < deadline:
+            consumer.poll(0.1)
+        thread.start()
+        stream = SyntheticStream(keys, width, seed=1)
+        load = paced_producer(settings)
+        paced_produce(settings, stream, rate, int(rate * WARM_S), load)
+        window[0] = time.time()
+        count = int(rate * seconds)
+        paced_produce(settings, stream, rate, count, load)
+        deadline = time.monotonic() + 30
+        while len(acked) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=5)
+        producer.flush(5)
+        consumer.close()
+    return np.asarray(acked, dtype=np.float64)
+
+
 def percentiles(lat_s: np.ndarray) -> dict[str, float]:
     """p50/p90/p99/max in milliseconds (empty: none)."""
     if not len(lat_s):

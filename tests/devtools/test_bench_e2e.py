@@ -43,7 +43,7 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
     first, batched = doc["throughput"]
     assert first["per_message_events_per_s"] is None  # one event per message: nothing to group
     assert batched["per_message_events_per_s"] > 0
-    for client in ("kafka-python", "confluent"):
+    for client in ("kafka-python", "confluent", "bare librdkafka pipe"):
         assert doc["latency"][client]["events"] == 300
         assert 0 < doc["latency"][client]["p50"] <= doc["latency"][client]["p99"]
     assert first["bare_confluent_events_per_s"] > 0 and first["confluent_events_per_s"] > 0
@@ -51,6 +51,7 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
     assert "one array out per message in" in text
     assert "daemon confluent / bare kafka-python" in text
     assert "event latency, confluent, at 300 events/s" in text
+    assert "event latency, bare librdkafka pipe, at 300 events/s" in text  # the floor
 
 
 def test_bench_e2e_cli_options() -> None:
