@@ -35,6 +35,7 @@ import numpy as np
 from streamlstm.config import ConfigError, Settings
 from streamlstm.daemon.delivery import MAX_BACKOFF_SECONDS, Delivery, Fatal, short
 from streamlstm.daemon.guard import EngineGuard, merged
+from streamlstm.daemon.heap import settled
 from streamlstm.daemon.modelsync import ModelSync
 from streamlstm.daemon.partitions import Partitions
 from streamlstm.daemon.telemetry import Telemetry
@@ -148,8 +149,9 @@ class Daemon:
         self.start_metrics()
         try:
             if self._connect():
-                while not self._stop.is_set():
-                    self._turn()
+                with settled():  # start-up objects out of the collector's way (GC pauses)
+                    while not self._stop.is_set():
+                        self._turn()
         except Fatal as exc:
             log.critical("stopping: %s", exc.__cause__ or exc, exc_info=exc.__cause__)
             self.exit_code = 1

@@ -12,7 +12,9 @@
 4. A second baseline: a bare kafka-python consume -> decode -> produce pipe (no engine),
    which is what that client costs when every event also yields an output record.
 5. Event latency (ts to prediction acknowledged) of each client's daemon at half its
-   maximum sustained rate (or at ``rate``), fed by a paced librdkafka producer.
+   maximum sustained rate (or at ``rate``), fed by a paced librdkafka producer; then,
+   at the last of those rates, the floor: a bare librdkafka consume -> produce pipe
+   under the same load (what the machine and the broker give with no daemon at all).
 
 With ``output_per_message`` the batched run also measures the daemon with
 ``kafka.output_per_message`` on (one JSON array out per message in), the two modes
@@ -39,6 +41,7 @@ from kafka import KafkaConsumer
 from streamlstm.config import Settings, load_settings
 from streamlstm.devtools.bench_clients import (
     bare_consume_confluent,
+    bare_pipe_latency,
     latency,
     percentiles,
     start_daemon,
@@ -49,6 +52,8 @@ from streamlstm.events import Decoder
 from streamlstm.io.source import consumer_kwargs
 
 log = logging.getLogger(__name__)
+
+BARE_PIPE = "bare librdkafka pipe"  # the latency floor's row
 
 
 @dataclass
@@ -352,4 +357,7 @@ def bench_e2e(
                 ensure_topics(s.kafka)
                 lat = latency(s, keys, width, offered, latency_seconds)
                 result.latency.append(Latency(client, offered, len(lat), percentiles(lat)))
+            # The floor at the last offered rate: a bare pipe, same load, broker, machine.
+            floor = bare_pipe_latency(s, keys, width, offered, latency_seconds)
+            result.latency.append(Latency(BARE_PIPE, offered, len(floor), percentiles(floor)))
     return result

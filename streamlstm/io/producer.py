@@ -38,6 +38,7 @@ a keyed record goes to the partition Kafka's default partitioner picks
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import pickle
@@ -298,6 +299,11 @@ def main(fd: int | None = None, parent: int | None = None) -> None:
             conn.send_bytes(dumps(("error", _short(exc))))
         finally:
             os._exit(1)
+    # Start-up objects (imports, the client) out of the full collections' way: a full
+    # collection over them (~50 ms) would hold every acknowledgement back that long
+    # (see streamlstm.daemon.heap).
+    gc.collect()
+    gc.freeze()
     child = _Child(conn, producer)
     child.write(("ready",))
     threading.Thread(target=child.ack_loop, name="acks", daemon=True).start()

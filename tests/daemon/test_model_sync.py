@@ -169,6 +169,23 @@ def test_without_training_no_member_trains_but_every_member_adopts(
     assert sync.engine.model_version == 3 and _records(metrics, "adopted") == 2
 
 
+def test_the_model_topic_is_not_read_on_every_turn(
+    follower: _Follower, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read is a client poll on the loop's thread (kafka-python's: milliseconds), so a
+    busy loop, turning every millisecond, reads it only every FOLLOW_SECONDS."""
+    settings = _settings()
+    sync = ModelSync(Engine.from_settings(settings), settings, Metrics())
+    sync.start()
+    reads: list[int] = []
+    monkeypatch.setattr(follower, "poll", lambda timeout_ms=0: reads.append(timeout_ms) or [])
+    start = 5000.0
+    for i in range(2001):  # two seconds of turns
+        sync.turn(start + i / 1000)
+    assert reads and set(reads) == {0}  # never waits
+    assert len(reads) <= 2 / modelsync.FOLLOW_SECONDS + 1
+
+
 def test_corrupt_foreign_and_stale_records_are_counted_never_served(
     follower: _Follower,
 ) -> None:

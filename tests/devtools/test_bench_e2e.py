@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 from conftest import KafkaTools
 
 from streamlstm.cli import build_parser, dev
+from streamlstm.config import load_settings
+from streamlstm.daemon.telemetry import LiveStats
+from streamlstm.devtools import bench_clients
 from streamlstm.devtools.bench_e2e import bench_e2e
 
 pytestmark = pytest.mark.integration
@@ -36,7 +43,7 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
     first, batched = doc["throughput"]
     assert first["per_message_events_per_s"] is None  # one event per message: nothing to group
     assert batched["per_message_events_per_s"] > 0
-    for client in ("kafka-python", "confluent"):
+    for client in ("kafka-python", "confluent", "bare librdkafka pipe"):
         assert doc["latency"][client]["events"] == 300
         assert 0 < doc["latency"][client]["p50"] <= doc["latency"][client]["p99"]
     assert first["bare_confluent_events_per_s"] > 0 and first["confluent_events_per_s"] > 0
@@ -44,6 +51,7 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
     assert "one array out per message in" in text
     assert "daemon confluent / bare kafka-python" in text
     assert "event latency, confluent, at 300 events/s" in text
+    assert "event latency, bare librdkafka pipe, at 300 events/s" in text  # the floor
 
 
 def test_bench_e2e_cli_options() -> None:
@@ -65,3 +73,33 @@ def test_bench_e2e_cli_options() -> None:
     assert (args.output_per_message, args.rounds) == (True, 3)
     assert (args.clients, args.rate) == ("kafka-python,confluent", 0)  # 0: half of the max
     assert args.handler is dev.run_bench_e2e
+
+
+def test_latency_times_a_producer_started_before_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The warm-up and the timed window share one producer, made before either: a fresh
+    one's start-up (connect, metadata, producer id) would be timed as the daemon's."""
+    live = LiveStats()
+    daemon = SimpleNamespace(ready=lambda: True, live=live, request_stop=lambda: None)
+    idle = threading.Thread(target=lambda: None)
+    idle.start()
+    monkeypatch.setattr(bench_clients, "start_daemon", lambda settings: (daemon, idle))
+    made: list[object] = []
+    used: list[Any] = []
+
+    def producer(settings: Any) -> object:
+        made.append(object())
+        return made[-1]
+
+    def produce(settings: Any, stream: Any, rate: float, count: int, p: Any = None) -> None:
+        used.append(p)
+        live.add_events(count)
+        live.add(count, 0, 0, np.full(count, 0.01))
+
+    monkeypatch.setattr(bench_clients, "paced_producer", producer)
+    monkeypatch.setattr(bench_clients, "paced_produce", produce)
+    settings = load_settings(overrides={"model.input_size": "2"})
+    latencies = bench_clients.latency(settings, keys=3, width=2, rate=100, seconds=2)
+    assert len(latencies) == 200  # the timed window only
+    assert len(made) == 1 and used == [made[0], made[0]]
