@@ -86,18 +86,21 @@ static void learn(const double *prm, float *hedge, const float *fc, const float 
     }
 }
 
-/* anomaly._off_rhythm: hold back fresh evidence of an incident that starts on the key's
- * rhythm (as many events after the last start as that one after the one before) and is
- * no more than twice the decayed peak p. */
-static float off_rhythm(float *row, const int64_t *col, const double *prm, float fresh,
-                        float peak) {
+/* anomaly._incidents: hold back fresh evidence of an incident already reported (within
+ * the span after its start, unless more than twice the decayed peak p) or one that starts
+ * on the key's rhythm (as many events after the last start as that one after the one
+ * before, and no more than twice p). Starts need anomaly.start_level: log10(1/long_alpha). */
+static float incidents(float *row, const int64_t *col, const double *prm, float fresh,
+                       float peak) {
     float *since = row + col[COL_ERR_SINCE], *gap = row + col[COL_ERR_GAP];
     float span = (float)(1.0 / (prm[PRM_SHORT_ALPHA] * (double)(float)prm[PRM_SCALE0 + S - 1]));
+    float level = (float)log10(1.0 / prm[PRM_LONG_ALPHA]);
     int counting = row[col[COL_ERR_COUNT]] >= (float)prm[PRM_MIN_EVENTS];
     float next = *since + 1.0f;
-    int start = fresh > (float)prm[PRM_EVIDENCE_SCALE] && next >= span && counting;
+    int start = fresh > level && next >= span && counting;
     int on_time = start && fresh <= peak && *gap != 0.0f && fabsf(next - fabsf(*gap)) <= span;
-    int held = on_time || (fresh > 0.0f && next < span && *gap < 0.0f);
+    int within = fresh > 0.0f && next < span && *gap != 0.0f;
+    int held = on_time || (within && (*gap < 0.0f || fresh <= peak));
     if (start) {
         *gap = on_time ? -next : next;
         *since = 0.0f;
@@ -127,7 +130,7 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
     if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;
     p = *peak * (float)(1.0 - prm[PRM_LONG_ALPHA]);
     fresh = cmin(d - p, 0.0f);
-    fresh = off_rhythm(row, col, prm, fresh, p);
+    fresh = incidents(row, col, prm, fresh, p);
     *peak = nmax(p, d);
     a = 1.0f / (*count + 1.0f);
     a = a < long_alpha ? long_alpha : a;

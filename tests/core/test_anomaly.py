@@ -190,3 +190,36 @@ def test_a_much_stronger_spike_on_the_keys_rhythm_still_alarms() -> None:
         z = torch.tensor([1e6 if t in routine else 1.0])
         scores.append(float(anomaly.update(stats, e, z, 0.5, 0.001, 20)))
     assert scores[routine[4]] >= 0.5 and scores[routine[3]] < 0.5
+
+
+def _burst(extra: dict[int, float]) -> np.ndarray:
+    """A calm key (long window 1,000 events) whose errors build up over five events."""
+    rng = np.random.default_rng(1)
+    errors = list(np.abs(rng.normal(size=700)))
+    errors[600:605] = [4.0, 6.0, 8.0, 10.0, 12.0]
+    for t, e in extra.items():
+        errors[t] = e
+    stats = anomaly.AnomalyStats.zeros(1)
+    scores = []
+    for e in errors:
+        t = torch.tensor([e])
+        scores.append(float(anomaly.update(stats, t, t, 0.5, 0.001, 20)))
+    return np.array(scores)
+
+
+def test_a_burst_building_up_over_a_few_events_alarms_once() -> None:
+    """Each step of the burst exceeds the last one's evidence (fresh evidence beyond the
+    peak every time: four alarms before); within the incident's span it is one incident."""
+    scores = _burst({})
+    assert scores[100:600].max() < 0.5
+    assert np.flatnonzero(scores[600:700] >= 0.5).tolist() == [1]
+
+
+def test_a_much_stronger_error_within_an_incident_still_alarms() -> None:
+    """Inside the burst's span, an error of 40 stds: more than twice the decayed peak."""
+    scores = _burst({607: 40.0})
+    assert np.flatnonzero(scores[600:700] >= 0.5).tolist() == [1, 7]
+
+
+def test_an_incident_starts_at_evidence_rarer_than_once_per_long_window() -> None:
+    assert anomaly.start_level(0.001) == 3.0 and anomaly.start_level(0.01) == 2.0

@@ -5,8 +5,9 @@ float64: the scaler's std *before* each event, each forecaster's discounted loss
 mixture, the error averages (the fastest capped by the value's distance from its
 mean), each average's own long variance and the long mean updated *after* scoring (an
 event is judged against the past only), fresh evidence beyond the decaying peak, held
-back when its incident starts on the key's rhythm. An untrained network forecasts
-persistence exactly (its head starts at zero), so the reference needs no network.
+back when its incident starts on the key's rhythm or was already reported. An untrained
+network forecasts persistence exactly (its head starts at zero), so the reference needs
+no network.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             decayed = peak * (1 - long)
             fresh, peak = max(d - decayed, 0.0), max(decayed, d)
             nxt, counting = since + 1, n >= least
-            start = fresh > anomaly.SCALE and nxt >= span and counting
+            start = fresh > math.log10(1 / long) and nxt >= span and counting
             on_time = start and fresh <= decayed and gap != 0 and abs(nxt - abs(gap)) <= span
-            if on_time or (fresh > 0 and nxt < span and gap < 0):
-                fresh = 0.0  # an incident starting on the key's rhythm is its routine
+            within = fresh > 0 and nxt < span and gap != 0  # an incident already started
+            if on_time or (within and (gap < 0 or fresh <= decayed)):
+                fresh = 0.0  # routine (on the key's rhythm), or the same incident growing
             if start:
                 gap, since = (-nxt if on_time else nxt), 0.0
             elif counting:
