@@ -36,7 +36,12 @@ decades that picking the most surprising of several tests costs (Bonferroni).
 One alarm per incident: after strong evidence, the key's next alarm needs *fresh*
 evidence. The reported evidence is what exceeds the key's recent peak, which decays with
 the long window's half-life; a sustained incident is reported once, at its start, and a
-second, stronger one still shows. An incident *starts* with fresh evidence rarer than
+second, stronger one still shows. The peak is never more than the most evidence any event
+could show against the key's baseline today (an error at the engine's clip, a value
+``MAX_VALUE_Z`` stds out): a flat key's first spike, judged against a spread at its
+floor, counts tens of thousands of decades, and would otherwise hold back every incident
+for thousands of events after the baseline has learned that such spikes happen. An
+incident *starts* with fresh evidence rarer than
 once per long window by chance (``log10(1 / long_alpha)`` decades: 3, a score of 0.375,
 by default) once the slowest error average has forgotten the last start (its span, 32
 events by default). Within that span the incident is still the one reported: an error
@@ -179,6 +184,18 @@ def _incidents(
     return torch.where(held, 0.0, fresh)
 
 
+def _reachable(stats: AnomalyStats, spread: torch.Tensor, max_error: float) -> torch.Tensor:
+    """The most evidence (decades) one event could show against the key's baseline now.
+
+    A peak set against an immature baseline (a flat key's first spike, its spread at the
+    floor: tens of thousands of decades) would otherwise hold back every later incident
+    for thousands of events after the baseline has learned that such spikes happen.
+    """
+    worst = (max_error - stats.mean.unsqueeze(1)) / spread
+    value = torch.full_like(stats.mean, math.log10(1.0 + MAX_VALUE_Z * MAX_VALUE_Z))
+    return torch.maximum(_decades(worst).amax(1), value) - TESTS
+
+
 def update(
     stats: AnomalyStats,
     error: torch.Tensor,
@@ -186,11 +203,13 @@ def update(
     short_alpha: float,
     long_alpha: float,
     min_events: int,
+    max_error: float = math.inf,
 ) -> torch.Tensor:
     """Score ``error`` (std units, one per key) and fold it into ``stats`` in place.
 
     ``value_z`` is how far the key's values sit from their running mean, in std units
-    (the largest over features).
+    (the largest over features); ``max_error`` is the most an error can be (the engine
+    clips errors at ``engine.input_clip``).
     """
     alphas = short_alpha * _SCALES
     # The fastest scale sees an error only as far as the value itself is from the key's
@@ -215,8 +234,10 @@ def update(
     by_value = torch.log10(1.0 + z * z)
     decades = (torch.maximum(by_scale, by_value) - TESTS).clamp(min=0.0)
     decades = torch.where(stats.count >= min_events, decades, 0.0)
-    # One alarm per incident: report only what exceeds the key's decaying recent peak.
-    peak = stats.peak * (1.0 - long_alpha)
+    # One alarm per incident: report only what exceeds the key's decaying recent peak,
+    # which is never more than the most evidence any event could show against today's
+    # baseline (an error of max_error, a value MAX_VALUE_Z stds out).
+    peak = torch.minimum(stats.peak * (1.0 - long_alpha), _reachable(stats, spread, max_error))
     fresh = (decades - peak).clamp(min=0.0)
     fresh = _incidents(stats, fresh, peak, short_alpha, long_alpha, min_events)
     stats.peak.copy_(torch.maximum(peak, decades))

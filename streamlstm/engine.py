@@ -392,6 +392,7 @@ class Engine:
             cfg.anomaly_short_alpha,
             cfg.anomaly_long_alpha,
             cfg.anomaly_min_events,
+            self.settings.engine.input_clip,  # std_err is clipped there
         )
         if partial_rows:
             for name, old in zip(names, before, strict=True):

@@ -115,6 +115,7 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
     float *shrt = row + col[COL_SCALES], *svar = row + col[COL_SVAR];
     float *mean = row + col[COL_ERR_MEAN], *count = row + col[COL_ERR_COUNT];
     float *peak = row + col[COL_ERR_PEAK], by_scale = -INFINITY, z, by_value, d, p, fresh, a;
+    float clip = (float)prm[PRM_CLIP], reach = -INFINITY; /* anomaly._reachable */
     float short_alpha = (float)prm[PRM_SHORT_ALPHA], long_alpha = (float)prm[PRM_LONG_ALPHA];
     int first = *count == 0.0f;
     for (int s = 0; s < S; s++) {
@@ -123,12 +124,14 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
         shrt[s] = first ? e : shrt[s] + alpha * (e - shrt[s]);
         float spread = sqrtf(svar[s] + (float)prm[PRM_VAR_FLOOR]);
         by_scale = nmax(by_scale, decades((shrt[s] - *mean) / spread));
+        reach = nmax(reach, decades((clip - *mean) / spread));
     }
     z = cmax(value_z, (float)prm[PRM_MAX_VALUE_Z]);
     by_value = log10f(1.0f + z * z);
     d = cmin(nmax(by_scale, by_value) - (float)prm[PRM_TESTS], 0.0f);
     if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;
-    p = *peak * (float)(1.0 - prm[PRM_LONG_ALPHA]);
+    reach = nmax(reach, (float)log10(1.0 + prm[PRM_MAX_VALUE_Z] * prm[PRM_MAX_VALUE_Z]));
+    p = nmin(*peak * (float)(1.0 - prm[PRM_LONG_ALPHA]), reach - (float)prm[PRM_TESTS]);
     fresh = cmin(d - p, 0.0f);
     fresh = incidents(row, col, prm, fresh, p);
     *peak = nmax(p, d);

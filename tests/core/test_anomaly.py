@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -223,3 +224,26 @@ def test_a_much_stronger_error_within_an_incident_still_alarms() -> None:
 
 def test_an_incident_starts_at_evidence_rarer_than_once_per_long_window() -> None:
     assert anomaly.start_level(0.001) == 3.0 and anomaly.start_level(0.01) == 2.0
+
+
+def _flat_then_bursty(max_error: float) -> np.ndarray:
+    """A key whose errors are 0 for 500 events, then spikes of 10 stds (the engine's clip)
+    every 7 events until 1,000, then calm, then a burst at 2,500 (long window 1,000)."""
+    spikes = {t: 10.0 for t in [*range(500, 1000, 7), *range(2500, 2506)]}
+    stats = anomaly.AnomalyStats.zeros(1)
+    scores = []
+    for t in range(2600):
+        e, z = torch.tensor([spikes.get(t, 0.0)]), torch.tensor([1e4 if t in spikes else 0.1])
+        scores.append(float(anomaly.update(stats, e, z, 0.5, 0.001, 20, max_error)))
+    return np.array(scores)
+
+
+def test_a_flat_keys_first_spike_does_not_hold_back_its_incidents_for_long() -> None:
+    """The first spike, against a spread at the floor, is ~54,000 decades; once the
+    baseline has learned the key's spikes no event could show a tenth of that, so the peak
+    is capped there and the burst at 2,500 alarms. Uncapped, the peak would take ~10,000
+    events to decay below it."""
+    capped, uncapped = _flat_then_bursty(10.0), _flat_then_bursty(math.inf)
+    assert capped[500] > 0.99 and capped[501:2500].max() < 0.5
+    assert capped[2500:2510].max() >= 0.5
+    assert uncapped[2500:2510].max() == 0.0
