@@ -36,12 +36,20 @@ decades that picking the most surprising of several tests costs (Bonferroni).
 One alarm per incident: after strong evidence, the key's next alarm needs *fresh*
 evidence. The reported evidence is what exceeds the key's recent peak, which decays with
 the long window's half-life; a sustained incident is reported once, at its start, and a
-second, stronger one still shows.
+second, stronger one still shows. The peak is never more than the most evidence any event
+could show against the key's baseline today (an error at the engine's clip, a value
+``MAX_VALUE_Z`` stds out): a flat key's first spike, judged against a spread at its
+floor, counts tens of thousands of decades, and would otherwise hold back every incident
+for thousands of events after the baseline has learned that such spikes happen. An
+incident *starts* with fresh evidence rarer than
+once per long window by chance (``log10(1 / long_alpha)`` decades: 3, a score of 0.375,
+by default) once the slowest error average has forgotten the last start (its span, 32
+events by default). Within that span the incident is still the one reported: an error
+that keeps growing there (a burst building up over a few events) adds fresh evidence at
+every step, and only evidence more than twice the decayed peak shows again.
 
 Routine incidents: an incident that recurs on the key's own rhythm (a nightly job's
-spike, every 288 events at one event per 5 minutes) is what the key does, not news. An
-incident *starts* with fresh evidence of at least ``SCALE`` decades (a score of 0.5) once
-the slowest error average has forgotten the last start (its span, 32 events by default).
+spike, every 288 events at one event per 5 minutes) is what the key does, not news.
 A start as many events after the previous one as that one came after the one before it
 (within the same span) is on rhythm, and unless its evidence is more than twice the
 decayed peak, that whole incident scores 0. So a routine spike alarms twice (the second
@@ -135,32 +143,57 @@ def _decades(z: torch.Tensor) -> torch.Tensor:
     return -torch.special.log_ndtr(-z) / _LOG10
 
 
-def _off_rhythm(
+def start_level(long_alpha: float) -> float:
+    """Fresh evidence (decades) that starts an incident: rarer than once per long window.
+
+    A key sees about ``1 / long_alpha`` events in its long window; evidence below
+    ``log10(1 / long_alpha)`` decades comes by chance about once per window, so it starts
+    nothing (3 decades, a score of 0.375, at the default 0.001).
+    """
+    return math.log10(1.0 / long_alpha)
+
+
+def _incidents(
     stats: AnomalyStats,
     fresh: torch.Tensor,
     peak: torch.Tensor,
     short_alpha: float,
+    long_alpha: float,
     min_events: int,
 ) -> torch.Tensor:
-    """Hold back ``fresh`` evidence of an incident that starts on the key's rhythm.
+    """Hold back ``fresh`` evidence that is routine or part of an incident already reported.
 
-    An incident starts with fresh evidence of at least ``SCALE`` decades (a score of 0.5)
-    once the slowest error average has had time to forget the last one (``span`` events);
-    if it comes as many events after the last start as that one came after the one
-    before (within ``span``), and is no more than twice as strong as the decayed ``peak``
-    (``fresh <= peak``), it is the key's routine (a nightly job's spike) and the whole
-    incident is held back. Updates ``since`` and ``gap`` in place.
+    An incident starts with fresh evidence above ``start_level`` once the slowest error
+    average has had time to forget the last one (``span`` events). Within its span, more
+    evidence is the same incident growing: it is held back unless more than twice as
+    strong as the decayed ``peak`` (``fresh > peak``). A start that comes as many events
+    after the last one as that one came after the one before (within ``span``), and is
+    no more than twice as strong as the peak, is the key's routine (a nightly job's
+    spike): that whole incident is held back. Updates ``since`` and ``gap`` in place.
     """
     span = 1.0 / (short_alpha * SCALES[-1])
     counting = stats.count >= min_events
     since = stats.since + 1.0
-    start = (fresh > SCALE) & (since >= span) & counting
+    start = (fresh > start_level(long_alpha)) & (since >= span) & counting
     on_time = start & (fresh <= peak) & (stats.gap != 0.0)
     on_time &= (since - stats.gap.abs()).abs() <= span
-    held = on_time | ((fresh > 0.0) & (since < span) & (stats.gap < 0.0))
+    within = (fresh > 0.0) & (since < span) & (stats.gap != 0.0)  # after a start
+    held = on_time | (within & ((stats.gap < 0.0) | (fresh <= peak)))
     stats.gap.copy_(torch.where(start, torch.where(on_time, -since, since), stats.gap))
     stats.since.copy_(torch.where(start, 0.0, torch.where(counting, since, stats.since)))
     return torch.where(held, 0.0, fresh)
+
+
+def _reachable(stats: AnomalyStats, spread: torch.Tensor, max_error: float) -> torch.Tensor:
+    """The most evidence (decades) one event could show against the key's baseline now.
+
+    A peak set against an immature baseline (a flat key's first spike, its spread at the
+    floor: tens of thousands of decades) would otherwise hold back every later incident
+    for thousands of events after the baseline has learned that such spikes happen.
+    """
+    worst = (max_error - stats.mean.unsqueeze(1)) / spread
+    value = torch.full_like(stats.mean, math.log10(1.0 + MAX_VALUE_Z * MAX_VALUE_Z))
+    return torch.maximum(_decades(worst).amax(1), value) - TESTS
 
 
 def update(
@@ -170,11 +203,13 @@ def update(
     short_alpha: float,
     long_alpha: float,
     min_events: int,
+    max_error: float = math.inf,
 ) -> torch.Tensor:
     """Score ``error`` (std units, one per key) and fold it into ``stats`` in place.
 
     ``value_z`` is how far the key's values sit from their running mean, in std units
-    (the largest over features).
+    (the largest over features); ``max_error`` is the most an error can be (the engine
+    clips errors at ``engine.input_clip``).
     """
     alphas = short_alpha * _SCALES
     # The fastest scale sees an error only as far as the value itself is from the key's
@@ -199,10 +234,12 @@ def update(
     by_value = torch.log10(1.0 + z * z)
     decades = (torch.maximum(by_scale, by_value) - TESTS).clamp(min=0.0)
     decades = torch.where(stats.count >= min_events, decades, 0.0)
-    # One alarm per incident: report only what exceeds the key's decaying recent peak.
-    peak = stats.peak * (1.0 - long_alpha)
+    # One alarm per incident: report only what exceeds the key's decaying recent peak,
+    # which is never more than the most evidence any event could show against today's
+    # baseline (an error of max_error, a value MAX_VALUE_Z stds out).
+    peak = torch.minimum(stats.peak * (1.0 - long_alpha), _reachable(stats, spread, max_error))
     fresh = (decades - peak).clamp(min=0.0)
-    fresh = _off_rhythm(stats, fresh, peak, short_alpha, min_events)
+    fresh = _incidents(stats, fresh, peak, short_alpha, long_alpha, min_events)
     stats.peak.copy_(torch.maximum(peak, decades))
     # Exact running mean for the first 1/long_alpha errors, then exponential; each scale's
     # spread around it the same way (a first error leaves it 0: its average is the mean).

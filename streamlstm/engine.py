@@ -381,10 +381,9 @@ class Engine:
     ) -> torch.Tensor:
         """Anomaly score for rows in ``scored``; other rows' statistics are left alone."""
         cfg = self.settings.state
-        names = anomaly.COLUMNS
         partial_rows = not bool(scored.all())  # the usual case: every key had a forecast
-        before = [field(n).clone() for n in names] if partial_rows else []
-        after = anomaly.AnomalyStats(*(field(n) for n in names))
+        before = [field(n).clone() for n in anomaly.COLUMNS] if partial_rows else []
+        after = anomaly.AnomalyStats(*(field(n) for n in anomaly.COLUMNS))
         score = anomaly.update(
             after,
             std_err,
@@ -392,9 +391,10 @@ class Engine:
             cfg.anomaly_short_alpha,
             cfg.anomaly_long_alpha,
             cfg.anomaly_min_events,
+            self.settings.engine.input_clip,  # std_err is clipped there
         )
         if partial_rows:
-            for name, old in zip(names, before, strict=True):
+            for name, old in zip(anomaly.COLUMNS, before, strict=True):
                 keep = scored.unsqueeze(1) if old.dim() == 2 else scored
                 field(name).copy_(torch.where(keep, field(name), old))
         return torch.where(scored, score, 0.0)

@@ -86,18 +86,21 @@ static void learn(const double *prm, float *hedge, const float *fc, const float 
     }
 }
 
-/* anomaly._off_rhythm: hold back fresh evidence of an incident that starts on the key's
- * rhythm (as many events after the last start as that one after the one before) and is
- * no more than twice the decayed peak p. */
-static float off_rhythm(float *row, const int64_t *col, const double *prm, float fresh,
-                        float peak) {
+/* anomaly._incidents: hold back fresh evidence of an incident already reported (within
+ * the span after its start, unless more than twice the decayed peak p) or one that starts
+ * on the key's rhythm (as many events after the last start as that one after the one
+ * before, and no more than twice p). Starts need anomaly.start_level: log10(1/long_alpha). */
+static float incidents(float *row, const int64_t *col, const double *prm, float fresh,
+                       float peak) {
     float *since = row + col[COL_ERR_SINCE], *gap = row + col[COL_ERR_GAP];
     float span = (float)(1.0 / (prm[PRM_SHORT_ALPHA] * (double)(float)prm[PRM_SCALE0 + S - 1]));
+    float level = (float)log10(1.0 / prm[PRM_LONG_ALPHA]);
     int counting = row[col[COL_ERR_COUNT]] >= (float)prm[PRM_MIN_EVENTS];
     float next = *since + 1.0f;
-    int start = fresh > (float)prm[PRM_EVIDENCE_SCALE] && next >= span && counting;
+    int start = fresh > level && next >= span && counting;
     int on_time = start && fresh <= peak && *gap != 0.0f && fabsf(next - fabsf(*gap)) <= span;
-    int held = on_time || (fresh > 0.0f && next < span && *gap < 0.0f);
+    int within = fresh > 0.0f && next < span && *gap != 0.0f;
+    int held = on_time || (within && (*gap < 0.0f || fresh <= peak));
     if (start) {
         *gap = on_time ? -next : next;
         *since = 0.0f;
@@ -112,6 +115,7 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
     float *shrt = row + col[COL_SCALES], *svar = row + col[COL_SVAR];
     float *mean = row + col[COL_ERR_MEAN], *count = row + col[COL_ERR_COUNT];
     float *peak = row + col[COL_ERR_PEAK], by_scale = -INFINITY, z, by_value, d, p, fresh, a;
+    float clip = (float)prm[PRM_CLIP], reach = -INFINITY; /* anomaly._reachable */
     float short_alpha = (float)prm[PRM_SHORT_ALPHA], long_alpha = (float)prm[PRM_LONG_ALPHA];
     int first = *count == 0.0f;
     for (int s = 0; s < S; s++) {
@@ -120,14 +124,16 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
         shrt[s] = first ? e : shrt[s] + alpha * (e - shrt[s]);
         float spread = sqrtf(svar[s] + (float)prm[PRM_VAR_FLOOR]);
         by_scale = nmax(by_scale, decades((shrt[s] - *mean) / spread));
+        reach = nmax(reach, decades((clip - *mean) / spread));
     }
     z = cmax(value_z, (float)prm[PRM_MAX_VALUE_Z]);
     by_value = log10f(1.0f + z * z);
     d = cmin(nmax(by_scale, by_value) - (float)prm[PRM_TESTS], 0.0f);
     if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;
-    p = *peak * (float)(1.0 - prm[PRM_LONG_ALPHA]);
+    reach = nmax(reach, (float)log10(1.0 + prm[PRM_MAX_VALUE_Z] * prm[PRM_MAX_VALUE_Z]));
+    p = nmin(*peak * (float)(1.0 - prm[PRM_LONG_ALPHA]), reach - (float)prm[PRM_TESTS]);
     fresh = cmin(d - p, 0.0f);
-    fresh = off_rhythm(row, col, prm, fresh, p);
+    fresh = incidents(row, col, prm, fresh, p);
     *peak = nmax(p, d);
     a = 1.0f / (*count + 1.0f);
     a = a < long_alpha ? long_alpha : a;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -190,3 +191,59 @@ def test_a_much_stronger_spike_on_the_keys_rhythm_still_alarms() -> None:
         z = torch.tensor([1e6 if t in routine else 1.0])
         scores.append(float(anomaly.update(stats, e, z, 0.5, 0.001, 20)))
     assert scores[routine[4]] >= 0.5 and scores[routine[3]] < 0.5
+
+
+def _burst(extra: dict[int, float]) -> np.ndarray:
+    """A calm key (long window 1,000 events) whose errors build up over five events."""
+    rng = np.random.default_rng(1)
+    errors = list(np.abs(rng.normal(size=700)))
+    errors[600:605] = [4.0, 6.0, 8.0, 10.0, 12.0]
+    for t, e in extra.items():
+        errors[t] = e
+    stats = anomaly.AnomalyStats.zeros(1)
+    scores = []
+    for e in errors:
+        t = torch.tensor([e])
+        scores.append(float(anomaly.update(stats, t, t, 0.5, 0.001, 20)))
+    return np.array(scores)
+
+
+def test_a_burst_building_up_over_a_few_events_alarms_once() -> None:
+    """Each step of the burst exceeds the last one's evidence (fresh evidence beyond the
+    peak every time: four alarms before); within the incident's span it is one incident."""
+    scores = _burst({})
+    assert scores[100:600].max() < 0.5
+    assert np.flatnonzero(scores[600:700] >= 0.5).tolist() == [1]
+
+
+def test_a_much_stronger_error_within_an_incident_still_alarms() -> None:
+    """Inside the burst's span, an error of 40 stds: more than twice the decayed peak."""
+    scores = _burst({607: 40.0})
+    assert np.flatnonzero(scores[600:700] >= 0.5).tolist() == [1, 7]
+
+
+def test_an_incident_starts_at_evidence_rarer_than_once_per_long_window() -> None:
+    assert anomaly.start_level(0.001) == 3.0 and anomaly.start_level(0.01) == 2.0
+
+
+def _flat_then_bursty(max_error: float) -> np.ndarray:
+    """A key whose errors are 0 for 500 events, then spikes of 10 stds (the engine's clip)
+    every 7 events until 1,000, then calm, then a burst at 2,500 (long window 1,000)."""
+    spikes = {t: 10.0 for t in [*range(500, 1000, 7), *range(2500, 2506)]}
+    stats = anomaly.AnomalyStats.zeros(1)
+    scores = []
+    for t in range(2600):
+        e, z = torch.tensor([spikes.get(t, 0.0)]), torch.tensor([1e4 if t in spikes else 0.1])
+        scores.append(float(anomaly.update(stats, e, z, 0.5, 0.001, 20, max_error)))
+    return np.array(scores)
+
+
+def test_a_flat_keys_first_spike_does_not_hold_back_its_incidents_for_long() -> None:
+    """The first spike, against a spread at the floor, is ~54,000 decades; once the
+    baseline has learned the key's spikes no event could show a tenth of that, so the peak
+    is capped there and the burst at 2,500 alarms. Uncapped, the peak would take ~10,000
+    events to decay below it."""
+    capped, uncapped = _flat_then_bursty(10.0), _flat_then_bursty(math.inf)
+    assert capped[500] > 0.99 and capped[501:2500].max() < 0.5
+    assert capped[2500:2510].max() >= 0.5
+    assert uncapped[2500:2510].max() == 0.0

@@ -4,9 +4,10 @@ The reference re-derives every number from the documented rules, for one key, in
 float64: the scaler's std *before* each event, each forecaster's discounted loss, the
 mixture, the error averages (the fastest capped by the value's distance from its
 mean), each average's own long variance and the long mean updated *after* scoring (an
-event is judged against the past only), fresh evidence beyond the decaying peak, held
-back when its incident starts on the key's rhythm. An untrained network forecasts
-persistence exactly (its head starts at zero), so the reference needs no network.
+event is judged against the past only), fresh evidence beyond the decaying peak (at
+most what an event could show now), held back when its incident starts on the key's
+rhythm or was already reported. An untrained network forecasts persistence exactly (its
+head starts at zero), so the reference needs no network.
 """
 
 from __future__ import annotations
@@ -47,13 +48,18 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             by_scale = float((-log_ndtr(-(avg - m) / spread) / math.log(10)).max())
             by_value = math.log10(1 + value_z**2)
             d = max(max(by_scale, by_value) - math.log10(4), 0.0) if n >= least else 0.0
-            decayed = peak * (1 - long)
+            # never more than an event could show now: an error at the clip, a value
+            # MAX_VALUE_Z stds out
+            worst = float((-log_ndtr(-(clip - m) / spread) / math.log(10)).max())
+            reach = max(worst, math.log10(1 + anomaly.MAX_VALUE_Z**2)) - math.log10(4)
+            decayed = min(peak * (1 - long), reach)
             fresh, peak = max(d - decayed, 0.0), max(decayed, d)
             nxt, counting = since + 1, n >= least
-            start = fresh > anomaly.SCALE and nxt >= span and counting
+            start = fresh > math.log10(1 / long) and nxt >= span and counting
             on_time = start and fresh <= decayed and gap != 0 and abs(nxt - abs(gap)) <= span
-            if on_time or (fresh > 0 and nxt < span and gap < 0):
-                fresh = 0.0  # an incident starting on the key's rhythm is its routine
+            within = fresh > 0 and nxt < span and gap != 0  # an incident already started
+            if on_time or (within and (gap < 0 or fresh <= decayed)):
+                fresh = 0.0  # routine (on the key's rhythm), or the same incident growing
             if start:
                 gap, since = (-nxt if on_time else nxt), 0.0
             elif counting:
