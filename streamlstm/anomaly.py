@@ -40,13 +40,14 @@ second, stronger one still shows. The peak is never more than the most evidence 
 could show against the key's baseline today (an error at the engine's clip, a value
 ``MAX_VALUE_Z`` stds out): a flat key's first spike, judged against a spread at its
 floor, counts tens of thousands of decades, and would otherwise hold back every incident
-for thousands of events after the baseline has learned that such spikes happen. An
-incident *starts* with fresh evidence rarer than
-once per long window by chance (``log10(1 / long_alpha)`` decades: 3, a score of 0.375,
-by default) once the slowest error average has forgotten the last start (its span, 32
-events by default). Within that span the incident is still the one reported: an error
-that keeps growing there (a burst building up over a few events) adds fresh evidence at
-every step, and only evidence more than twice the decayed peak shows again.
+for thousands of events after the baseline has learned that such spikes happen.
+
+An incident *starts* with fresh evidence rarer than once per long window by chance
+(``log10(1 / long_alpha)`` decades: 3, a score of 0.375, by default) once the slowest
+error average has forgotten the last start (its span, 32 events by default). Within that
+span the incident is still the one reported: an error that keeps growing there (a burst
+building up over a few events) adds fresh evidence at every step, and only evidence more
+than twice the decayed peak shows again.
 
 Routine incidents: an incident that recurs on the key's own rhythm (a nightly job's
 spike, every 288 events at one event per 5 minutes) is what the key does, not news.
