@@ -140,7 +140,11 @@ class FusedStep:
         self.lstm = PackedLstm(model)
         self.layout = layout
         cols = layout.columns
-        self.columns = np.array([cols[n].start if n in cols else -1 for n in _COLUMNS], np.int64)
+        starts = [cols[n].start if n in cols else -1 for n in _COLUMNS]
+        rec = cols["recurrent"]  # then the state's columns, and those holding float16 pairs
+        self.half = layout.recurrent_dtype == torch.float16
+        halves = (rec.stop - rec.start) * self.half
+        self.columns = np.array([*starts, rec.start, halves], np.int64)
         e, s, d = settings.engine, settings.state, settings.drift
         self.params = np.array(
             [
@@ -234,7 +238,7 @@ class FusedStep:
             rows = torch.empty(n, width)
             lib.fused_take(i64(n), i64(width), _ptr(table), i64(width), _ptr(s), i64(0),
                            _ptr(rows), i64(width))  # fmt: skip
-            count, state = layout.field(rows, "count"), layout.field(rows, "recurrent")
+            count, state = layout.field(rows, "count"), layout.field(rows, "recurrent").float()
             learner.record(StepRecord(s, raw, change, count, state, positions))
         out = self._network(table, s, xh, f)
         bad = np.zeros(n, np.uint8)
@@ -257,18 +261,20 @@ class FusedStep:
         lstm.refresh()
         n, width, h = len(s), table.shape[1], lstm.hidden
         rec = self.layout.columns["recurrent"].start  # (layer, part) at (2 * layer + part) * h
-        lib.fused_take(
-            i64(n), i64(h), _ptr(table), i64(width), _ptr(s), i64(rec), _ptr(xh, f), i64(f + h)
+        take = (lib.fused_take_half, i64(rec), i64(0)) if self.half else (lib.fused_take, i64(rec))
+        take[0](
+            i64(n), i64(h), _ptr(table), i64(width), _ptr(s), *take[1:], _ptr(xh, f), i64(f + h)
         )  # the first layer's hidden state beside the inputs
         inp = xh
         for layer, (weight, bias) in enumerate(lstm.layers):
             gates = torch.addmm(bias, inp, weight)
             top = layer == len(lstm.layers) - 1
             dst = torch.empty(n, h if top else 2 * h)  # [h_new, next layer's h]: its input
-            here = rec + 2 * layer * h
+            here = 2 * layer * h  # in the state's values
             lib.fused_lstm_cell(
-                i64(n), i64(h), _ptr(gates), _ptr(table), i64(width), _ptr(s), i64(here),
-                i64(here + h), _ptr(dst), i64(dst.shape[1]), i64(-1 if top else here + 2 * h),
+                i64(n), i64(h), _ptr(gates), _ptr(table), i64(width), _ptr(s), i64(rec),
+                i64(self.half), i64(here), i64(here + h), _ptr(dst), i64(dst.shape[1]),
+                i64(-1 if top else here + 2 * h),
             )  # fmt: skip
             inp = dst
         head = lstm.model.head

@@ -15,7 +15,8 @@
 
 enum { COL_MEAN, COL_VAR, COL_FORECASTERS, COL_STEP, COL_HEDGE, COL_SCALES, COL_SVAR,
        COL_COUNT, COL_HAS_PENDING, COL_ERR_MEAN, COL_ERR_COUNT, COL_ERR_PEAK,
-       COL_ERR_SINCE, COL_ERR_GAP, COL_PH };
+       COL_ERR_SINCE, COL_ERR_GAP, COL_PH,
+       COL_RECURRENT, COL_HALVES /* the state's first column; its columns of float16 pairs */ };
 enum { PRM_CLIP, PRM_WINDOW, PRM_SHORT_ALPHA, PRM_LONG_ALPHA, PRM_MIN_EVENTS, PRM_MAX_STEP,
        PRM_LEVEL, PRM_DRIFT, PRM_PH_DELTA, PRM_PH_THRESHOLD, PRM_PH_ALPHA, PRM_PH_MIN,
        PRM_PH_MODE,
@@ -198,12 +199,17 @@ void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, cons
     }
 }
 
-/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones). */
-static int non_finite(const float *row, int64_t w) {
+/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones); the
+ * halves columns from rec hold two float16 values each (their exponents: 0x7c00). */
+static int non_finite(const float *row, int64_t w, int64_t rec, int64_t halves) {
     uint32_t all = 0, bits;
     for (int64_t j = 0; j < w; j++) {
         memcpy(&bits, row + j, sizeof bits);
         all |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    for (int64_t j = rec; j < rec + halves; j++) {
+        memcpy(&bits, row + j, sizeof bits);
+        all |= ((bits & 0x7c00u) == 0x7c00u) | ((bits & 0x7c000000u) == 0x7c000000u);
     }
     return all != 0;
 }
@@ -271,7 +277,7 @@ int64_t fused_after(int64_t n, float *table, int64_t w, const int64_t *slots,
         o_sq[p] = sq[i];
         o_score[p] = unscored ? NAN : score[i];
         o_scaled[p] = unscored ? NAN : std_err[i];
-        bad_rows += bad[i] = (uint8_t)non_finite(row, w); /* to be reset */
+        bad_rows += bad[i] = (uint8_t)non_finite(row, w, col[COL_RECURRENT], col[COL_HALVES]);
     }
     return bad_rows;
 }
@@ -281,6 +287,21 @@ void fused_take(int64_t n, int64_t m, const float *table, int64_t w, const int64
                 int64_t col, float *dst, int64_t dst_stride) {
     for (int64_t i = 0; i < n; i++)
         memcpy(dst + i * dst_stride, table + slots[i] * w + col, m * sizeof(float));
+}
+
+/* A recurrent state stored as float16 (state.recurrent_dtype): converted exactly to
+ * float32 when read, rounded to nearest even (as torch's conversion) when written. */
+typedef _Float16 half;
+
+/* dst[i, :m] = the float16 values off .. off + m of the state at column rec of key i's row. */
+void fused_take_half(int64_t n, int64_t m, const float *table, int64_t w,
+                     const int64_t *slots, int64_t rec, int64_t off, float *dst,
+                     int64_t dst_stride) {
+    for (int64_t i = 0; i < n; i++) {
+        const half *src = (const half *)(table + slots[i] * w + rec) + off;
+        float *d = dst + i * dst_stride;
+        for (int64_t j = 0; j < m; j++) d[j] = (float)src[j];
+    }
 }
 
 /* a * b + c, in one rounding where the CPU has fused multiply-add (the polynomial below
@@ -316,36 +337,56 @@ static void sigmoid(int64_t m, float *restrict a) {
     for (int64_t j = 0; j < m; j++) a[j] = 1.0f / (1.0f + exp_approx(-a[j]));
 }
 
-/* One key's cell: gates g [4h] in (input, forget, output, cell) order, overwritten; hidden
- * state hr and cell state cr updated in place; the new hidden state also written to d.
- * tanh(x) = 2 sigmoid(2x) - 1. */
-static void lstm_cell(int64_t h, float *restrict g, float *restrict hr, float *restrict cr,
-                      float *restrict d) {
+/* One key's cell: gates g [4h] in (input, forget, output, cell) order, overwritten; cell
+ * state c updated in place; the new hidden state written to d. tanh(x) = 2 sigmoid(2x) - 1. */
+static void lstm_cell(int64_t h, float *restrict g, float *restrict c, float *restrict d) {
     float *restrict cand = g + 3 * h;
     for (int64_t j = 0; j < h; j++) cand[j] *= 2.0f;
     sigmoid(4 * h, g);
     for (int64_t j = 0; j < h; j++) {
-        cr[j] = g[h + j] * cr[j] + g[j] * (2.0f * cand[j] - 1.0f);
-        d[j] = 2.0f * cr[j];
+        c[j] = g[h + j] * c[j] + g[j] * (2.0f * cand[j] - 1.0f);
+        d[j] = 2.0f * c[j];
     }
     sigmoid(h, d);
-    for (int64_t j = 0; j < h; j++) {
-        d[j] = g[2 * h + j] * (2.0f * d[j] - 1.0f);
-        hr[j] = d[j];
-    }
+    for (int64_t j = 0; j < h; j++) d[j] = g[2 * h + j] * (2.0f * d[j] - 1.0f);
 }
 
+/* Rows ahead of the one in hand whose first lines are fetched: a batch's keys are spread
+ * over the table, so the hardware's stride prefetcher cannot guess the next row. */
+#define AHEAD 4
+
 /* One LSTM layer's cells for n keys, after its gates' matrix product (gates [n, 4h]): the
- * key's hidden and cell state at columns hid and cel of its row (row stride w) updated in
- * place; the new hidden state also written to dst[i * dst_stride], followed by the next
- * layer's hidden state from the row where nxt >= 0, so that [h_new, h_next] is the next
- * layer's matrix product input. */
+ * key's hidden and cell state at offsets hid and cel of its state (at column rec of its
+ * row, row stride w; float16 values where half) updated in place; the new hidden state
+ * also written to dst[i * dst_stride], followed by the next layer's hidden state (offset
+ * nxt) where nxt >= 0, so that [h_new, h_next] is the next layer's matrix product input. */
 void fused_lstm_cell(int64_t n, int64_t h, float *gates, float *table, int64_t w,
-                     const int64_t *slots, int64_t hid, int64_t cel, float *dst,
-                     int64_t dst_stride, int64_t nxt) {
+                     const int64_t *slots, int64_t rec, int64_t half_state, int64_t hid,
+                     int64_t cel, float *dst, int64_t dst_stride, int64_t nxt) {
+    int64_t bytes = (half_state ? 2 : 4) * h, line;
     for (int64_t i = 0; i < n; i++) {
         float *row = table + slots[i] * w, *d = dst + i * dst_stride;
-        lstm_cell(h, gates + i * 4 * h, row + hid, row + cel, d);
-        if (nxt >= 0) memcpy(d + h, row + nxt, h * sizeof(float));
+        if (i + AHEAD < n) {
+            const char *ahead = (const char *)(table + slots[i + AHEAD] * w + rec);
+            for (line = 0; line < (nxt >= 0 ? 3 : 2) * bytes; line += 64)
+                __builtin_prefetch(ahead + bytes * hid / h + line, 1);
+        }
+        if (half_state) {
+            half *state = (half *)(row + rec);
+            float c[h];
+            for (int64_t j = 0; j < h; j++) c[j] = (float)state[cel + j];
+            lstm_cell(h, gates + i * 4 * h, c, d);
+            for (int64_t j = 0; j < h; j++) {
+                state[cel + j] = (half)c[j];
+                state[hid + j] = (half)d[j];
+            }
+            if (nxt >= 0)
+                for (int64_t j = 0; j < h; j++) d[h + j] = (float)state[nxt + j];
+        } else {
+            float *state = row + rec;
+            lstm_cell(h, gates + i * 4 * h, state + cel, d);
+            memcpy(state + hid, d, h * sizeof(float));
+            if (nxt >= 0) memcpy(d + h, state + nxt, h * sizeof(float));
+        }
     }
 }

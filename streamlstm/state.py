@@ -1,19 +1,19 @@
 """Keyed state store: every stream key owns one row of a preallocated table.
 
-A key's row holds its recurrent state, its online normalisation statistics, the
-pending prediction (scored when the key's next event arrives) and its anomaly
-statistics, all float32 and contiguous, so a batch of keys is gathered with one
-``index_select`` and written back with one ``index_copy_`` that each touch one place
-in memory per key. Beside the table: the last event time (float64), the offset the
-state reflects, the source partition, and bookkeeping for eviction and persistence.
+A key's row holds its recurrent state (float16 by default: ``streamlstm.rows``), online
+normalisation statistics, pending prediction (scored when the key's next event arrives)
+and anomaly statistics in contiguous float32 columns, so a batch of keys is gathered with
+one ``index_select`` and written back with one ``index_copy_``, one place in memory per
+key. Beside the table: the last event time (float64), the offset the state reflects, the
+source partition, and bookkeeping for eviction and persistence.
 
 The table grows geometrically. Keys idle longer than ``ttl_seconds`` in *event* time
 are evicted, judged against a bounded **watermark**, never against one event: the
 minimum over the partitions the store serves of each partition's latest event time (a
 partition silent in wall time for 1% of the TTL is idle and left out), capped by the
 wall clock. So a far-future timestamp wipes nothing, and a caught-up partition does not
-expire the keys of a lagging one; old data (a replay) is judged in its own time. The sweep runs when
-the watermark has advanced by 1% of the TTL. Past ``max_keys`` the least recently used
+expire the keys of a lagging one; old data (a replay) is judged in its own time. The
+sweep runs when the watermark has advanced by 1% of the TTL. Past ``max_keys`` the LRU
 keys go first, in bulk down to a low-water mark, so a full table under key churn costs
 about what an empty one does. Keys are tagged with their source partition, so one
 partition's keys can be snapshotted, dropped and restored together. A row that became
@@ -24,7 +24,7 @@ non-finite (an overflow; a fault) is reset to a fresh key's row and counted
 >>> store.assign(["a", "b", "a"], ts=np.array([0.0, 1.0, 2.0])).tolist()
 [0, 1, 0]
 >>> len(store), store.layout.width, store.bytes_per_row
-(2, 76, 333)
+(2, 60, 269)
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ CAPACITY_HEADROOM = 0.02
 NO_PARTITION = -1
 
 
+def _block(obj: object) -> int:  # bytes Python's allocator gives an object: 16-aligned
+    return -(-sys.getsizeof(obj) // 16) * 16
+
+
 class KeyedState:
     """Rows for stream keys, found by key, by slot, or by source partition."""
 
@@ -64,8 +68,9 @@ class KeyedState:
         on_evict: Callable[[list[str], str], None] | None = None,
         clock: Callable[[], float] = time.time,
         typical_step: bool = False,
+        recurrent_dtype: str = "float16",
     ) -> None:
-        self.layout = RowLayout(state_shape, width, typical_step)
+        self.layout = RowLayout(state_shape, width, typical_step, recurrent_dtype)
         self.state_shape = state_shape
         self.width = width
         self.max_keys = max_keys
@@ -103,9 +108,8 @@ class KeyedState:
     def _grow(self, capacity: int) -> None:
         """Reallocate every per-slot tensor with ``capacity`` rows, keeping existing rows."""
         old = self.capacity
-        # The engine grows the table inside torch.inference_mode(); a tensor made there
-        # could never again be written outside it (the changelog clears dirty marks, a
-        # restore loads rows), so the new ones are made as ordinary tensors.
+        # Made as ordinary tensors: one made in the engine's inference_mode could never be
+        # written outside it again (the changelog clears dirty marks, a restore loads rows).
         with torch.inference_mode(False):
             for name in self._COLUMNS:
                 tensor = getattr(self, name)
@@ -119,18 +123,18 @@ class KeyedState:
     @property
     def bytes_per_row(self) -> int:
         """Tensor bytes one key occupies (table row + time, offset, partition, LRU, dirty)."""
-        return sum(
-            getattr(self, n).element_size() * getattr(self, n)[0].numel() for n in self._COLUMNS
-        )
+        columns = [getattr(self, n) for n in self._COLUMNS]
+        return sum(c.element_size() * c[0].numel() for c in columns)
 
     def bytes_per_key(self) -> int:
-        """Tensor row plus the key's share of the Python index (dict entry, key string)."""
+        """Tensor row plus the key's share of the Python index: dict, key string, slot number
+        (an int object past 256), slot lists (checked against ``tracemalloc`` in tests)."""
         if not self._slot_of:
             return self.bytes_per_row
-        sample = list(self._slot_of)[:1000]
-        key_bytes = sum(sys.getsizeof(k) for k in sample) / len(sample)
-        dict_bytes = sys.getsizeof(self._slot_of) / len(self._slot_of)
-        return int(self.bytes_per_row + key_bytes + dict_bytes + 8)  # + list entry in _key_of
+        sample = list(self._slot_of.items())[:1000]
+        own = sum(_block(k) + (_block(v) if v > 256 else 0) for k, v in sample)
+        index = sum(map(sys.getsizeof, (self._slot_of, self._key_of, self._free)))
+        return int(self.bytes_per_row + own / len(sample) + index / len(self._slot_of))
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -276,12 +280,14 @@ class KeyedState:
         (the key keeps its slot, partition and offset); counted in ``resets["non_finite"]``.
         ``rows``: the rows of ``slots`` when the caller has them at hand."""
         rows = self.table.index_select(0, slots) if rows is None else rows
-        # One float32 sum screens the batch (a NaN or an infinity anywhere makes it
-        # non-finite); the exact per-row test (about 30x dearer) runs only when it is not,
-        # which finite rows cause only near float32's range (the decoder keeps values far off).
-        if bool(torch.isfinite(rows.sum())):
+        # One sum screens the batch (a NaN or an infinity anywhere makes it non-finite); the
+        # exact per-row test (30x dearer) runs only when it is not, which finite rows cause
+        # only near float32's range. A float16 state is summed as such (as float32 bits, a
+        # non-finite float16 value need not look so)
+        state = self.layout.field(rows, "recurrent")
+        if bool(torch.isfinite(rows.sum() + state.sum())):
             return 0
-        bad = ~torch.isfinite(rows).all(1)
+        bad = ~(torch.isfinite(rows).all(1) & torch.isfinite(state).flatten(1).all(1))
         if not bool(bad.any()):
             return 0
         return self.reset(slots[bad], "non_finite")
@@ -324,13 +330,8 @@ class KeyedState:
 
     def record_dtype(self) -> np.dtype:
         """Numpy layout of one key's persisted state."""
-        return np.dtype(
-            [
-                ("row", np.float32, (self.layout.width,)),
-                ("last_ts", np.float64),
-                ("offset", np.int64),
-            ]
-        )
+        fields = [("row", np.float32, (self.layout.width,)), ("last_ts", np.float64)]
+        return np.dtype([*fields, ("offset", np.int64)])
 
     def snapshot(self, slots: torch.Tensor) -> list[tuple[str, bytes]]:
         """Serialise keys' state: ``(key, bytes)`` pairs in the :meth:`record_dtype` layout."""
