@@ -255,17 +255,13 @@ class FusedStep:
     ) -> torch.Tensor:
         """The LSTM step of the keys at slots ``s`` (their state updated in place in the
         table): per layer one ``addmm`` for the gates and one C pass for the cells. ``xh``
-        holds the clipped inputs in its first ``f`` columns. Returns the predicted next
-        inputs [n, f]."""
+        holds the clipped inputs in its first ``f`` columns, then the first layer's hidden
+        state. Returns the predicted next inputs [n, f]."""
         lib, lstm, i64 = self.lib, self.lstm, ctypes.c_int64
         lstm.refresh()
         n, width, h = len(s), table.shape[1], lstm.hidden
         rec = self.layout.columns["recurrent"].start  # (layer, part) at (2 * layer + part) * h
-        take = (lib.fused_take_half, i64(rec), i64(0)) if self.half else (lib.fused_take, i64(rec))
-        take[0](
-            i64(n), i64(h), _ptr(table), i64(width), _ptr(s), *take[1:], _ptr(xh, f), i64(f + h)
-        )  # the first layer's hidden state beside the inputs
-        inp = xh
+        inp = xh  # [inputs, the first layer's hidden state] (fused_before wrote both)
         for layer, (weight, bias) in enumerate(lstm.layers):
             gates = torch.addmm(bias, inp, weight)
             top = layer == len(lstm.layers) - 1

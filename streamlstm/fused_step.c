@@ -12,6 +12,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 enum { COL_MEAN, COL_VAR, COL_FORECASTERS, COL_STEP, COL_HEDGE, COL_SCALES, COL_SVAR,
        COL_COUNT, COL_HAS_PENDING, COL_ERR_MEAN, COL_ERR_COUNT, COL_ERR_PEAK,
@@ -31,6 +34,44 @@ static float nmax(float a, float b) { return (a != a || b != b) ? NAN : (a > b ?
 static float nmin(float a, float b) { return (a != a || b != b) ? NAN : (a < b ? a : b); }
 static float cmax(float v, float hi) { return v > hi ? hi : v; } /* clamp(max=): NaN stays */
 static float cmin(float v, float lo) { return v < lo ? lo : v; } /* clamp(min=): NaN stays */
+
+/* Keys ahead of the one in hand whose rows are fetched into cache: a batch's keys are
+ * spread over a table far larger than the caches, in an order the CPU's own prefetcher
+ * cannot guess, so each row would otherwise cost a wait on memory. */
+#ifndef AHEAD
+#define AHEAD 8
+#endif
+
+/* Fetch bytes [from, to) of a row (to be written). */
+static inline void prefetch(const float *row, int64_t from, int64_t to) {
+    const char *base = (const char *)row;
+    for (int64_t at = from; at < to; at += 64) __builtin_prefetch(base + at, 1);
+    if (to > from) __builtin_prefetch(base + to - 1, 1);
+}
+
+/* A recurrent state stored as float16 (state.recurrent_dtype): converted exactly to
+ * float32 when read, rounded to nearest even (as torch's conversion) when written. The
+ * compiler does not vectorise these conversions: F16C's do 8 at once where the CPU has it. */
+typedef _Float16 half;
+
+static void from_half(const half *src, float *dst, int64_t m) {
+    int64_t j = 0;
+#ifdef __F16C__
+    for (; j + 8 <= m; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+#endif
+    for (; j < m; j++) dst[j] = (float)src[j];
+}
+
+static void to_half(const float *src, half *dst, int64_t m) {
+    int64_t j = 0;
+#ifdef __F16C__
+    for (; j + 8 <= m; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < m; j++) dst[j] = (half)src[j];
+}
 
 static float std_of(float var, float mean) {
     return sqrtf(var + 1e-14f * mean * mean + 1e-30f);
@@ -143,14 +184,17 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
 
 /* Before the network: score the pending forecasts, update forecasters and scaler, and
  * write the network's input. Outputs per key: xin [n, xin_stride] (clipped input in its
- * first f columns), raw and change [n, f], std [n, f], err/sq/std_err/score [n]. */
+ * first f columns, then the first layer's hidden state), raw and change [n, f], std
+ * [n, f], err/sq/std_err/score [n]. */
 void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, const int64_t *col,
                   const double *prm,
                   const float *x, int64_t f, float *xin, int64_t xin_stride, float *raw,
                   float *change, float *std, float *err, float *sq, float *std_err, float *score) {
     float clip = (float)prm[PRM_CLIP], window = (float)prm[PRM_WINDOW];
     float pending[f], std_before[f];
+    int64_t hid = xin_stride - f;
     for (int64_t i = 0; i < n; i++) {
+        if (AHEAD && i + AHEAD < n) prefetch(table + slots[i + AHEAD] * w, 0, 4 * w);
         float *row = table + slots[i] * w, *mean = row + col[COL_MEAN], *var = row + col[COL_VAR];
         float *fc = row + col[COL_FORECASTERS], *last = fc + f, *ewma = fc + 2 * f;
         float *hedge = row + col[COL_HEDGE], *count = row + col[COL_COUNT];
@@ -196,6 +240,10 @@ void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, cons
             raw[i * f + j] = r;
             xin[i * xin_stride + j] = r < -clip ? -clip : (r > clip ? clip : r);
         }
+        if (col[COL_HALVES]) /* (layer 0, hidden) comes first in the state */
+            from_half((const half *)(row + col[COL_RECURRENT]), xin + i * xin_stride + f, hid);
+        else
+            memcpy(xin + i * xin_stride + f, row + col[COL_RECURRENT], hid * sizeof(float));
     }
 }
 
@@ -252,6 +300,7 @@ int64_t fused_after(int64_t n, float *table, int64_t w, const int64_t *slots,
     int64_t bad_rows = 0;
     int capped = prm[PRM_MAX_STEP] == prm[PRM_MAX_STEP]; /* NaN: no cap */
     for (int64_t i = 0; i < n; i++) {
+        if (AHEAD && i + AHEAD < n) prefetch(table + slots[i + AHEAD] * w, 0, 4 * w);
         float *row = table + slots[i] * w, *fc = row + col[COL_FORECASTERS];
         const float *xi = x + i * f;
         int64_t p = pos[i];
@@ -287,21 +336,6 @@ void fused_take(int64_t n, int64_t m, const float *table, int64_t w, const int64
                 int64_t col, float *dst, int64_t dst_stride) {
     for (int64_t i = 0; i < n; i++)
         memcpy(dst + i * dst_stride, table + slots[i] * w + col, m * sizeof(float));
-}
-
-/* A recurrent state stored as float16 (state.recurrent_dtype): converted exactly to
- * float32 when read, rounded to nearest even (as torch's conversion) when written. */
-typedef _Float16 half;
-
-/* dst[i, :m] = the float16 values off .. off + m of the state at column rec of key i's row. */
-void fused_take_half(int64_t n, int64_t m, const float *table, int64_t w,
-                     const int64_t *slots, int64_t rec, int64_t off, float *dst,
-                     int64_t dst_stride) {
-    for (int64_t i = 0; i < n; i++) {
-        const half *src = (const half *)(table + slots[i] * w + rec) + off;
-        float *d = dst + i * dst_stride;
-        for (int64_t j = 0; j < m; j++) d[j] = (float)src[j];
-    }
 }
 
 /* a * b + c, in one rounding where the CPU has fused multiply-add (the polynomial below
@@ -351,10 +385,6 @@ static void lstm_cell(int64_t h, float *restrict g, float *restrict c, float *re
     for (int64_t j = 0; j < h; j++) d[j] = g[2 * h + j] * (2.0f * d[j] - 1.0f);
 }
 
-/* Rows ahead of the one in hand whose first lines are fetched: a batch's keys are spread
- * over the table, so the hardware's stride prefetcher cannot guess the next row. */
-#define AHEAD 4
-
 /* One LSTM layer's cells for n keys, after its gates' matrix product (gates [n, 4h]): the
  * key's hidden and cell state at offsets hid and cel of its state (at column rec of its
  * row, row stride w; float16 values where half) updated in place; the new hidden state
@@ -363,25 +393,19 @@ static void lstm_cell(int64_t h, float *restrict g, float *restrict c, float *re
 void fused_lstm_cell(int64_t n, int64_t h, float *gates, float *table, int64_t w,
                      const int64_t *slots, int64_t rec, int64_t half_state, int64_t hid,
                      int64_t cel, float *dst, int64_t dst_stride, int64_t nxt) {
-    int64_t bytes = (half_state ? 2 : 4) * h, line;
+    int64_t size = half_state ? 2 : 4, from = 4 * rec + size * hid;
+    int64_t to = 4 * rec + size * (nxt >= 0 ? nxt + h : cel + h);
     for (int64_t i = 0; i < n; i++) {
         float *row = table + slots[i] * w, *d = dst + i * dst_stride;
-        if (i + AHEAD < n) {
-            const char *ahead = (const char *)(table + slots[i + AHEAD] * w + rec);
-            for (line = 0; line < (nxt >= 0 ? 3 : 2) * bytes; line += 64)
-                __builtin_prefetch(ahead + bytes * hid / h + line, 1);
-        }
+        if (AHEAD && i + AHEAD < n) prefetch(table + slots[i + AHEAD] * w, from, to);
         if (half_state) {
             half *state = (half *)(row + rec);
             float c[h];
-            for (int64_t j = 0; j < h; j++) c[j] = (float)state[cel + j];
+            from_half(state + cel, c, h);
             lstm_cell(h, gates + i * 4 * h, c, d);
-            for (int64_t j = 0; j < h; j++) {
-                state[cel + j] = (half)c[j];
-                state[hid + j] = (half)d[j];
-            }
-            if (nxt >= 0)
-                for (int64_t j = 0; j < h; j++) d[h + j] = (float)state[nxt + j];
+            to_half(c, state + cel, h);
+            to_half(d, state + hid, h);
+            if (nxt >= 0) from_half(state + nxt, d + h, h);
         } else {
             float *state = row + rec;
             lstm_cell(h, gates + i * 4 * h, state + cel, d);
