@@ -14,8 +14,9 @@ The C file is compiled on first use with the system's C compiler (``$CC``, else 
 into a cache folder (``$STREAMLSTM_CACHE``, else ``~/.cache/streamlstm``), once per
 source version, in about a second. Without a compiler, or if anything about building or
 loading fails, :func:`load` says why in the log and returns None, and the engine runs the
-plain path: the daemon never depends on a compiler. The plain path stays the reference:
-``tests/core/test_engine_fused.py`` checks both give the same outputs.
+plain path: the daemon never depends on a compiler. (A float16 state needs the compiler's
+``_Float16``: GCC 12 or clang 15 on x86-64, any recent one on ARM.) The plain path stays
+the reference: ``tests/core/test_engine_fused.py`` checks both give the same outputs.
 """
 
 from __future__ import annotations
