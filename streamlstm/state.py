@@ -30,15 +30,14 @@ non-finite (an overflow; a fault) is reset to a fresh key's row and counted
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from itertools import repeat
 
 import numpy as np
 import torch
 
+from streamlstm.keyindex import KeyIndex
 from streamlstm.rows import RowLayout
 
 EVICTION_CAUSES = ("ttl", "capacity")
@@ -49,10 +48,6 @@ RESET_CAUSES = ("non_finite",)
 CAPACITY_HEADROOM = 0.02
 # Events without a partition (offline replay, tests) count as this one.
 NO_PARTITION = -1
-
-
-def _block(obj: object) -> int:  # bytes Python's allocator gives an object: 16-aligned
-    return -(-sys.getsizeof(obj) // 16) * 16
 
 
 class KeyedState:
@@ -87,7 +82,7 @@ class KeyedState:
         self.capacity_headroom = int(max_keys * CAPACITY_HEADROOM)
         # partition -> (latest event time, capped by the wall clock; wall time it was seen)
         self._partition_time: dict[int, tuple[float, float]] = {}
-        self._slot_of: dict[str, int] = {}
+        self._slot_of = KeyIndex()  # key -> slot; -1 for a key not held
         self._key_of: list[str | None] = []
         self._free: list[int] = []
         self._tick = 0  # batch counter: least-recently-used order; 0 marks a free slot
@@ -129,12 +124,7 @@ class KeyedState:
     def bytes_per_key(self) -> int:
         """Tensor row plus the key's share of the Python index: dict, key string, slot number
         (an int object past 256), slot lists (checked against ``tracemalloc`` in tests)."""
-        if not self._slot_of:
-            return self.bytes_per_row
-        sample = list(self._slot_of.items())[:1000]
-        own = sum(_block(k) + (_block(v) if v > 256 else 0) for k, v in sample)
-        index = sum(map(sys.getsizeof, (self._slot_of, self._key_of, self._free)))
-        return int(self.bytes_per_row + own / len(sample) + index / len(self._slot_of))
+        return int(self.bytes_per_row + self._slot_of.bytes_per_key(self._key_of, self._free))
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -150,7 +140,9 @@ class KeyedState:
 
     def read(self, key: str, name: str) -> torch.Tensor:
         """One field of one key's row (a copy), e.g. ``read("pump-17", "mean")``."""
-        slot = self._slot_of[key]
+        slot = self._slot_of.get(key)
+        if slot is None:
+            raise KeyError(key)
         return self.layout.field(self.table[slot : slot + 1], name)[0].clone()
 
     # -- assignment and eviction ---------------------------------------------------
@@ -166,8 +158,7 @@ class KeyedState:
         self._tick += 1
         if len(ts):
             self._advance(ts, partition)
-        # One pass of dict look-ups, new keys or not (-1: not held).
-        slots = np.fromiter(map(self._slot_of.get, keys, repeat(-1)), np.int64, len(keys))
+        slots = self._slot_of.slots(keys)  # one pass, new keys or not (-1: not held)
         missing = np.flatnonzero(slots < 0)
         known = slots[slots >= 0] if len(missing) else slots
         self.last_used[torch.from_numpy(known)] = self._tick  # the sweeps spare them
@@ -382,7 +373,7 @@ class KeyedState:
         >>> store.applied(["a", "a", "b", "a"], np.array([0, 0, 0, 1]), np.array([5, 6, 1, 1]))
         array([ True, False, False, False])
         """
-        slots = np.fromiter(map(self._slot_of.get, keys, repeat(-1)), np.int64, len(keys))
+        slots = self._slot_of.slots(keys)
         held = slots >= 0
         out = np.zeros(len(keys), dtype=bool)
         index = slots[held]
