@@ -145,6 +145,25 @@ def _agree(overrides: dict[str, object], tolerance: float) -> None:
 
 
 @needs_compiler
+def test_a_step_run_in_blocks_of_keys_equals_one_run_whole() -> None:
+    """Keys are independent: blocks of 7 keys (cache-sized blocks in production) give the
+    whole step's outputs and rows (to the matrix products' rounding)."""
+    f32 = {"state.recurrent_dtype": "float32"}  # a float16 step could round either way
+    whole, blocks = _engine(True, **f32), _engine(True, **f32)
+    for engine in (whole, blocks):
+        engine.adopt_offered()  # the offered weights build the fused step anew
+    assert whole.fused_step is not None and blocks.fused_step is not None
+    blocks.fused_step.block = 7
+    for batch in _stream():
+        a, b = whole.process(batch), blocks.process(batch)
+        for name in ("prediction", "error", "squared_error", "anomaly_score", "drift"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), 1e-6, 1e-6, True)
+    assert whole.store.resets == blocks.store.resets
+    torch.testing.assert_close(blocks.store.table, whole.store.table, rtol=1e-6, atol=1e-6)
+    assert torch.equal(blocks.store.dirty, whole.store.dirty)
+
+
+@needs_compiler
 @pytest.mark.parametrize("fused_step", [False, True])
 def test_a_float16_state_is_the_float32_step_rounded_to_nearest_even(fused_step: bool) -> None:
     """From the same (zero) state, one step stores exactly ``half()`` of what the float32
