@@ -101,6 +101,7 @@ class Engine:
             ttl_seconds=settings.state.ttl_seconds,
             initial_capacity=settings.state.initial_capacity,
             typical_step=settings.engine.max_step is not None,
+            recurrent_dtype=settings.state.recurrent_dtype,
         )
         self.fused_step: FusedStep | None = None  # None: the plain step runs
         self._inference_model = self._prepare(model)
@@ -269,12 +270,7 @@ class Engine:
         clip = cfg.engine.input_clip
         rows = self.store.table.index_select(0, s)
         field = partial(self.store.layout.field, rows)
-        mean, var, count, has_pending = (
-            field("mean"),
-            field("var"),
-            field("count"),
-            field("has_pending"),
-        )
+        mean, var, count, has_pending = map(field, ("mean", "var", "count", "has_pending"))
 
         # 1. Score the pending forecasts: the mix (the output) and each forecaster's (their
         # weights), in input units and in the key's std units before this event.
@@ -321,7 +317,8 @@ class Engine:
 
         # 3. One batched recurrent step (handed to learning with the state before it). The
         # network's output minus its input is the correction, in the key's std units.
-        state = field("recurrent")
+        stored = field("recurrent")  # in its storage dtype; the step runs in float32
+        state = stored.float()
         if self.learner is not None:
             own = None if target is None else (target - x) / std
             self.learner.record(StepRecord(s, raw_input, change, count, state, positions, own))
@@ -330,7 +327,7 @@ class Engine:
         if cfg.engine.max_step is not None:  # a trust region for inputs the net never saw
             limit = cfg.engine.max_step * field("step")
             move = torch.maximum(torch.minimum(move, limit), -limit)
-        state.copy_(new_state)
+        stored.copy_(new_state)  # rounded once, to nearest even, where stored as float16
         field("net_pending").copy_(x + move)  # `last` and `ewma` already hold theirs
         pred = combine.mix(hedge, forecasters)
 

@@ -14,8 +14,9 @@ The C file is compiled on first use with the system's C compiler (``$CC``, else 
 into a cache folder (``$STREAMLSTM_CACHE``, else ``~/.cache/streamlstm``), once per
 source version, in about a second. Without a compiler, or if anything about building or
 loading fails, :func:`load` says why in the log and returns None, and the engine runs the
-plain path: the daemon never depends on a compiler. The plain path stays the reference:
-``tests/core/test_engine_fused.py`` checks both give the same outputs.
+plain path: the daemon never depends on a compiler. (A float16 state needs the compiler's
+``_Float16``: GCC 12 or clang 15 on x86-64, any recent one on ARM.) The plain path stays
+the reference: ``tests/core/test_engine_fused.py`` checks both give the same outputs.
 """
 
 from __future__ import annotations
@@ -63,6 +64,20 @@ _COLUMNS: tuple[str, ...] = (
     "count",
 )
 _COLUMNS += ("has_pending", "err_mean", "err_count", "err_peak", "err_since", "err_gap", "ph_mean")
+# The C functions' arguments: I an int64, P an address.
+_SIGNATURES = {
+    "fused_before": "IPIPPPPIPIPPPPPPP",
+    "fused_after": "IPIPPPPIPI" + "P" * 14,
+    "fused_take": "IIPIPIPI",
+    "fused_lstm_cell": "IIPPIPIIIIPII",
+}
+_ARG = {"I": ctypes.c_int64, "P": ctypes.c_void_p}
+# Keys per pass through the whole step (before, each layer's product and cells, after): a
+# block's rows, gates and activations (~2.5 MB at hidden 64) stay in cache from one pass
+# to the next, where a batch's (~10 MB at 4,096 keys) are evicted in between on a busy
+# machine. In one process, alternating, load 3-5: blocks of 512-1024 keys took 0.73-0.80x
+# the time of a whole 4,096-key step per batch; 256 (more Python per key) 0.81x.
+BLOCK = 1024
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
@@ -116,18 +131,15 @@ def load() -> ctypes.CDLL | None:
                 target = Path(tempfile.mkdtemp(prefix="streamlstm-")) / name
                 _build(target)
         lib = ctypes.CDLL(str(target))
-        lib.fused_after.restype = ctypes.c_int64
+        for name, args in _SIGNATURES.items():  # plain ints in: no ctypes object per argument
+            function = getattr(lib, name)
+            function.argtypes = [_ARG[a] for a in args]
+            function.restype = ctypes.c_int64 if name == "fused_after" else None
         _library = lib
     except Exception as exc:  # any failure: the plain path, never a dead daemon
         _failure = f"{type(exc).__name__}: {exc}"
         log.warning("fused engine step unavailable, running the plain path: %s", _failure)
     return _library
-
-
-def _ptr(t: torch.Tensor | np.ndarray, column: int = 0) -> ctypes.c_void_p:
-    """Address of a contiguous array's data (``column`` float32s in)."""
-    base = t.data_ptr() if isinstance(t, torch.Tensor) else t.ctypes.data
-    return ctypes.c_void_p(base + 4 * column)
 
 
 class FusedStep:
@@ -138,9 +150,14 @@ class FusedStep:
     ) -> None:
         self.lib = lib
         self.lstm = PackedLstm(model)
+        self.block = BLOCK
         self.layout = layout
         cols = layout.columns
-        self.columns = np.array([cols[n].start if n in cols else -1 for n in _COLUMNS], np.int64)
+        starts = [cols[n].start if n in cols else -1 for n in _COLUMNS]
+        rec = cols["recurrent"]  # then the state's columns, and those holding float16 pairs
+        self.half = layout.recurrent_dtype == torch.float16
+        halves = (rec.stop - rec.start) * self.half
+        self.columns = np.array([*starts, rec.start, halves], np.int64)
         e, s, d = settings.engine, settings.state, settings.drift
         self.params = np.array(
             [
@@ -197,13 +214,17 @@ class FusedStep:
         """One batched step of distinct keys (slots ``s``, values ``x`` at ``positions`` of
         the chunk), in place in the store's rows, which are marked dirty; outputs written
         into ``columns`` (prediction, error, squared error, score, std-unit error, drift
-        flag). A row that became non-finite (an overflow; a fault) is reset, counted."""
+        flag). A row that became non-finite (an overflow; a fault) is reset, counted. Runs
+        in blocks of :data:`BLOCK` keys (each its own record for ``learner``)."""
         if not all(c.dtype == torch.float32 and c.is_contiguous() for c in columns):
             raise ValueError("the fused step writes float32, contiguous output columns")
-        bad = self._step(store.table, s, x, positions, columns, learner)
+        block = self.block
+        for lo in range(0, len(s), block):
+            hi = lo + block
+            bad = self._step(store.table, s[lo:hi], x[lo:hi], positions[lo:hi], columns, learner)
+            if len(bad):
+                store.reset(bad, "non_finite")
         store.dirty[s] = True
-        if len(bad):
-            store.reset(bad, "non_finite")
 
     def _step(
         self,
@@ -217,31 +238,29 @@ class FusedStep:
         """:meth:`group` on the table; returns the slots whose rows became non-finite."""
         lib, layout = self.lib, self.layout
         n, width, f = len(s), layout.width, x.shape[1]
-        i64 = ctypes.c_int64
         # The C loops read raw float32 / int64 memory: make sure that is what they get.
         x, s = x.to(torch.float32).contiguous(), s.to(torch.int64).contiguous()
         positions = positions.to(torch.int64).contiguous()
         hidden = self.lstm.hidden
         xh = torch.empty(n, f + hidden)  # the first layer's input: [clipped input, hidden]
-        raw, change, std = (torch.empty(n, f) for _ in range(3))
-        err, sq, std_err, score = (torch.empty(n) for _ in range(4))
-        common = (i64(n), _ptr(table), i64(width), _ptr(s), _ptr(self.columns), _ptr(self.params))
-        lib.fused_before(
-            *common, _ptr(x), i64(f), _ptr(xh), i64(f + hidden), _ptr(raw), _ptr(change),
-            _ptr(std), _ptr(err), _ptr(sq), _ptr(std_err), _ptr(score),
-        )  # fmt: skip
+        # raw, change, std [n, f] each, then err, sq, std_err, score [n] each: one buffer
+        scratch = np.empty(3 * n * f + 4 * n, np.float32)
+        at = [scratch.ctypes.data + 4 * k for k in (0, n * f, 2 * n * f)]
+        at += [at[2] + 4 * n * (f + k) for k in range(4)]  # err, sq, std_err, score
+        table_at, s_at, xh_at, x_at = table.data_ptr(), s.data_ptr(), xh.data_ptr(), x.data_ptr()
+        common = (n, table_at, width, s_at, self.columns.ctypes.data, self.params.ctypes.data)
+        lib.fused_before(*common, x_at, f, xh_at, f + hidden, *at)
         if learner is not None:  # copies of the keys' state before the step, and counts
             rows = torch.empty(n, width)
-            lib.fused_take(i64(n), i64(width), _ptr(table), i64(width), _ptr(s), i64(0),
-                           _ptr(rows), i64(width))  # fmt: skip
-            count, state = layout.field(rows, "count"), layout.field(rows, "recurrent")
+            lib.fused_take(n, width, table_at, width, s_at, 0, rows.data_ptr(), width)
+            count, state = layout.field(rows, "count"), layout.field(rows, "recurrent").float()
+            raw, change = torch.from_numpy(scratch[: 2 * n * f]).view(2, n, f)
             learner.record(StepRecord(s, raw, change, count, state, positions))
         out = self._network(table, s, xh, f)
         bad = np.zeros(n, np.uint8)
         if lib.fused_after(
-            *common, _ptr(x), i64(f), _ptr(xh), i64(f + hidden), _ptr(out), _ptr(std),
-            _ptr(err), _ptr(sq), _ptr(std_err), _ptr(score), _ptr(positions),
-            *map(_ptr, columns), _ptr(bad),
+            *common, x_at, f, xh_at, f + hidden, out.data_ptr(), *at[2:], positions.data_ptr(),
+            *(c.data_ptr() for c in columns), bad.ctypes.data,
         ):  # fmt: skip
             return s[torch.from_numpy(bad.astype(bool))]
         return s[:0]
@@ -251,24 +270,22 @@ class FusedStep:
     ) -> torch.Tensor:
         """The LSTM step of the keys at slots ``s`` (their state updated in place in the
         table): per layer one ``addmm`` for the gates and one C pass for the cells. ``xh``
-        holds the clipped inputs in its first ``f`` columns. Returns the predicted next
-        inputs [n, f]."""
-        lib, lstm, i64 = self.lib, self.lstm, ctypes.c_int64
+        holds the clipped inputs in its first ``f`` columns, then the first layer's hidden
+        state. Returns the predicted next inputs [n, f]."""
+        lib, lstm = self.lib, self.lstm
         lstm.refresh()
         n, width, h = len(s), table.shape[1], lstm.hidden
         rec = self.layout.columns["recurrent"].start  # (layer, part) at (2 * layer + part) * h
-        lib.fused_take(
-            i64(n), i64(h), _ptr(table), i64(width), _ptr(s), i64(rec), _ptr(xh, f), i64(f + h)
-        )  # the first layer's hidden state beside the inputs
-        inp = xh
+        table_at, s_at = table.data_ptr(), s.data_ptr()
+        inp = xh  # [inputs, the first layer's hidden state] (fused_before wrote both)
         for layer, (weight, bias) in enumerate(lstm.layers):
             gates = torch.addmm(bias, inp, weight)
             top = layer == len(lstm.layers) - 1
             dst = torch.empty(n, h if top else 2 * h)  # [h_new, next layer's h]: its input
-            here = rec + 2 * layer * h
+            here = 2 * layer * h  # in the state's values
             lib.fused_lstm_cell(
-                i64(n), i64(h), _ptr(gates), _ptr(table), i64(width), _ptr(s), i64(here),
-                i64(here + h), _ptr(dst), i64(dst.shape[1]), i64(-1 if top else here + 2 * h),
+                n, h, gates.data_ptr(), table_at, width, s_at, rec, self.half, here, here + h,
+                dst.data_ptr(), dst.shape[1], -1 if top else here + 2 * h,
             )  # fmt: skip
             inp = dst
         head = lstm.model.head

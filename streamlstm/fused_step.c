@@ -12,10 +12,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 enum { COL_MEAN, COL_VAR, COL_FORECASTERS, COL_STEP, COL_HEDGE, COL_SCALES, COL_SVAR,
        COL_COUNT, COL_HAS_PENDING, COL_ERR_MEAN, COL_ERR_COUNT, COL_ERR_PEAK,
-       COL_ERR_SINCE, COL_ERR_GAP, COL_PH };
+       COL_ERR_SINCE, COL_ERR_GAP, COL_PH,
+       COL_RECURRENT, COL_HALVES /* the state's first column; its columns of float16 pairs */ };
 enum { PRM_CLIP, PRM_WINDOW, PRM_SHORT_ALPHA, PRM_LONG_ALPHA, PRM_MIN_EVENTS, PRM_MAX_STEP,
        PRM_LEVEL, PRM_DRIFT, PRM_PH_DELTA, PRM_PH_THRESHOLD, PRM_PH_ALPHA, PRM_PH_MIN,
        PRM_PH_MODE,
@@ -30,6 +34,44 @@ static float nmax(float a, float b) { return (a != a || b != b) ? NAN : (a > b ?
 static float nmin(float a, float b) { return (a != a || b != b) ? NAN : (a < b ? a : b); }
 static float cmax(float v, float hi) { return v > hi ? hi : v; } /* clamp(max=): NaN stays */
 static float cmin(float v, float lo) { return v < lo ? lo : v; } /* clamp(min=): NaN stays */
+
+/* Keys ahead of the one in hand whose rows are fetched into cache: a batch's keys are
+ * spread over a table far larger than the caches, in an order the CPU's own prefetcher
+ * cannot guess, so each row would otherwise cost a wait on memory. */
+#ifndef AHEAD
+#define AHEAD 8
+#endif
+
+/* Fetch bytes [from, to) of a row (to be written). */
+static inline void prefetch(const float *row, int64_t from, int64_t to) {
+    const char *base = (const char *)row;
+    for (int64_t at = from; at < to; at += 64) __builtin_prefetch(base + at, 1);
+    if (to > from) __builtin_prefetch(base + to - 1, 1);
+}
+
+/* A recurrent state stored as float16 (state.recurrent_dtype): converted exactly to
+ * float32 when read, rounded to nearest even (as torch's conversion) when written. The
+ * compiler does not vectorise these conversions: F16C's do 8 at once where the CPU has it. */
+typedef _Float16 half;
+
+static void from_half(const half *src, float *dst, int64_t m) {
+    int64_t j = 0;
+#ifdef __F16C__
+    for (; j + 8 <= m; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+#endif
+    for (; j < m; j++) dst[j] = (float)src[j];
+}
+
+static void to_half(const float *src, half *dst, int64_t m) {
+    int64_t j = 0;
+#ifdef __F16C__
+    for (; j + 8 <= m; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < m; j++) dst[j] = (half)src[j];
+}
 
 static float std_of(float var, float mean) {
     return sqrtf(var + 1e-14f * mean * mean + 1e-30f);
@@ -148,14 +190,17 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
 
 /* Before the network: score the pending forecasts, update forecasters and scaler, and
  * write the network's input. Outputs per key: xin [n, xin_stride] (clipped input in its
- * first f columns), raw and change [n, f], std [n, f], err/sq/std_err/score [n]. */
+ * first f columns, then the first layer's hidden state), raw and change [n, f], std
+ * [n, f], err/sq/std_err/score [n]. */
 void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, const int64_t *col,
                   const double *prm,
                   const float *x, int64_t f, float *xin, int64_t xin_stride, float *raw,
                   float *change, float *std, float *err, float *sq, float *std_err, float *score) {
     float clip = (float)prm[PRM_CLIP], window = (float)prm[PRM_WINDOW];
     float pending[f], std_before[f];
+    int64_t hid = xin_stride - f;
     for (int64_t i = 0; i < n; i++) {
+        if (AHEAD && i + AHEAD < n) prefetch(table + slots[i + AHEAD] * w, 0, 4 * w);
         float *row = table + slots[i] * w, *mean = row + col[COL_MEAN], *var = row + col[COL_VAR];
         float *fc = row + col[COL_FORECASTERS], *last = fc + f, *ewma = fc + 2 * f;
         float *hedge = row + col[COL_HEDGE], *count = row + col[COL_COUNT];
@@ -201,15 +246,24 @@ void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, cons
             raw[i * f + j] = r;
             xin[i * xin_stride + j] = r < -clip ? -clip : (r > clip ? clip : r);
         }
+        if (col[COL_HALVES]) /* (layer 0, hidden) comes first in the state */
+            from_half((const half *)(row + col[COL_RECURRENT]), xin + i * xin_stride + f, hid);
+        else
+            memcpy(xin + i * xin_stride + f, row + col[COL_RECURRENT], hid * sizeof(float));
     }
 }
 
-/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones). */
-static int non_finite(const float *row, int64_t w) {
+/* Whether any of a row's w floats is a NaN or an infinity (exponent bits all ones); the
+ * halves columns from rec hold two float16 values each (their exponents: 0x7c00). */
+static int non_finite(const float *row, int64_t w, int64_t rec, int64_t halves) {
     uint32_t all = 0, bits;
     for (int64_t j = 0; j < w; j++) {
         memcpy(&bits, row + j, sizeof bits);
         all |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    for (int64_t j = rec; j < rec + halves; j++) {
+        memcpy(&bits, row + j, sizeof bits);
+        all |= ((bits & 0x7c00u) == 0x7c00u) | ((bits & 0x7c000000u) == 0x7c000000u);
     }
     return all != 0;
 }
@@ -252,6 +306,7 @@ int64_t fused_after(int64_t n, float *table, int64_t w, const int64_t *slots,
     int64_t bad_rows = 0;
     int capped = prm[PRM_MAX_STEP] == prm[PRM_MAX_STEP]; /* NaN: no cap */
     for (int64_t i = 0; i < n; i++) {
+        if (AHEAD && i + AHEAD < n) prefetch(table + slots[i + AHEAD] * w, 0, 4 * w);
         float *row = table + slots[i] * w, *fc = row + col[COL_FORECASTERS];
         const float *xi = x + i * f;
         int64_t p = pos[i];
@@ -277,7 +332,7 @@ int64_t fused_after(int64_t n, float *table, int64_t w, const int64_t *slots,
         o_sq[p] = sq[i];
         o_score[p] = unscored ? NAN : score[i];
         o_scaled[p] = unscored ? NAN : std_err[i];
-        bad_rows += bad[i] = (uint8_t)non_finite(row, w); /* to be reset */
+        bad_rows += bad[i] = (uint8_t)non_finite(row, w, col[COL_RECURRENT], col[COL_HALVES]);
     }
     return bad_rows;
 }
@@ -322,36 +377,46 @@ static void sigmoid(int64_t m, float *restrict a) {
     for (int64_t j = 0; j < m; j++) a[j] = 1.0f / (1.0f + exp_approx(-a[j]));
 }
 
-/* One key's cell: gates g [4h] in (input, forget, output, cell) order, overwritten; hidden
- * state hr and cell state cr updated in place; the new hidden state also written to d.
- * tanh(x) = 2 sigmoid(2x) - 1. */
-static void lstm_cell(int64_t h, float *restrict g, float *restrict hr, float *restrict cr,
-                      float *restrict d) {
+/* One key's cell: gates g [4h] in (input, forget, output, cell) order, overwritten; cell
+ * state c updated in place; the new hidden state written to d. tanh(x) = 2 sigmoid(2x) - 1. */
+static void lstm_cell(int64_t h, float *restrict g, float *restrict c, float *restrict d) {
     float *restrict cand = g + 3 * h;
     for (int64_t j = 0; j < h; j++) cand[j] *= 2.0f;
     sigmoid(4 * h, g);
     for (int64_t j = 0; j < h; j++) {
-        cr[j] = g[h + j] * cr[j] + g[j] * (2.0f * cand[j] - 1.0f);
-        d[j] = 2.0f * cr[j];
+        c[j] = g[h + j] * c[j] + g[j] * (2.0f * cand[j] - 1.0f);
+        d[j] = 2.0f * c[j];
     }
     sigmoid(h, d);
-    for (int64_t j = 0; j < h; j++) {
-        d[j] = g[2 * h + j] * (2.0f * d[j] - 1.0f);
-        hr[j] = d[j];
-    }
+    for (int64_t j = 0; j < h; j++) d[j] = g[2 * h + j] * (2.0f * d[j] - 1.0f);
 }
 
 /* One LSTM layer's cells for n keys, after its gates' matrix product (gates [n, 4h]): the
- * key's hidden and cell state at columns hid and cel of its row (row stride w) updated in
- * place; the new hidden state also written to dst[i * dst_stride], followed by the next
- * layer's hidden state from the row where nxt >= 0, so that [h_new, h_next] is the next
- * layer's matrix product input. */
+ * key's hidden and cell state at offsets hid and cel of its state (at column rec of its
+ * row, row stride w; float16 values where half) updated in place; the new hidden state
+ * also written to dst[i * dst_stride], followed by the next layer's hidden state (offset
+ * nxt) where nxt >= 0, so that [h_new, h_next] is the next layer's matrix product input. */
 void fused_lstm_cell(int64_t n, int64_t h, float *gates, float *table, int64_t w,
-                     const int64_t *slots, int64_t hid, int64_t cel, float *dst,
-                     int64_t dst_stride, int64_t nxt) {
+                     const int64_t *slots, int64_t rec, int64_t half_state, int64_t hid,
+                     int64_t cel, float *dst, int64_t dst_stride, int64_t nxt) {
+    int64_t size = half_state ? 2 : 4, from = 4 * rec + size * hid;
+    int64_t to = 4 * rec + size * (nxt >= 0 ? nxt + h : cel + h);
     for (int64_t i = 0; i < n; i++) {
         float *row = table + slots[i] * w, *d = dst + i * dst_stride;
-        lstm_cell(h, gates + i * 4 * h, row + hid, row + cel, d);
-        if (nxt >= 0) memcpy(d + h, row + nxt, h * sizeof(float));
+        if (AHEAD && i + AHEAD < n) prefetch(table + slots[i + AHEAD] * w, from, to);
+        if (half_state) {
+            half *state = (half *)(row + rec);
+            float c[h];
+            from_half(state + cel, c, h);
+            lstm_cell(h, gates + i * 4 * h, c, d);
+            to_half(c, state + cel, h);
+            to_half(d, state + hid, h);
+            if (nxt >= 0) from_half(state + nxt, d + h, h);
+        } else {
+            float *state = row + rec;
+            lstm_cell(h, gates + i * 4 * h, state + cel, d);
+            memcpy(state + hid, d, h * sizeof(float));
+            if (nxt >= 0) memcpy(d + h, state + nxt, h * sizeof(float));
+        }
     }
 }

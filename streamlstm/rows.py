@@ -3,6 +3,13 @@
 The recurrent state, the scaler, the forecasters' pending values, the combination's
 losses and the anomaly and drift statistics of a key sit side by side, so a batch of keys
 is gathered and written back in one operation each (``streamlstm.state``).
+
+The recurrent state is most of a row, so it may be stored in float16 (``state.
+recurrent_dtype``), two values per float32 column: half the bytes per key, for a state
+that needs no more (h is in [-1, 1], c a small sum of such; float16 keeps 11 significant
+bits). The step computes in float32 and rounds once, to nearest even, when it writes the
+state back. A value past float16's range (65504) becomes an infinity: the row is reset
+as non-finite, as an overflow in float32 would be.
 """
 
 from __future__ import annotations
@@ -15,13 +22,18 @@ import torch
 from streamlstm.anomaly import SCALES
 from streamlstm.combine import EXPERTS
 
+# state.recurrent_dtype: how a row stores the recurrent state
+RECURRENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
 
 class RowLayout:
     """Named column ranges of a key's float32 row.
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
-    >>> layout.columns["mean"], layout.width
-    (slice(8, 11, None), 52)
+    >>> layout.columns["mean"], layout.width  # the 8 float16 state values: 4 columns
+    (slice(4, 7, None), 48)
+    >>> RowLayout(state_shape=(1, 2, 4), width=3, recurrent_dtype="float32").width
+    52
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,
@@ -31,12 +43,22 @@ class RowLayout:
     SCALARS += ("err_since", "err_gap", *PH)  # the rhythm of a key's incidents (anomaly.py)
 
     def __init__(
-        self, state_shape: tuple[int, int, int], width: int, typical_step: bool = False
+        self,
+        state_shape: tuple[int, int, int],
+        width: int,
+        typical_step: bool = False,
+        recurrent_dtype: str = "float16",
     ) -> None:
+        if recurrent_dtype not in RECURRENT_DTYPES:
+            raise ValueError(f"recurrent_dtype must be one of {sorted(RECURRENT_DTYPES)}")
         self.state_shape = state_shape
         self.value_width = width
+        self.recurrent_dtype = RECURRENT_DTYPES[recurrent_dtype]
+        self.state_values = math.prod(state_shape)
+        # float32 columns the state takes: two float16 values per column
+        per_column = 4 // self.recurrent_dtype.itemsize
         sizes = {
-            "recurrent": math.prod(state_shape),
+            "recurrent": -(-self.state_values // per_column),
             "mean": width,
             "var": width,
             # The forecasters' own next values, side by side in ``combine.EXPERTS`` order
@@ -68,8 +90,13 @@ class RowLayout:
         True
         >>> RowLayout((1, 2, 4), 3).fingerprint == RowLayout((1, 2, 8), 3).fingerprint
         False
+        >>> RowLayout((2, 2, 4), 3, recurrent_dtype="float32").fingerprint == RowLayout(
+        ...     (2, 2, 4), 3, recurrent_dtype="float16").fingerprint
+        False
         """
         spec = repr((self.state_shape, self.value_width, sorted(self.columns.items())))
+        if self.recurrent_dtype != torch.float32:  # float32 rows keep their first digest
+            spec += repr(self.recurrent_dtype)
         digest = hashlib.blake2b(spec.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -89,8 +116,10 @@ class RowLayout:
         return self.field(rows, "hedge").view(len(rows), len(EXPERTS), self.value_width)
 
     def field(self, rows: torch.Tensor, name: str) -> torch.Tensor:
-        """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``."""
+        """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``, the
+        recurrent state as ``[B, *state_shape]`` in its storage dtype."""
         view = rows[:, self.columns[name]]
-        if name == "recurrent":
-            return view.view(len(rows), *self.state_shape)
+        if name == "recurrent":  # float16: the float32 columns' bytes, two values each
+            values = view.view(self.recurrent_dtype)[:, : self.state_values]
+            return values.view(len(rows), *self.state_shape)
         return view[:, 0] if name in self.SCALARS else view

@@ -1,19 +1,19 @@
 """Keyed state store: every stream key owns one row of a preallocated table.
 
-A key's row holds its recurrent state, its online normalisation statistics, the
-pending prediction (scored when the key's next event arrives) and its anomaly
-statistics, all float32 and contiguous, so a batch of keys is gathered with one
-``index_select`` and written back with one ``index_copy_`` that each touch one place
-in memory per key. Beside the table: the last event time (float64), the offset the
-state reflects, the source partition, and bookkeeping for eviction and persistence.
+A key's row holds its recurrent state (float16 by default: ``streamlstm.rows``), online
+normalisation statistics, pending prediction (scored when the key's next event arrives)
+and anomaly statistics in contiguous float32 columns, so a batch of keys is gathered with
+one ``index_select`` and written back with one ``index_copy_``, one place in memory per
+key. Beside the table: the last event time (float64), the offset the state reflects, the
+source partition, and bookkeeping for eviction and persistence.
 
 The table grows geometrically. Keys idle longer than ``ttl_seconds`` in *event* time
 are evicted, judged against a bounded **watermark**, never against one event: the
 minimum over the partitions the store serves of each partition's latest event time (a
 partition silent in wall time for 1% of the TTL is idle and left out), capped by the
 wall clock. So a far-future timestamp wipes nothing, and a caught-up partition does not
-expire the keys of a lagging one; old data (a replay) is judged in its own time. The sweep runs when
-the watermark has advanced by 1% of the TTL. Past ``max_keys`` the least recently used
+expire the keys of a lagging one; old data (a replay) is judged in its own time. The
+sweep runs when the watermark has advanced by 1% of the TTL. Past ``max_keys`` the LRU
 keys go first, in bulk down to a low-water mark, so a full table under key churn costs
 about what an empty one does. Keys are tagged with their source partition, so one
 partition's keys can be snapshotted, dropped and restored together. A row that became
@@ -24,21 +24,20 @@ non-finite (an overflow; a fault) is reset to a fresh key's row and counted
 >>> store.assign(["a", "b", "a"], ts=np.array([0.0, 1.0, 2.0])).tolist()
 [0, 1, 0]
 >>> len(store), store.layout.width, store.bytes_per_row
-(2, 76, 333)
+(2, 60, 269)
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from itertools import repeat
 
 import numpy as np
 import torch
 
+from streamlstm.keyindex import KeyIndex
 from streamlstm.rows import RowLayout
 
 EVICTION_CAUSES = ("ttl", "capacity")
@@ -64,8 +63,9 @@ class KeyedState:
         on_evict: Callable[[list[str], str], None] | None = None,
         clock: Callable[[], float] = time.time,
         typical_step: bool = False,
+        recurrent_dtype: str = "float16",
     ) -> None:
-        self.layout = RowLayout(state_shape, width, typical_step)
+        self.layout = RowLayout(state_shape, width, typical_step, recurrent_dtype)
         self.state_shape = state_shape
         self.width = width
         self.max_keys = max_keys
@@ -82,7 +82,7 @@ class KeyedState:
         self.capacity_headroom = int(max_keys * CAPACITY_HEADROOM)
         # partition -> (latest event time, capped by the wall clock; wall time it was seen)
         self._partition_time: dict[int, tuple[float, float]] = {}
-        self._slot_of: dict[str, int] = {}
+        self._slot_of = KeyIndex()  # key -> slot; -1 for a key not held
         self._key_of: list[str | None] = []
         self._free: list[int] = []
         self._tick = 0  # batch counter: least-recently-used order; 0 marks a free slot
@@ -103,9 +103,8 @@ class KeyedState:
     def _grow(self, capacity: int) -> None:
         """Reallocate every per-slot tensor with ``capacity`` rows, keeping existing rows."""
         old = self.capacity
-        # The engine grows the table inside torch.inference_mode(); a tensor made there
-        # could never again be written outside it (the changelog clears dirty marks, a
-        # restore loads rows), so the new ones are made as ordinary tensors.
+        # Made as ordinary tensors: one made in the engine's inference_mode could never be
+        # written outside it again (the changelog clears dirty marks, a restore loads rows).
         with torch.inference_mode(False):
             for name in self._COLUMNS:
                 tensor = getattr(self, name)
@@ -119,18 +118,13 @@ class KeyedState:
     @property
     def bytes_per_row(self) -> int:
         """Tensor bytes one key occupies (table row + time, offset, partition, LRU, dirty)."""
-        return sum(
-            getattr(self, n).element_size() * getattr(self, n)[0].numel() for n in self._COLUMNS
-        )
+        columns = [getattr(self, n) for n in self._COLUMNS]
+        return sum(c.element_size() * c[0].numel() for c in columns)
 
     def bytes_per_key(self) -> int:
-        """Tensor row plus the key's share of the Python index (dict entry, key string)."""
-        if not self._slot_of:
-            return self.bytes_per_row
-        sample = list(self._slot_of)[:1000]
-        key_bytes = sum(sys.getsizeof(k) for k in sample) / len(sample)
-        dict_bytes = sys.getsizeof(self._slot_of) / len(self._slot_of)
-        return int(self.bytes_per_row + key_bytes + dict_bytes + 8)  # + list entry in _key_of
+        """Tensor row plus the key's share of the Python index: dict, key string, slot number
+        (an int object past 256), slot lists (checked against ``tracemalloc`` in tests)."""
+        return int(self.bytes_per_row + self._slot_of.bytes_per_key(self._key_of, self._free))
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -146,7 +140,9 @@ class KeyedState:
 
     def read(self, key: str, name: str) -> torch.Tensor:
         """One field of one key's row (a copy), e.g. ``read("pump-17", "mean")``."""
-        slot = self._slot_of[key]
+        slot = self._slot_of.get(key)
+        if slot is None:
+            raise KeyError(key)
         return self.layout.field(self.table[slot : slot + 1], name)[0].clone()
 
     # -- assignment and eviction ---------------------------------------------------
@@ -162,8 +158,7 @@ class KeyedState:
         self._tick += 1
         if len(ts):
             self._advance(ts, partition)
-        # One pass of dict look-ups, new keys or not (-1: not held).
-        slots = np.fromiter(map(self._slot_of.get, keys, repeat(-1)), np.int64, len(keys))
+        slots = self._slot_of.slots(keys)  # one pass, new keys or not (-1: not held)
         missing = np.flatnonzero(slots < 0)
         known = slots[slots >= 0] if len(missing) else slots
         self.last_used[torch.from_numpy(known)] = self._tick  # the sweeps spare them
@@ -276,12 +271,14 @@ class KeyedState:
         (the key keeps its slot, partition and offset); counted in ``resets["non_finite"]``.
         ``rows``: the rows of ``slots`` when the caller has them at hand."""
         rows = self.table.index_select(0, slots) if rows is None else rows
-        # One float32 sum screens the batch (a NaN or an infinity anywhere makes it
-        # non-finite); the exact per-row test (about 30x dearer) runs only when it is not,
-        # which finite rows cause only near float32's range (the decoder keeps values far off).
-        if bool(torch.isfinite(rows.sum())):
+        # One sum screens the batch (a NaN or an infinity anywhere makes it non-finite); the
+        # exact per-row test (30x dearer) runs only when it is not, which finite rows cause
+        # only near float32's range. A float16 state is summed as such (as float32 bits, a
+        # non-finite float16 value need not look so)
+        state = self.layout.field(rows, "recurrent")
+        if bool(torch.isfinite(rows.sum() + state.sum())):
             return 0
-        bad = ~torch.isfinite(rows).all(1)
+        bad = ~(torch.isfinite(rows).all(1) & torch.isfinite(state).flatten(1).all(1))
         if not bool(bad.any()):
             return 0
         return self.reset(slots[bad], "non_finite")
@@ -324,13 +321,8 @@ class KeyedState:
 
     def record_dtype(self) -> np.dtype:
         """Numpy layout of one key's persisted state."""
-        return np.dtype(
-            [
-                ("row", np.float32, (self.layout.width,)),
-                ("last_ts", np.float64),
-                ("offset", np.int64),
-            ]
-        )
+        fields = [("row", np.float32, (self.layout.width,)), ("last_ts", np.float64)]
+        return np.dtype([*fields, ("offset", np.int64)])
 
     def snapshot(self, slots: torch.Tensor) -> list[tuple[str, bytes]]:
         """Serialise keys' state: ``(key, bytes)`` pairs in the :meth:`record_dtype` layout."""
@@ -381,7 +373,7 @@ class KeyedState:
         >>> store.applied(["a", "a", "b", "a"], np.array([0, 0, 0, 1]), np.array([5, 6, 1, 1]))
         array([ True, False, False, False])
         """
-        slots = np.fromiter(map(self._slot_of.get, keys, repeat(-1)), np.int64, len(keys))
+        slots = self._slot_of.slots(keys)
         held = slots >= 0
         out = np.zeros(len(keys), dtype=bool)
         index = slots[held]

@@ -200,6 +200,11 @@ class StateSettings(Section):
         86_400.0, gt=0, description="Keys idle this long in event time are evicted."
     )
     initial_capacity: int = Field(1024, ge=1, description="Slots preallocated at start.")
+    recurrent_dtype: Literal["float16", "float32"] = Field(
+        "float16",
+        description="How a key's row stores its recurrent state: float16 halves the bytes "
+        "per key (the step computes in float32 and rounds once when it stores the state).",
+    )
     scaler_window: int = Field(
         10_000,
         ge=2,

@@ -92,15 +92,35 @@ SETTINGS = [
 ]
 
 
+def _state_and_rest(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+    """The store's recurrent states (float32) and its other columns."""
+    table, rec = engine.store.table, engine.store.layout.columns["recurrent"]
+    state = engine.store.layout.field(table, "recurrent").float()
+    return state, torch.cat((table[:, : rec.start], table[:, rec.stop :]), 1)
+
+
 @needs_compiler
 @pytest.mark.parametrize("overrides", SETTINGS)
 def test_fused_and_plain_engines_agree_within_1e_5(overrides: dict[str, object]) -> None:
+    """With the state stored in float32: the formulas mirror each other."""
+    _agree({**overrides, "state.recurrent_dtype": "float32"}, tolerance=1e-5)
+
+
+@needs_compiler
+def test_fused_and_plain_engines_agree_with_a_float16_state() -> None:
+    """Stored in float16, the two paths' float32 states (within 1e-6) round to values one
+    float16 step (2^-11 relative) apart where they straddle a rounding boundary; the
+    difference propagates through the next steps, so the bound is a few such steps."""
+    _agree({"state.recurrent_dtype": "float16"}, tolerance=2e-3)
+
+
+def _agree(overrides: dict[str, object], tolerance: float) -> None:
     plain, fast = _engine(False, **overrides), _engine(True, **overrides)
     assert plain.fused_step is None and fast.fused_step is not None
     taps = _Steps(), _Steps()
     plain.attach_learner(taps[0])
     fast.attach_learner(taps[1])
-    close = {"rtol": 1e-6, "atol": 1e-5, "equal_nan": True}
+    close = {"rtol": tolerance / 10, "atol": tolerance, "equal_nan": True}
     drifts, top_score = 0, 0.0
     for batch in _stream():
         a, b = plain.process(batch), fast.process(batch)
@@ -117,10 +137,69 @@ def test_fused_and_plain_engines_agree_within_1e_5(overrides: dict[str, object])
     assert len(taps[0].steps) == len(taps[1].steps) > 10
     for mine, theirs in zip(taps[1].steps, taps[0].steps, strict=True):
         for x, y in zip(mine, theirs, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-5, equal_nan=True)
+            torch.testing.assert_close(x, y, **close)
     assert plain.store.keys() == fast.store.keys()
-    torch.testing.assert_close(fast.store.table, plain.store.table, rtol=1e-6, atol=1e-5)
+    for mine, theirs in zip(_state_and_rest(fast), _state_and_rest(plain), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=tolerance / 10, atol=tolerance)
     assert torch.equal(fast.store.dirty, plain.store.dirty)
+
+
+@needs_compiler
+def test_a_step_run_in_blocks_of_keys_equals_one_run_whole() -> None:
+    """Keys are independent: blocks of 7 keys (cache-sized blocks in production) give the
+    whole step's outputs and rows (to the matrix products' rounding)."""
+    f32 = {"state.recurrent_dtype": "float32"}  # a float16 step could round either way
+    whole, blocks = _engine(True, **f32), _engine(True, **f32)
+    for engine in (whole, blocks):
+        engine.adopt_offered()  # the offered weights build the fused step anew
+    assert whole.fused_step is not None and blocks.fused_step is not None
+    blocks.fused_step.block = 7
+    for batch in _stream():
+        a, b = whole.process(batch), blocks.process(batch)
+        for name in ("prediction", "error", "squared_error", "anomaly_score", "drift"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), 1e-6, 1e-6, True)
+    assert whole.store.resets == blocks.store.resets
+    torch.testing.assert_close(blocks.store.table, whole.store.table, rtol=1e-6, atol=1e-6)
+    assert torch.equal(blocks.store.dirty, whole.store.dirty)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fused_step", [False, True])
+def test_a_float16_state_is_the_float32_step_rounded_to_nearest_even(fused_step: bool) -> None:
+    """From the same (zero) state, one step stores exactly ``half()`` of what the float32
+    layout stores: the step computes in float32 and rounds once, to nearest even."""
+    batch = EventBatch.from_arrays(
+        [f"k{i}" for i in range(300)], np.zeros(300), np.random.default_rng(0).normal(
+            size=(300, WIDTH)).astype(np.float32)
+    )  # fmt: skip
+    wide, narrow = (
+        _engine(fused_step, **{"state.recurrent_dtype": dtype}) for dtype in ("float32", "float16")
+    )
+    wide.process(batch)
+    narrow.process(batch)
+    full, half = (_state_and_rest(e)[0][:300] for e in (wide, narrow))
+    assert narrow.store.layout.field(narrow.store.table, "recurrent").dtype == torch.float16
+    assert full.abs().max() > 0.1 and not torch.equal(full, half)  # the rounding mattered
+    assert torch.equal(half, full.half().float())
+
+
+@needs_compiler
+@pytest.mark.parametrize("fused_step", [False, True])
+def test_a_non_finite_float16_state_resets_the_row(fused_step: bool) -> None:
+    """A NaN in a float16 state value need not make its float32 column non-finite (the
+    low half of the pair): it is found and the row reset all the same."""
+    engine = _engine(fused_step)
+    batch = _stream()[0]
+    engine.process(batch)
+    store = engine.store
+    slot = store.slot(batch.keys[0])
+    assert slot is not None
+    state = store.layout.field(store.table[slot : slot + 1], "recurrent")
+    state.view(-1)[0] = float("nan")  # the low half of the first column
+    assert bool(torch.isfinite(store.table[slot]).all())  # invisible as float32
+    engine.process(EventBatch.from_arrays([batch.keys[0]], [100.0], batch.values[:1]))
+    assert store.resets["non_finite"] == 1
+    assert bool(torch.isfinite(state).all())
 
 
 def test_without_a_compiler_the_engine_runs_the_plain_path(

@@ -3,7 +3,8 @@
 * GRU: the engine runs keys interleaved, in batched steps, with each key's state kept in
   the store between batches. Its network output must equal a plain ``torch.nn.GRU`` run
   over that key's inputs alone, from a zero state, with the same weights (1e-5: float32
-  rounding of a differently batched matrix product, far below any real difference).
+  rounding of a differently batched matrix product, far below any real difference; with
+  the state stored in float16, 1e-3).
 * int8 (``model.quantize``): dynamic quantisation rounds weights and activations to 8
   bits, so predictions move a little; they must stay close to the float engine's: mean
   absolute difference under 10% of what the network adds to persistence and under 1%
@@ -16,6 +17,7 @@ from collections import defaultdict
 from itertools import pairwise
 
 import numpy as np
+import pytest
 import torch
 
 from streamlstm.config import load_settings
@@ -101,8 +103,11 @@ class _Tap:
         return {s: (torch.stack(xs[s]), torch.stack(cs[s])) for s in xs}
 
 
-def test_gru_engine_matches_a_plain_torch_gru_per_key_within_1e_5() -> None:
-    engine = _engine(**{"model.cell": "gru"})
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-5), ("float16", 1e-3)])
+def test_gru_engine_matches_a_plain_torch_gru_per_key(dtype: str, tolerance: float) -> None:
+    """Within 1e-5 with the state stored in float32; stored in float16 (rounded to 11
+    significant bits at each step) within 1e-3 over 30 steps (measured: 2.2e-4)."""
+    engine = _engine(**{"model.cell": "gru", "state.recurrent_dtype": dtype})
     tap = _Tap(engine)
     engine.attach_learner(tap)
     for batch in _batches():
@@ -114,12 +119,14 @@ def test_gru_engine_matches_a_plain_torch_gru_per_key_within_1e_5() -> None:
     reference.load_state_dict(model.rnn.state_dict())
     keys = tap.per_slot()
     assert len(keys) == 6
+    worst = 0.0
     with torch.no_grad():
-        for slot, (x, correction) in keys.items():
+        for x, correction in keys.values():
             hidden, _ = reference(x.unsqueeze(1), torch.zeros(2, 1, HIDDEN))
             expected = torch.nn.functional.linear(hidden[:, 0], model.head.weight, model.head.bias)
             assert correction.abs().max() > 0.05  # the head matters: not a trivial match
-            torch.testing.assert_close(correction, expected, rtol=0, atol=1e-5, msg=str(slot))
+            worst = max(worst, float((correction - expected).abs().max()))
+    assert worst <= tolerance
 
 
 def test_int8_engine_predictions_stay_close_to_the_float_engines() -> None:
