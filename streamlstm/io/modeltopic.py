@@ -58,8 +58,12 @@ class ModelFollower:
         return values
 
     def caught_up(self) -> bool:
-        """Read up to the high watermark the last fetch reported (False before any fetch)."""
-        return self.reader.at_end()
+        """Read up to the high watermark the last fetch reported (False before any fetch,
+        or when the client cannot tell)."""
+        try:
+            return self.reader.at_end()
+        except Exception:
+            return False
 
     def read_to_end(self, timeout_s: float, stop: Callable[[], bool] | None = None) -> list[bytes]:
         """Read from the current position to the high watermark (start-up); returns the
