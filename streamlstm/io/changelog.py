@@ -139,7 +139,7 @@ class Restored:
     values: list[bytes] = field(default_factory=list)
     records: int = 0  # records read (every version of every key, tombstones included)
     bytes: int = 0
-    end: int = 0  # the high watermark read up to
+    end: int = 0  # the offset after the last record read (``start`` if none)
     start: int = 0  # the first offset read (above 0: compaction or retention removed some)
     deleted: list[str] = field(default_factory=list)  # keys whose newest record is a tombstone
 

@@ -18,8 +18,7 @@ and hash alike; a client converts its own type at its edge.
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -128,13 +127,6 @@ def client_name(kafka: KafkaSettings) -> str:
     return str(getattr(kafka, "client", "kafka-python"))
 
 
-def confluent_missing() -> str | None:
-    """Why ``kafka.client = "confluent"`` cannot run here (None: it can)."""
-    if importlib.util.find_spec("confluent_kafka") is None:
-        return f"kafka.client: confluent needs the confluent-kafka package: {INSTALL_CONFLUENT}"
-    return None
-
-
 def make_source(
     settings: Settings,
     on_revoke: Callable[[set[TopicPartition]], Offsets] | None = None,
@@ -164,7 +156,3 @@ def make_reader(
     from streamlstm.io.reader import KafkaPythonReader
 
     return KafkaPythonReader(kafka.client_kwargs(), max_fetch_bytes, fetch_wait_ms)
-
-
-def tps(topic: str, partitions: Iterable[int]) -> list[TopicPartition]:
-    return [TopicPartition(topic, p) for p in sorted(partitions)]

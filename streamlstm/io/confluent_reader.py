@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 BATCH = 10_000  # records taken per consume() call
 
 
+def consume(consumer: Any, n: int, timeout_s: float) -> list[Any]:
+    """Up to ``n`` messages: those queued now, else the first to come within
+    ``timeout_s`` and whatever came with it (``consume(n, t)`` would wait for all ``n``)."""
+    msgs: list[Any] = consumer.consume(n, 0)
+    if msgs or timeout_s <= 0:
+        return msgs
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
+
+
 class ConfluentReader:
     """Reads assigned partitions outside any group; knows which reached their end."""
 
@@ -54,11 +66,7 @@ class ConfluentReader:
         )
 
     def poll(self, timeout_s: float) -> list[Record]:
-        consumer = self.consumer
-        msgs = consumer.consume(BATCH, 0)
-        if not msgs and timeout_s > 0:
-            first = consumer.poll(timeout_s)
-            msgs = [] if first is None else [first, *consumer.consume(BATCH, 0)]
+        msgs = consume(self.consumer, BATCH, timeout_s)
         out = []
         eof = self._eof
         m: Any

@@ -26,6 +26,7 @@ import orjson
 from streamlstm.config import Settings
 from streamlstm.io.client import CommitCallback, Offsets, Record, TopicPartition
 from streamlstm.io.confluent_config import consumer_config
+from streamlstm.io.confluent_reader import consume
 from streamlstm.io.source import Polled, fmt_offsets, fmt_tps
 
 log = logging.getLogger(__name__)
@@ -165,15 +166,7 @@ class ConfluentSource:
     def poll(self, timeout_ms: int) -> Polled | None:
         """Up to ``engine.max_batch`` records: those queued now, else the first to come
         within ``timeout_ms`` and whatever came with it."""
-        consumer = self.consumer
-        msgs = consumer.consume(self.max_batch, 0)
-        if not msgs and timeout_ms > 0:
-            first = consumer.poll(timeout_ms / 1000)
-            if first is None:
-                return None
-            msgs = (
-                [first, *consumer.consume(self.max_batch - 1, 0)] if self.max_batch > 1 else [first]
-            )
+        msgs = consume(self.consumer, self.max_batch, timeout_ms / 1000)
         if not msgs:
             return None
         polled_at = time.time()

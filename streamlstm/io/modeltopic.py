@@ -35,6 +35,13 @@ KEEP_RECORDS = 4
 MAX_RECORD_BYTES = 64 * 2**20
 
 
+def _weights(records: list[Any]) -> list[bytes]:
+    """The weights records among ``records`` (tombstones and other keys skipped)."""
+    return [
+        r.value for r in records if r.key == MODEL_KEY and isinstance(r.value, bytes) and r.value
+    ]
+
+
 class ModelFollower:
     """Reads the model topic's one partition outside the group."""
 
@@ -46,31 +53,24 @@ class ModelFollower:
 
     def poll(self, timeout_ms: int = 0) -> list[bytes]:
         """Weights records that arrived, oldest first (tombstones and other keys skipped)."""
-        values = [
-            r.value
-            for r in self.reader.poll(timeout_ms / 1000)
-            if r.key == MODEL_KEY and isinstance(r.value, bytes) and r.value
-        ]
+        values = _weights(self.reader.poll(timeout_ms / 1000))
         self.newest.extend(values)
         return values
 
     def caught_up(self) -> bool:
-        """Read up to the high watermark the last fetch reported (False before any fetch)."""
-        return self.reader.at_end()
+        """Read up to the high watermark the last fetch reported (False before any fetch,
+        or when the client cannot tell)."""
+        try:
+            return self.reader.at_end()
+        except Exception:
+            return False
 
     def read_to_end(self, timeout_s: float, stop: Callable[[], bool] | None = None) -> list[bytes]:
         """Read from the current position to the high watermark (start-up); returns the
         newest few records, oldest first. Gives up after ``timeout_s``."""
-
-        def take(records: list[Any]) -> None:
-            self.newest.extend(
-                r.value
-                for r in records
-                if r.key == MODEL_KEY and isinstance(r.value, bytes) and r.value
-            )
-
         try:
-            read_to_end(self.reader, take, timeout_s, stop=stop, poll_s=0.1)
+            keep = self.newest.extend
+            read_to_end(self.reader, lambda r: keep(_weights(r)), timeout_s, stop=stop, poll_s=0.1)
         except EndNotReached:
             log.warning(
                 "model topic %s not read to its end within %.0fs; newer weights will be "

@@ -97,9 +97,12 @@ class KafkaPythonReader:
 
     def at_end(self) -> bool:
         consumer = self.consumer
-        for tp in self._tps:
+        for tp in self._tps:  # never waits: an unknown position is "not yet" (poll moves it)
             high = consumer.highwater(tp)
-            if high is None or consumer.position(tp, timeout_ms=1000) < high:
+            if high is None:
+                return False
+            position = consumer.position(tp, timeout_ms=0)
+            if position is None or position < high:
                 return False
         return True
 
