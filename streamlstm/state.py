@@ -274,9 +274,10 @@ class KeyedState:
         # One sum screens the batch (a NaN or an infinity anywhere makes it non-finite); the
         # exact per-row test (30x dearer) runs only when it is not, which finite rows cause
         # only near float32's range. A float16 state is summed as such (as float32 bits, a
-        # non-finite float16 value need not look so)
+        # non-finite float16 value need not look so), into float32: a float16 total of a batch
+        # of finite states overflows past 65504 and would send every batch to the dear test
         state = self.layout.field(rows, "recurrent")
-        if bool(torch.isfinite(rows.sum() + state.sum())):
+        if bool(torch.isfinite(rows.sum() + state.sum(dtype=torch.float32))):
             return 0
         bad = ~(torch.isfinite(rows).all(1) & torch.isfinite(state).flatten(1).all(1))
         if not bool(bad.any()):

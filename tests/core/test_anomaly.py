@@ -224,6 +224,15 @@ def test_a_much_stronger_error_within_an_incident_still_alarms() -> None:
 
 def test_an_incident_starts_at_evidence_rarer_than_once_per_long_window() -> None:
     assert anomaly.start_level(0.001) == 3.0 and anomaly.start_level(0.01) == 2.0
+    # A mature key long after its last start: 2.9 fresh decades start nothing (they are
+    # reported, and the key keeps counting), 3.1 start an incident.
+    stats = anomaly.AnomalyStats.zeros(2)
+    stats.count.fill_(100.0)
+    stats.since.fill_(500.0)
+    fresh = torch.tensor([2.9, 3.1])
+    held = anomaly._incidents(stats, fresh, torch.zeros(2), 0.5, 0.001, 20)
+    assert held.tolist() == fresh.tolist()
+    assert stats.since.tolist() == [501.0, 0.0] and stats.gap.tolist() == [0.0, 501.0]
 
 
 def _flat_then_bursty(max_error: float) -> np.ndarray:
