@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--tune", action="store_true", help="shifted protocol on rows < 3600")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training.seed values")
-    p.add_argument("--tuned", action="store_true", help="add the TUNED settings (not defaults)")
+    p.add_argument("--tuned", action="store_true", help="TUNED settings, not the defaults")
     p.add_argument("--docs", type=Path, help="write ett.md and ett.png here (e.g. docs)")
     p.add_argument("--set", action="append", default=[], help="extra setting overrides")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")

@@ -398,14 +398,7 @@ def poisoned_daemon(after: bool = False, **overrides: str) -> tuple[Any, FakeSin
     handing its sends to a :class:`FakeSink`."""
     from streamlstm.daemon import Daemon
 
-    settings = load_settings(
-        overrides={
-            "model.input_size": "2",
-            "model.hidden_size": "4",
-            "training.enabled": "false",
-            **overrides,
-        }
-    )
+    settings = unit_daemon_settings("in", **{"model.input_size": "2", **overrides})
     engine = PoisonEngine.from_settings(settings)
     engine.after = after
     daemon = Daemon(settings, engine=engine)

@@ -26,6 +26,18 @@ TICK_S = 0.002  # the paced producer sends what is due every 2 ms
 WARM_S = 1.0  # seconds of load before latencies are kept
 
 
+def _consume(consumer: Any, n: int, wait_s: float) -> list[Any]:
+    """Up to ``n`` messages: those queued now, else the first to come within ``wait_s``
+    and whatever came with it (the poll strategy of ``ConfluentSource.poll``)."""
+    msgs = consumer.consume(n, 0)
+    if msgs:
+        return msgs
+    first = consumer.poll(wait_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
+
+
 def bare_consume_confluent(settings: Settings, events: int) -> float:
     """Events/s of a bare librdkafka consumer (the daemon's consumer settings, same poll
     strategy) that decodes every message, first to last record."""
@@ -43,10 +55,7 @@ def bare_consume_confluent(settings: Settings, events: int) -> float:
     deadline = time.monotonic() + 300
     try:
         while seen < events and time.monotonic() < deadline:
-            msgs = consumer.consume(n, 0)
-            if not msgs:
-                one = consumer.poll(0.2)
-                msgs = [one, *consumer.consume(n - 1, 0)] if one is not None else []
+            msgs = _consume(consumer, n, 0.2)
             if not msgs:
                 continue
             if first is None:
@@ -169,11 +178,7 @@ def bare_pipe_latency(
     def pipe() -> None:
         n = settings.engine.max_batch
         while not stop.is_set():
-            msgs = consumer.consume(n, 0)
-            if not msgs:
-                one = consumer.poll(0.005)
-                msgs = [one, *consumer.consume(n - 1, 0)] if one is not None else []
-            for m in msgs:
+            for m in _consume(consumer, n, 0.005):
                 if m.error() is None:
                     producer.produce(k.output_topic, m.value(), m.key(), on_delivery=delivered)
             producer.poll(0)

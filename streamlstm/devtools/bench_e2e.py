@@ -33,12 +33,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 from kafka import KafkaConsumer
 
-from streamlstm.config import Settings, load_settings
+from streamlstm.config import KafkaSettings, Settings, load_settings
 from streamlstm.devtools.bench_clients import (
     bare_consume_confluent,
     bare_pipe_latency,
@@ -285,6 +285,9 @@ def bench_e2e(
     from streamlstm.devtools.broker import EmbeddedBroker
     from streamlstm.io import ensure_topics
 
+    known = get_args(KafkaSettings.model_fields["client"].annotation)
+    if not clients or not set(clients) <= set(known):
+        raise ValueError(f"clients must be some of {', '.join(known)}, got {clients!r}")
     with contextlib.ExitStack() as stack:
         if bootstrap is None:
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap

@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import orjson
-from conftest import http_get, wait_for
+from conftest import http_get, unit_daemon_settings, wait_for
 from kafka import TopicPartition
 
-from streamlstm.config import load_settings
 from streamlstm.daemon import Daemon
 from streamlstm.io import Polled, Ticket
 
@@ -92,16 +91,16 @@ class FakeDaemon(Daemon):
 
 
 def test_healthz_fails_when_the_loop_stops_turning() -> None:
-    settings = load_settings(
-        overrides={
+    settings = unit_daemon_settings(
+        "in",
+        **{
             "model.input_size": "2",
-            "model.hidden_size": "4",
-            "training.enabled": "false",
+            "metrics.enabled": "true",
             "metrics.host": "127.0.0.1",
             "metrics.port": "0",
             "kafka.poll_timeout_ms": "20",
             "metrics.liveness_seconds": str(WINDOW),
-        }
+        },
     )
     daemon = FakeDaemon(settings)
     source, sink = FakeSource(), BlockingSink()

@@ -103,3 +103,9 @@ def test_latency_times_a_producer_started_before_the_window(
     latencies = bench_clients.latency(settings, keys=3, width=2, rate=100, seconds=2)
     assert len(latencies) == 200  # the timed window only
     assert len(made) == 1 and used == [made[0], made[0]]
+
+
+@pytest.mark.parametrize("clients", [(), ("kafka-python", "kafka-pyhton")])
+def test_bench_e2e_refuses_unknown_or_no_clients_before_starting(clients: tuple) -> None:
+    with pytest.raises(ValueError, match="clients must be some of kafka-python, confluent"):
+        bench_e2e(clients=clients, bootstrap="unreachable:1")

@@ -3,6 +3,7 @@ confluent source's poll and commit bookkeeping against a fake consumer."""
 
 from __future__ import annotations
 
+import collections
 from types import SimpleNamespace
 from typing import Any
 
@@ -84,7 +85,7 @@ def _source(batches: list[list[_Msg]]) -> Any:
 
     source = ConfluentSource.__new__(ConfluentSource)
     source.topic, source.max_batch, source.consumer = "in", 100, _FakeConsumer(batches)
-    source._commits = __import__("collections").deque()
+    source._commits = collections.deque()
     return source
 
 
