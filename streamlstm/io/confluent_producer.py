@@ -10,6 +10,7 @@ does, then fails the record.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,16 @@ from typing import Any
 
 #: Errors a repeat can cure (the daemon repeats those for as long as it takes).
 _RETRIABLE_NAMES = ("_MSG_TIMED_OUT", "_TIMED_OUT", "_TRANSPORT", "_ALL_BROKERS_DOWN")
+
+
+@functools.cache
+def _retriable_codes() -> frozenset[int]:
+    """librdkafka's error codes in :data:`_RETRIABLE_NAMES` (looked up once)."""
+    from confluent_kafka import KafkaError
+
+    return frozenset(getattr(KafkaError, n) for n in _RETRIABLE_NAMES)
+
+
 METADATA_SECONDS = 10.0  # how long a topic's partition list is trusted
 MAX_BLOCK_SECONDS = 60.0  # kafka-python's max_block_ms default
 
@@ -42,10 +53,8 @@ class Delivery:
 
     def __call__(self, err: Any, _msg: Any) -> None:  # librdkafka's on_delivery
         if err is not None:
-            from confluent_kafka import KafkaError
-
-            names = {getattr(KafkaError, n) for n in _RETRIABLE_NAMES}
-            self.exception = DeliveryError(err.str(), err.retriable() or err.code() in names)
+            retriable = err.retriable() or err.code() in _retriable_codes()
+            self.exception = DeliveryError(err.str(), retriable)
         self.is_done = True
         for errback, fn in self._callbacks or ():
             if errback == (self.exception is not None):
