@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,6 +111,15 @@ def labelled_events(stream: SyntheticStream, tally: AlarmTally, chunk: int) -> I
         yield stream.to_events(arrays)
 
 
+def tally_outputs(tally: AlarmTally, records: list) -> None:
+    """Count output records (one JSON object each, or with ``kafka.output_per_message``
+    one JSON array of them) into ``tally``."""
+    for r in records:
+        doc = orjson.loads(r.value)
+        for record in doc if isinstance(doc, list) else (doc,):
+            tally.record(record["key"], record.get("anomaly_score"))
+
+
 def read_outputs(
     kafka: KafkaSettings, tally: AlarmTally, stop: threading.Event, drain_s: float = 3.0
 ) -> None:
@@ -118,11 +128,6 @@ def read_outputs(
     On the client ``kafka.client`` names (:func:`streamlstm.io.reader.read_to_end`)."""
     from streamlstm.io.client import make_reader
     from streamlstm.io.reader import EndNotReached, read_to_end
-
-    def take(records: list) -> None:
-        for r in records:
-            doc = orjson.loads(r.value)
-            tally.record(doc["key"], doc.get("anomaly_score"))
 
     reader = make_reader(kafka, fetch_wait_ms=kafka.fetch_max_wait_ms)
     try:
@@ -133,8 +138,8 @@ def read_outputs(
             return
         reader.assign(kafka.output_topic, dict.fromkeys(parts))
         while not stop.is_set():
-            take(reader.poll(0.2))
+            tally_outputs(tally, reader.poll(0.2))
         with contextlib.suppress(EndNotReached):
-            read_to_end(reader, take, drain_s)
+            read_to_end(reader, partial(tally_outputs, tally), drain_s)
     finally:
         reader.close()

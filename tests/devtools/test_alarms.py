@@ -41,3 +41,22 @@ def test_incidents_not_yet_predicted_are_not_counted() -> None:
     tally.injected("a", 10)
     tally.record("a", 0.9)
     assert (tally.caught, tally.missed, tally.false_alarms) == (0, 0, 1)
+
+
+def test_output_arrays_count_record_by_record_in_order() -> None:
+    """``kafka.output_per_message`` writes one JSON array per input message."""
+    from types import SimpleNamespace
+
+    import orjson
+
+    from streamlstm.devtools.alarms import tally_outputs
+
+    one, arrays = AlarmTally(threshold=0.5), AlarmTally(threshold=0.5)
+    for tally in (one, arrays):
+        tally.injected("a", 1)
+    records = [{"key": "a", "anomaly_score": s} for s in (0.9, 0.8, 0.0)]
+    tally_outputs(one, [SimpleNamespace(value=orjson.dumps(r)) for r in records])
+    messages = [records[:2], [], records[2:]]
+    tally_outputs(arrays, [SimpleNamespace(value=orjson.dumps(m)) for m in messages])
+    for tally in (one, arrays):
+        assert (tally.alarms, tally.false_alarms, tally._seen) == (2, 1, {"a": 3})
