@@ -18,6 +18,7 @@ from streamlstm.config import Settings, load_settings
 from streamlstm.engine import BatchOutput, Engine
 from streamlstm.events import EventBatch
 from streamlstm.io.client import TopicPartition
+from streamlstm.io.source import KafkaPythonSource
 
 
 @pytest.fixture(scope="session")
@@ -355,11 +356,7 @@ class FakeSource:
         self.committed: list[dict[TopicPartition, Any]] = []
         self.consumer = SimpleNamespace(commit_async=self._commit_async)
 
-    @staticmethod
-    def to_commit(offsets: dict) -> dict:
-        from streamlstm.io.source import KafkaPythonSource  # kafka-python's commit shape
-
-        return KafkaPythonSource.to_commit(offsets)
+    to_commit = staticmethod(KafkaPythonSource.to_commit)  # kafka-python's commit shape
 
     async def _commit_async(self, offsets: dict) -> None:
         self.committed.append(offsets)
