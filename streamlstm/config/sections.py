@@ -265,8 +265,11 @@ class TrainingSettings(Section):
         0.25, gt=0, description="Fine-tune again when the events seen have grown by this share."
     )
     interval_events: int = Field(20_000, ge=1, description="Most events between two runs.")
-    interval_seconds: float = Field(
-        60.0, gt=0, description="Daemon: also fine-tune after this many seconds with new events."
+    interval_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Also fine-tune once this much time has passed since the last run, if "
+        "events arrived (None: off; replay counts it in event time).",
     )
     replay_bytes: int = Field(64 * 2**20, ge=2**16, description="Memory budget of the buffer.")
     window: int = Field(64, ge=2, description="Steps per replay window (burn-in included).")

@@ -238,14 +238,8 @@ class BackgroundTrainer:
             self._drift_pending = True
         if self._busy or self._restart_at is not None:
             return
-        due = (
-            self.schedule.due(self._seen, self._events)
-            or (
-                self._events > 0
-                and time.monotonic() - self._last_run >= t.training.interval_seconds
-            )
-            or self._drift_pending
-        )
+        elapsed = time.monotonic() - self._last_run
+        due = self.schedule.due(self._seen, self._events, elapsed) or self._drift_pending
         if due:
             self._trigger()
 

@@ -6,9 +6,10 @@ says what the daemon would have said. Each event yields one JSON line
 MAE and MSE of next-step predictions in input units.
 
 With an :class:`~streamlstm.learning.inline.InlineTrainer` the replay keeps learning: batches
-are cut so fine-tuning runs after exactly every ``training.interval_events`` events
-(and at once after a batch with drift), in line, so the same file, config and seed
-give the same outputs on every run, whatever ``engine.max_batch`` is.
+are cut so fine-tuning runs at exactly the events where the daemon's schedule falls due
+(in event time where it counts time; at once after a batch with drift), in line, so the
+same file, config and seed give the same outputs on every run, whatever
+``engine.max_batch`` is.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def replay(
     with tqdm(total=total, unit="ev", disable=not show, desc="replay") as bar:
         start = 0
         while start < total:
-            size = step if trainer is None else min(step, trainer.events_until_run())
+            size = step
+            if trainer is not None:
+                size = min(step, trainer.events_until_run(batch.ts[start : start + step]))
             output = engine.process(batch.take(slice(start, start + size)))
             start += size
             if trainer is not None:
