@@ -43,7 +43,7 @@ from streamlstm.daemon.localstate import (
 from streamlstm.daemon.statelog import StateLog
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.io import Source, TopicPartition
-from streamlstm.io.changelog import ChangelogReader, decode
+from streamlstm.io.changelog import ChangelogReader, decode, max_restored_ts
 from streamlstm.state import KeyedState
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ class Partitions:
         start = None if local is None else local.changelog_offset
         read = reader.read(partition, timeout, self.beat, start=start)
         width = self.store.layout.width
-        rows = decode(read.values, self.statelog.fingerprint, width)
+        max_ts = max_restored_ts(self.settings.engine.max_future_seconds)
+        rows = decode(read.values, self.statelog.fingerprint, width, max_ts)
         rejected = int((~rows.ok).sum())
         keys = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if ok]
         parts = [(keys, rows.rows, rows.last_ts, rows.offset)]
@@ -170,10 +171,18 @@ class Partitions:
         self.metrics.restored_keys.inc(len(keys))
         if rejected:
             self.metrics.changelog_rejected.inc(rejected)
+        if rejected - rows.invalid:
             log.error(
                 "changelog %s[%d]: %d records written by another row layout or version "
                 "(an upgrade changed what a key's row holds): those keys start afresh",
-                *(topic, partition, rejected),
+                *(topic, partition, rejected - rows.invalid),
+            )
+        if rows.invalid:
+            log.warning(
+                "changelog %s[%d]: %d records hold impossible values (NaN or infinity, an "
+                "event time past %.0f or before year 1, a negative offset): those keys "
+                "start afresh",
+                *(topic, partition, rows.invalid, max_ts),
             )
         log.info(
             "partition %d: restored %d keys from %s%d changelog records (%d bytes, offsets "
@@ -194,9 +203,10 @@ class Partitions:
         folder, topic = self.settings.state.dir, self.settings.changelog_topic
         if folder is None or topic is None:
             return None
-        width = self.store.layout.width
+        width, fingerprint = self.store.layout.width, self.store.layout.fingerprint
+        max_ts = max_restored_ts(self.settings.engine.max_future_seconds)
         try:
-            snap = read_snapshot(folder, topic, partition, self.store.layout.fingerprint, width)
+            snap = read_snapshot(folder, topic, partition, fingerprint, width, max_ts=max_ts)
         except SnapshotError as exc:
             log.error(
                 "partition %d: local snapshot ignored, reading the whole changelog: %s",

@@ -145,6 +145,35 @@ def test_a_damaged_snapshot_is_refused(tmp_path: Path, damage: str) -> None:
         read_snapshot(tmp_path, LOG, 0, fingerprint=7, width=2)
 
 
+@pytest.mark.parametrize(
+    "bad", [{"rows": np.array([[1.0, np.nan]], np.float32)}, {"last_ts": np.array([1e300])},
+            {"last_ts": np.array([np.nan])}, {"offset": np.array([-7])}],
+)  # fmt: skip
+def test_a_snapshot_with_an_impossible_row_is_refused_whole(
+    tmp_path: Path, bad: dict[str, np.ndarray]
+) -> None:
+    _stored(tmp_path, last_ts=np.array([-5e10]))  # old: fine
+    assert read_snapshot(tmp_path, LOG, 0, fingerprint=7, width=2) is not None
+    _stored(tmp_path, **bad)
+    with pytest.raises(SnapshotError, match="impossible values"):
+        read_snapshot(tmp_path, LOG, 0, fingerprint=7, width=2)
+
+
+def test_an_impossible_tail_record_drops_the_snapshot_row_as_a_full_read_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = _Log()
+    first = _daemon(tmp_path)
+    _write(log, first, "a", 1)
+    _write(log, first, "b", 2)
+    _restore(first, log, monkeypatch)
+    _snapshot_now(first, log, monkeypatch)
+    _write(log, first, "a", np.inf)  # written after the snapshot, impossible
+    full = _restore(_daemon(tmp_path / "none"), log, monkeypatch)
+    fast = _restore(_daemon(tmp_path), log, monkeypatch)
+    assert log.starts[-1] == 2 and fast == full == {"b": 2}
+
+
 def test_an_old_snapshot_is_refused(tmp_path: Path) -> None:
     _stored(tmp_path)
     with pytest.raises(SnapshotError, match="old"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,6 +88,28 @@ def test_restore_loads_rows_and_skips_applied_events(monkeypatch: pytest.MonkeyP
     # Once a partition's polled offsets pass every restored offset, nothing is checked.
     assert parts.skip(["a"], np.array([1]), np.array([11])) is None
     assert 1 not in parts.horizon
+
+
+def test_impossible_records_are_rejected_counted_and_those_keys_start_afresh(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = _daemon()
+    store = daemon.engine.store
+    width, now = store.layout.width, time.time()
+    rows = np.full((4, width), 0.5, np.float32)
+    rows[1, -1] = np.nan
+    ts = np.array([-2e9, 0.0, now + 30 * 86_400, now])  # old, fine, a month ahead, now
+    values = encode(store.layout.fingerprint, rows, ts, np.array([1, 2, 3, 4]))
+    keys = ["old", "nan", "future", "now"]
+    reader = _Reader({0: Restored(keys=[*keys, "short"], values=[*values, values[0][:-4]])})
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
+    daemon.partitions.restore(_source())  # type: ignore[arg-type]
+    assert sorted(store.keys()) == ["now", "old"]
+    assert float(store.last_ts[store.slot("old")]) == -2e9
+    assert daemon.metrics.changelog_rejected._value.get() == 3
+    assert "2 records hold impossible values" in caplog.text
+    assert "1 records written by another row layout" in caplog.text
 
 
 def test_a_revoke_before_the_restore_ran_takes_it_off_the_queue() -> None:
