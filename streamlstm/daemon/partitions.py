@@ -42,7 +42,7 @@ from streamlstm.daemon.localstate import (
 )
 from streamlstm.daemon.statelog import StateLog
 from streamlstm.daemon.telemetry import Telemetry
-from streamlstm.io import Source, TopicPartition
+from streamlstm.io import Source, TopicPartition, make_reader
 from streamlstm.io.changelog import ChangelogReader, decode, max_restored_ts
 from streamlstm.state import KeyedState
 
@@ -195,7 +195,8 @@ class Partitions:
     def _reader(self) -> ChangelogReader:
         if self.reader is None:
             assert self.settings.changelog_topic is not None
-            self.reader = ChangelogReader(self.settings.changelog_topic, kafka=self.settings.kafka)
+            reader = make_reader(self.settings.kafka)
+            self.reader = ChangelogReader(self.settings.changelog_topic, reader)
         return self.reader
 
     def _local(self, partition: int) -> LocalSnapshot | None:

@@ -43,16 +43,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from streamlstm.io.client import PartitionReader, make_reader
+from streamlstm.io.client import PartitionReader
 from streamlstm.io.reader import EndNotReached, read_to_end
 from streamlstm.validation import MAX_TS, MIN_TS
-
-if TYPE_CHECKING:
-    from streamlstm.config import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -193,29 +190,16 @@ class Restored:
 
 
 class ChangelogReader:
-    """Reads changelog partitions from the start, outside the group.
+    """Reads changelog partitions from the start, outside the group, through ``reader``
+    (which it then owns and closes): the daemon passes the one ``kafka.client`` names
+    (:func:`~streamlstm.io.client.make_reader`), a tool any other.
 
-    Through a :class:`~streamlstm.io.client.PartitionReader`: ``reader``, or the one
-    ``kafka.client`` names (``kafka``), or kafka-python's built from ``client_kwargs``.
     The end is the high watermark the fetches report
     (:func:`~streamlstm.io.reader.read_to_end`). Works on a log that was never
     compacted: the last record of each key wins, a tombstone deletes.
     """
 
-    def __init__(
-        self,
-        topic: str,
-        client_kwargs: dict[str, Any] | None = None,
-        *,
-        reader: PartitionReader | None = None,
-        kafka: KafkaSettings | None = None,
-    ) -> None:
-        if reader is None and kafka is not None:
-            reader = make_reader(kafka)
-        if reader is None:
-            from streamlstm.io.reader import KafkaPythonReader
-
-            reader = KafkaPythonReader(client_kwargs or {})
+    def __init__(self, topic: str, reader: PartitionReader) -> None:
         self.topic = topic
         self.reader = reader
 

@@ -60,6 +60,12 @@ class _Log:
         pass
 
 
+def _serve(monkeypatch: pytest.MonkeyPatch, fake: object) -> None:
+    """The daemon's changelog reads go to ``fake`` (no client is built)."""
+    monkeypatch.setattr(partitions_module, "make_reader", lambda kafka: None)
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda topic, reader: fake)
+
+
 def _daemon(folder: Path) -> Daemon:
     return Daemon(unit_daemon_settings(TOPIC, **{"state.dir": str(folder)}))
 
@@ -74,7 +80,7 @@ def _write(log: _Log, daemon: Daemon, key: str, value: float | None, offset: int
 
 
 def _restore(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: log)
+    _serve(monkeypatch, log)
     source = SimpleNamespace(topic=TOPIC, consumer=SimpleNamespace(committed=lambda tp: 0))
     daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
     daemon.partitions.restore(source)  # type: ignore[arg-type]
@@ -83,7 +89,7 @@ def _restore(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> dict
 
 
 def _snapshot_now(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: log)
+    _serve(monkeypatch, log)
     parts = daemon.partitions
     parts.save_local(parts.local_ends({TopicPartition(TOPIC, 0): 1}))
 

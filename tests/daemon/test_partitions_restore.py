@@ -45,6 +45,12 @@ class _Reader:
         pass
 
 
+def _serve(monkeypatch: pytest.MonkeyPatch, fake: object) -> None:
+    """The daemon's changelog reads go to ``fake`` (no client is built)."""
+    monkeypatch.setattr(partitions_module, "make_reader", lambda kafka: None)
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda topic, reader: fake)
+
+
 def _daemon() -> Daemon:
     return Daemon(unit_daemon_settings(TOPIC))
 
@@ -72,7 +78,7 @@ def test_restore_loads_rows_and_skips_applied_events(monkeypatch: pytest.MonkeyP
     daemon = _daemon()
     parts = daemon.partitions
     reader = _Reader({1: _changelog(daemon, {"a": 10, "b": 3})})
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    _serve(monkeypatch, reader)
     parts.assigned({TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)})
     assert parts.queued == [0, 1]
     parts.restore(_source())  # type: ignore[arg-type]
@@ -102,7 +108,7 @@ def test_impossible_records_are_rejected_counted_and_those_keys_start_afresh(
     values = encode(store.layout.fingerprint, rows, ts, np.array([1, 2, 3, 4]))
     keys = ["old", "nan", "future", "now"]
     reader = _Reader({0: Restored(keys=[*keys, "short"], values=[*values, values[0][:-4]])})
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    _serve(monkeypatch, reader)
     daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
     daemon.partitions.restore(_source())  # type: ignore[arg-type]
     assert sorted(store.keys()) == ["now", "old"]
@@ -130,7 +136,7 @@ def test_a_failing_restore_is_retried_then_stops_the_daemon(
     monkeypatch.setattr(partitions_module.time, "sleep", lambda s: None)
     daemon = _daemon()
     reader = _Reader({}, failures=2)
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    _serve(monkeypatch, reader)
     daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
     daemon.partitions.restore(_source())  # type: ignore[arg-type]
     assert reader.reads == [0, 0, 0]
@@ -151,7 +157,7 @@ def test_a_changelog_without_the_partition_stops_the_daemon_at_once(
 ) -> None:
     daemon = _daemon()
     reader = _Reader({})
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    _serve(monkeypatch, reader)
     daemon.partitions.assigned({TopicPartition(TOPIC, 5)})
     with pytest.raises(Fatal, match="no partition 5"):
         daemon.partitions.restore(_source())  # type: ignore[arg-type]
