@@ -43,9 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamlstm.io.changelog import plausible
+from streamlstm.io.changelog import Check, plausible
 from streamlstm.learning.checkpoint import remove_stale_temp_files, write_atomic
-from streamlstm.validation import MAX_TS
 
 FORMAT = 1
 #: Half of Kafka's default ``delete.retention.ms`` (24 h): see the module's docstring.
@@ -108,12 +107,12 @@ def read_snapshot(
     fingerprint: int,
     width: int,
     now: float | None = None,
-    max_ts: float = MAX_TS,
+    check: Check = plausible,
 ) -> LocalSnapshot | None:
     """The snapshot of ``topic[partition]``; None if there is none. Raises
     :class:`SnapshotError` for one that exists but must not be used, also one with a row
-    the changelog's decoder would refuse (:func:`~streamlstm.io.changelog.plausible`,
-    ``max_ts``): a snapshot is never trusted in part."""
+    the changelog's decoder would refuse (``check``, as
+    :func:`~streamlstm.io.changelog.plausible`): a snapshot is never trusted in part."""
     path = snapshot_path(directory, topic, partition)
     try:
         age = (time.time() if now is None else now) - path.stat().st_mtime
@@ -142,7 +141,7 @@ def read_snapshot(
         raise SnapshotError(f"{path}: arrays of {n} keys do not line up (row width {width})")
     if int(lengths.sum()) != len(blob) or changelog_offset < 0:
         raise SnapshotError(f"{path}: inconsistent key bytes or changelog offset")
-    bad = int((~plausible(rows, last_ts, offset, max_ts)).sum())
+    bad = int((~check(rows, last_ts, offset)).sum())
     if bad:
         raise SnapshotError(f"{path}: {bad} rows hold impossible values (NaN, time, offset)")
     ends = np.cumsum(lengths).tolist()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from streamlstm.daemon.localstate import (
 from streamlstm.daemon.statelog import StateLog
 from streamlstm.daemon.telemetry import Telemetry
 from streamlstm.io import Source, TopicPartition, make_reader
-from streamlstm.io.changelog import ChangelogReader, decode, max_restored_ts
+from streamlstm.io.changelog import ChangelogReader, Check, decode, max_restored_ts, plausible
 from streamlstm.state import KeyedState
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,8 @@ class Partitions:
         start = None if local is None else local.changelog_offset
         read = reader.read(partition, timeout, self.beat, start=start)
         width = self.store.layout.width
-        max_ts = max_restored_ts(self.settings.engine.max_future_seconds)
-        rows = decode(read.values, self.statelog.fingerprint, width, max_ts)
+        max_ts, check = self._check()
+        rows = decode(read.values, self.statelog.fingerprint, width, check)
         rejected = int((~rows.ok).sum())
         keys = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if ok]
         parts = [(keys, rows.rows, rows.last_ts, rows.offset)]
@@ -192,6 +193,14 @@ class Partitions:
         )
         self._check_log_start(partition, source)
 
+    def _check(self) -> tuple[float, Check]:
+        """What a restored row must be (:func:`~streamlstm.io.changelog.plausible`): no
+        event time past ``max_ts``; the float16 recurrent state checked as such."""
+        layout = self.store.layout
+        halves = layout.columns["recurrent"] if layout.recurrent_dtype.itemsize == 2 else None
+        max_ts = max_restored_ts(self.settings.engine.max_future_seconds)
+        return max_ts, partial(plausible, max_ts=max_ts, halves=halves)
+
     def _reader(self) -> ChangelogReader:
         if self.reader is None:
             assert self.settings.changelog_topic is not None
@@ -205,9 +214,10 @@ class Partitions:
         if folder is None or topic is None:
             return None
         width, fingerprint = self.store.layout.width, self.store.layout.fingerprint
-        max_ts = max_restored_ts(self.settings.engine.max_future_seconds)
         try:
-            snap = read_snapshot(folder, topic, partition, fingerprint, width, max_ts=max_ts)
+            snap = read_snapshot(
+                folder, topic, partition, fingerprint, width, check=self._check()[1]
+            )
         except SnapshotError as exc:
             log.error(
                 "partition %d: local snapshot ignored, reading the whole changelog: %s",

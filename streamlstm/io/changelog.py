@@ -107,22 +107,39 @@ class Decoded:
     invalid: int = 0
 
 
+#: A check of restored rows, last event times and offsets: the mask of those to keep.
+Check = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
 def plausible(
-    rows: np.ndarray, last_ts: np.ndarray, offset: np.ndarray, max_ts: float = MAX_TS
+    rows: np.ndarray,
+    last_ts: np.ndarray,
+    offset: np.ndarray,
+    max_ts: float = MAX_TS,
+    halves: slice | None = None,
 ) -> np.ndarray:
     """Mask of restored rows a key may start from: what the engine can have written (a
     finite row, an event time it accepts up to ``max_ts``, an offset; -1 is "none yet").
+    ``halves``: columns holding float16 pairs (a float16 infinity is a finite float32).
 
     >>> plausible(np.array([[1.0], [np.inf], [1.0], [1.0]]), np.array([-1e10, 0, 1e13, 0]),
     ...           np.array([5, 5, 5, -2])).tolist()
     [True, False, False, False]
+    >>> pair = np.array([[0.0, np.inf]], np.float16).view(np.float32)
+    >>> plausible(pair, np.zeros(1), np.zeros(1)), plausible(pair, np.zeros(1), np.zeros(1),
+    ...     halves=slice(0, 1))
+    (array([ True]), array([False]))
     """
-    return (
+    ok = (
         np.isfinite(rows).all(axis=1)
         & (last_ts >= MIN_TS)
         & (last_ts <= max_ts)  # NaN fails both
         & (offset >= -1)
     )
+    if halves is not None and len(rows):
+        packed = np.ascontiguousarray(rows[:, halves], dtype="<f4").view("<f2")
+        ok &= np.isfinite(packed).all(axis=1)
+    return ok
 
 
 def max_restored_ts(max_future_seconds: float | None, now: float | None = None) -> float:
@@ -135,9 +152,9 @@ def max_restored_ts(max_future_seconds: float | None, now: float | None = None) 
     return min(MAX_TS, now + max_future_seconds + CLOCK_SKEW_SECONDS)
 
 
-def decode(values: list[bytes], fingerprint: int, width: int, max_ts: float = MAX_TS) -> Decoded:
-    """Decode values of one layout; anything else, or any value :func:`plausible` refuses,
-    is rejected (``ok`` False), never raised."""
+def decode(values: list[bytes], fingerprint: int, width: int, check: Check = plausible) -> Decoded:
+    """Decode values of one layout; anything else, or any value ``check`` refuses (see
+    :func:`plausible`), is rejected (``ok`` False), never raised."""
     dtype = record_dtype(width)
     lengths = np.fromiter(map(len, values), np.int64, len(values))
     ok = lengths == dtype.itemsize
@@ -148,8 +165,8 @@ def decode(values: list[bytes], fingerprint: int, width: int, max_ts: float = MA
         & (records["version"] == VERSION)
         & (records["fingerprint"] == np.uint64(fingerprint))
     )
-    sane = plausible(records["row"].reshape(len(records), width), records["last_ts"],
-                     records["offset"], max_ts)  # fmt: skip
+    sane = check(records["row"].reshape(len(records), width), records["last_ts"],
+                 records["offset"])  # fmt: skip
     invalid = int((valid & ~sane).sum())
     valid &= sane
     ok[ok] = valid

@@ -102,19 +102,23 @@ def test_impossible_records_are_rejected_counted_and_those_keys_start_afresh(
     daemon = _daemon()
     store = daemon.engine.store
     width, now = store.layout.width, time.time()
-    rows = np.full((4, width), 0.5, np.float32)
+    rows = np.full((5, width), 0.5, np.float32)
     rows[1, -1] = np.nan
-    ts = np.array([-2e9, 0.0, now + 30 * 86_400, now])  # old, fine, a month ahead, now
-    values = encode(store.layout.fingerprint, rows, ts, np.array([1, 2, 3, 4]))
-    keys = ["old", "nan", "future", "now"]
+    recurrent = store.layout.columns["recurrent"]
+    rows[4, recurrent] = np.full(2 * (recurrent.stop - recurrent.start), np.inf, np.float16).view(
+        np.float32
+    )  # the float16 state: infinities a float32 check cannot see
+    ts = np.array([-2e9, 0.0, now + 30 * 86_400, now, now])  # old, -, a month ahead, now, now
+    values = encode(store.layout.fingerprint, rows, ts, np.array([1, 2, 3, 4, 5]))
+    keys = ["old", "nan", "future", "now", "half"]
     reader = _Reader({0: Restored(keys=[*keys, "short"], values=[*values, values[0][:-4]])})
     _serve(monkeypatch, reader)
     daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
     daemon.partitions.restore(_source())  # type: ignore[arg-type]
     assert sorted(store.keys()) == ["now", "old"]
     assert float(store.last_ts[store.slot("old")]) == -2e9
-    assert daemon.metrics.changelog_rejected._value.get() == 3
-    assert "2 records hold impossible values" in caplog.text
+    assert daemon.metrics.changelog_rejected._value.get() == 4
+    assert "3 records hold impossible values" in caplog.text
     assert "1 records written by another row layout" in caplog.text
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from streamlstm.io.changelog import (
     decode,
     encode,
     max_restored_ts,
+    plausible,
     record_size,
 )
 from streamlstm.validation import MAX_TS
@@ -95,5 +98,19 @@ def test_the_far_future_bound_follows_max_future_seconds() -> None:
     assert max_restored_ts(None) == MAX_TS == max_restored_ts(1e30, now=now)
     rows, _, off = _rows(3)
     ts = np.array([now + 86_400.0, bound + 1.0, now - 1e9])
-    out = decode(encode(3, rows, ts, off), fingerprint=3, width=WIDTH, max_ts=bound)
+    check = partial(plausible, max_ts=bound)
+    out = decode(encode(3, rows, ts, off), fingerprint=3, width=WIDTH, check=check)
     assert out.ok.tolist() == [True, False, True] and out.invalid == 1
+
+
+def test_float16_pairs_are_checked_as_such() -> None:
+    rows, ts, off = _rows(2)
+    rows[:, :2] = np.array([[0.5, -0.25, 1.0, 2.0], [0.5, np.inf, 1.0, 2.0]], np.float16).view(
+        np.float32
+    )
+    assert np.isfinite(rows).all()  # a float16 infinity hides in a finite float32
+    blobs = encode(3, rows, ts, off)
+    assert decode(blobs, fingerprint=3, width=WIDTH).ok.all()
+    check = partial(plausible, halves=slice(0, 2))
+    out = decode(blobs, fingerprint=3, width=WIDTH, check=check)
+    assert out.ok.tolist() == [True, False] and out.invalid == 1
