@@ -146,7 +146,8 @@ class Metrics:
         self.changelog_rejected = Counter(
             "streamlstm_changelog_rejected",
             "Changelog records not restored because their layout (version, fingerprint, "
-            "size) is not this build's: those keys start afresh.",
+            "size) is not this build's or their values are impossible (NaN or infinity, "
+            "an event time in the far future): those keys start afresh.",
             registry=r,
         )
         self.state_commit_seconds = Histogram(

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 #: ``fetch_max_wait_ms < request_timeout_ms < connections_max_idle_ms``.
 KAFKA_REQUEST_TIMEOUT_MS = 30_000
 KAFKA_CONNECTIONS_MAX_IDLE_MS = 540_000
+#: How to get the confluent client (the ``confluent`` extra).
+INSTALL_CONFLUENT = "pip install 'streamlstm[confluent]'"
 #: Python modules kafka-python needs for a compression codec (``kafka.codec``).
 _CODEC_MODULES = {"snappy": ("snappy",), "zstd": ("zstandard",), "lz4": ("lz4", "lz4f")}
 
@@ -101,8 +103,6 @@ def kafka_problems(k: KafkaSettings) -> list[str]:
             "kafka.allow_unsafe_acks = true (got '0')"
         )
     if k.client == "confluent":
-        from streamlstm.io.client import INSTALL_CONFLUENT
-
         if importlib.util.find_spec("confluent_kafka") is None:
             problems.append(
                 "kafka.client: confluent needs the confluent-kafka package, which is not "

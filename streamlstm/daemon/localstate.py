@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamlstm.io.changelog import Check, plausible
 from streamlstm.learning.checkpoint import remove_stale_temp_files, write_atomic
 
 FORMAT = 1
@@ -106,9 +107,12 @@ def read_snapshot(
     fingerprint: int,
     width: int,
     now: float | None = None,
+    check: Check = plausible,
 ) -> LocalSnapshot | None:
     """The snapshot of ``topic[partition]``; None if there is none. Raises
-    :class:`SnapshotError` for one that exists but must not be used."""
+    :class:`SnapshotError` for one that exists but must not be used, also one with a row
+    the changelog's decoder would refuse (``check``, as
+    :func:`~streamlstm.io.changelog.plausible`): a snapshot is never trusted in part."""
     path = snapshot_path(directory, topic, partition)
     try:
         age = (time.time() if now is None else now) - path.stat().st_mtime
@@ -122,7 +126,9 @@ def read_snapshot(
         fmt, part, changelog_offset = (int(v) for v in arrays["meta"])
         found = (fmt, part, bytes(arrays["topic"]).decode(), int(arrays["fingerprint"][0]))
         lengths, blob = arrays["key_lengths"], bytes(arrays["key_bytes"])
-        rows, last_ts, offset = arrays["rows"], arrays["last_ts"], arrays["offset"]
+        rows = arrays["rows"].astype(np.float32, copy=False)
+        last_ts = arrays["last_ts"].astype(np.float64, copy=False)
+        offset = arrays["offset"].astype(np.int64, copy=False)
     except Exception as exc:  # truncated, flipped, not ours: never trusted
         raise SnapshotError(f"{path} is unreadable: {type(exc).__name__}: {exc}") from exc
     if found != (FORMAT, partition, topic, fingerprint):
@@ -135,11 +141,12 @@ def read_snapshot(
         raise SnapshotError(f"{path}: arrays of {n} keys do not line up (row width {width})")
     if int(lengths.sum()) != len(blob) or changelog_offset < 0:
         raise SnapshotError(f"{path}: inconsistent key bytes or changelog offset")
+    bad = int((~check(rows, last_ts, offset)).sum())
+    if bad:
+        raise SnapshotError(f"{path}: {bad} rows hold impossible values (NaN, time, offset)")
     ends = np.cumsum(lengths).tolist()
     keys = [blob[a:b].decode("utf-8") for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-    return LocalSnapshot(
-        keys, rows.astype(np.float32, copy=False), last_ts, offset, changelog_offset
-    )
+    return LocalSnapshot(keys, rows, last_ts, offset, changelog_offset)
 
 
 def apply_tail(

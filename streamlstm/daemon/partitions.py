@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -42,8 +43,8 @@ from streamlstm.daemon.localstate import (
 )
 from streamlstm.daemon.statelog import StateLog
 from streamlstm.daemon.telemetry import Telemetry
-from streamlstm.io import Source, TopicPartition
-from streamlstm.io.changelog import ChangelogReader, decode
+from streamlstm.io import Source, TopicPartition, make_reader
+from streamlstm.io.changelog import ChangelogReader, Check, decode, max_restored_ts, plausible
 from streamlstm.state import KeyedState
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ class Partitions:
         start = None if local is None else local.changelog_offset
         read = reader.read(partition, timeout, self.beat, start=start)
         width = self.store.layout.width
-        rows = decode(read.values, self.statelog.fingerprint, width)
+        max_ts, check = self._check()
+        rows = decode(read.values, self.statelog.fingerprint, width, check)
         rejected = int((~rows.ok).sum())
         keys = [k for k, ok in zip(read.keys, rows.ok.tolist(), strict=True) if ok]
         parts = [(keys, rows.rows, rows.last_ts, rows.offset)]
@@ -170,10 +172,18 @@ class Partitions:
         self.metrics.restored_keys.inc(len(keys))
         if rejected:
             self.metrics.changelog_rejected.inc(rejected)
+        if rejected - rows.invalid:
             log.error(
                 "changelog %s[%d]: %d records written by another row layout or version "
                 "(an upgrade changed what a key's row holds): those keys start afresh",
-                *(topic, partition, rejected),
+                *(topic, partition, rejected - rows.invalid),
+            )
+        if rows.invalid:
+            log.warning(
+                "changelog %s[%d]: %d records hold impossible values (NaN or infinity, an "
+                "event time past %.0f or before year 1, a negative offset): those keys "
+                "start afresh",
+                *(topic, partition, rows.invalid, max_ts),
             )
         log.info(
             "partition %d: restored %d keys from %s%d changelog records (%d bytes, offsets "
@@ -183,10 +193,19 @@ class Partitions:
         )
         self._check_log_start(partition, source)
 
+    def _check(self) -> tuple[float, Check]:
+        """What a restored row must be (:func:`~streamlstm.io.changelog.plausible`): no
+        event time past ``max_ts``; the float16 recurrent state checked as such."""
+        layout = self.store.layout
+        halves = layout.columns["recurrent"] if layout.recurrent_dtype.itemsize == 2 else None
+        max_ts = max_restored_ts(self.settings.engine.max_future_seconds)
+        return max_ts, partial(plausible, max_ts=max_ts, halves=halves)
+
     def _reader(self) -> ChangelogReader:
         if self.reader is None:
             assert self.settings.changelog_topic is not None
-            self.reader = ChangelogReader(self.settings.changelog_topic, kafka=self.settings.kafka)
+            reader = make_reader(self.settings.kafka)
+            self.reader = ChangelogReader(self.settings.changelog_topic, reader)
         return self.reader
 
     def _local(self, partition: int) -> LocalSnapshot | None:
@@ -194,9 +213,11 @@ class Partitions:
         folder, topic = self.settings.state.dir, self.settings.changelog_topic
         if folder is None or topic is None:
             return None
-        width = self.store.layout.width
+        width, fingerprint = self.store.layout.width, self.store.layout.fingerprint
         try:
-            snap = read_snapshot(folder, topic, partition, self.store.layout.fingerprint, width)
+            snap = read_snapshot(
+                folder, topic, partition, fingerprint, width, check=self._check()[1]
+            )
         except SnapshotError as exc:
             log.error(
                 "partition %d: local snapshot ignored, reading the whole changelog: %s",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,31 @@ from streamlstm.events import Decoder
 
 TICK_S = 0.002  # the paced producer sends what is due every 2 ms
 WARM_S = 1.0  # seconds of load before latencies are kept
+READY_S = 60.0  # to join the group and get partitions (the daemon's or the bare pipe's)
+WARM_WAIT_S = 30.0  # for the warm-up's predictions once it is sent
+
+
+class NotConsuming(RuntimeError):
+    """A latency run whose daemon (or bare pipe) is not consuming: timing it would report
+    a number that is not its latency, so nothing is measured."""
+
+
+def _await(
+    done: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    pause: Callable[[], object] = lambda: time.sleep(0.01),
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
+    """Return once ``done()``; raise :class:`NotConsuming` naming ``what`` after
+    ``timeout_s``, or at once when the thing waited for is no longer ``alive()``."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if not alive():
+            raise NotConsuming(f"{what}: it stopped first (see its log); nothing measured")
+        if time.monotonic() > deadline:
+            raise NotConsuming(f"{what}: not within {timeout_s:.0f}s; nothing measured")
+        pause()
 
 
 def _consume(consumer: Any, n: int, wait_s: float) -> list[Any]:
@@ -126,16 +152,22 @@ def latency(settings: Settings, keys: int, width: int, rate: float, seconds: flo
     the daemon's first batches and every key's first event are not timed)."""
     daemon, thread = start_daemon(settings)
     try:
-        deadline = time.monotonic() + 60
-        while not daemon.ready() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _await(
+            daemon.ready,
+            READY_S,
+            "the daemon did not get ready (group joined, partitions assigned, broker reachable)",
+            alive=thread.is_alive,
+        )
         stream = SyntheticStream(keys, width, seed=1)
         producer = paced_producer(settings)
         warm = int(rate * WARM_S)
         paced_produce(settings, stream, rate, warm, producer)
-        deadline = time.monotonic() + 30
-        while daemon.live.predictions < warm and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _await(
+            lambda: daemon.live.predictions >= warm,
+            WARM_WAIT_S,
+            f"the daemon did not predict the {warm} warm-up events (it is not consuming)",
+            alive=thread.is_alive,
+        )
         daemon.live.take()  # a window: its counters run on (predictions is a total)
         count = int(rate * seconds)
         paced_produce(settings, stream, rate, count, producer)
@@ -185,9 +217,12 @@ def bare_pipe_latency(
 
     thread = threading.Thread(target=pipe, name="bare-pipe", daemon=True)
     try:
-        deadline = time.monotonic() + 60
-        while not consumer.assignment() and time.monotonic() < deadline:
-            consumer.poll(0.1)
+        _await(
+            lambda: bool(consumer.assignment()),
+            READY_S,
+            f"the bare pipe's consumer got no partition of {k.input_topic!r}",
+            pause=lambda: consumer.poll(0.1),
+        )
         thread.start()
         stream = SyntheticStream(keys, width, seed=1)
         load = paced_producer(settings)

@@ -63,6 +63,7 @@ def bench_restore(bootstrap: str, keys: int) -> dict[str, float]:
 
     from streamlstm.io.admin import COMPACTED, create_topics
     from streamlstm.io.changelog import ChangelogReader, decode, encode
+    from streamlstm.io.reader import KafkaPythonReader
     from streamlstm.model import RecurrentModel
     from streamlstm.state import KeyedState
 
@@ -82,7 +83,7 @@ def bench_restore(bootstrap: str, keys: int) -> dict[str, float]:
             producer.send(topic, key=name, value=value, partition=0)
     producer.flush(timeout=600)
     producer.close()
-    reader = ChangelogReader(topic, {"bootstrap_servers": [bootstrap]})
+    reader = ChangelogReader(topic, KafkaPythonReader({"bootstrap_servers": [bootstrap]}))
     try:
         started = time.perf_counter()
         read = reader.read(0, timeout_s=600)

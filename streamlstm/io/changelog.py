@@ -10,8 +10,11 @@ is a fixed binary layout, little-endian, no padding::
 
 A value whose length, magic, version or fingerprint is not the expected one (an upgrade
 changed the row layout; a foreign writer; a truncated record) is *rejected*: that key
-starts afresh and is counted, it is never misread. ``None`` (a tombstone) marks a key
-evicted (TTL or capacity). No torch here: rows travel as numpy arrays.
+starts afresh and is counted, it is never misread. So is a value of the right layout
+that no daemon writes (:func:`plausible`: a NaN or infinity in the row, an event time
+past ``max_ts`` or before year 1, an offset below -1), which would poison the key for
+good; old event times are normal and pass. ``None`` (a tombstone) marks a key evicted
+(TTL or capacity). No torch here: rows travel as numpy arrays.
 
 Why the daemon may write a row (:mod:`streamlstm.daemon.statelog`): a row written here
 only ever reflects events whose outputs were already acknowledged, and input offsets
@@ -28,27 +31,33 @@ True
 ([True, False, True], [11, 10], [3.0, 4.0, 5.0])
 >>> decode(blobs, fingerprint=8, width=3).ok.tolist()  # another layout: never misread
 [False, False]
+>>> poisoned = encode(7, np.full((1, 3), np.nan, np.float32), np.zeros(1), np.zeros(1))
+>>> out = decode(poisoned + blobs, fingerprint=7, width=3)
+>>> out.ok.tolist(), out.invalid
+([False, True, True], 1)
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from streamlstm.io.client import PartitionReader, make_reader
+from streamlstm.io.client import PartitionReader
 from streamlstm.io.reader import EndNotReached, read_to_end
-
-if TYPE_CHECKING:
-    from streamlstm.config import KafkaSettings
+from streamlstm.validation import MAX_TS, MIN_TS
 
 log = logging.getLogger(__name__)
 
 MAGIC = 0x4C53  # b"SL" little-endian
 VERSION = 1
+#: Clock difference tolerated between the member that wrote a row and the one restoring
+#: it, on top of ``engine.max_future_seconds`` (see :func:`max_restored_ts`).
+CLOCK_SKEW_SECONDS = 3600.0
 _HEADER = [
     ("magic", "<u2"),
     ("version", "u1"),
@@ -87,17 +96,65 @@ def encode(
 
 @dataclass
 class Decoded:
-    """Values decoded in bulk: ``ok[i]`` says whether value ``i`` was readable; the
-    arrays hold the readable ones only, in order."""
+    """Values decoded in bulk: ``ok[i]`` says whether value ``i`` was readable and
+    plausible; the arrays hold those only, in order. ``invalid``: how many of the others
+    had this layout but impossible values (the rest were another layout)."""
 
     ok: np.ndarray  # bool [N]
     rows: np.ndarray  # float32 [n_ok, width]
     last_ts: np.ndarray  # float64 [n_ok]
     offset: np.ndarray  # int64 [n_ok]
+    invalid: int = 0
 
 
-def decode(values: list[bytes], fingerprint: int, width: int) -> Decoded:
-    """Decode values of one layout; anything else is rejected (``ok`` False), never raised."""
+#: A check of restored rows, last event times and offsets: the mask of those to keep.
+Check = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def plausible(
+    rows: np.ndarray,
+    last_ts: np.ndarray,
+    offset: np.ndarray,
+    max_ts: float = MAX_TS,
+    halves: slice | None = None,
+) -> np.ndarray:
+    """Mask of restored rows a key may start from: what the engine can have written (a
+    finite row, an event time it accepts up to ``max_ts``, an offset; -1 is "none yet").
+    ``halves``: columns holding float16 pairs (a float16 infinity is a finite float32).
+
+    >>> plausible(np.array([[1.0], [np.inf], [1.0], [1.0]]), np.array([-1e10, 0, 1e13, 0]),
+    ...           np.array([5, 5, 5, -2])).tolist()
+    [True, False, False, False]
+    >>> pair = np.array([[0.0, np.inf]], np.float16).view(np.float32)
+    >>> plausible(pair, np.zeros(1), np.zeros(1)), plausible(pair, np.zeros(1), np.zeros(1),
+    ...     halves=slice(0, 1))
+    (array([ True]), array([False]))
+    """
+    ok = (
+        np.isfinite(rows).all(axis=1)
+        & (last_ts >= MIN_TS)
+        & (last_ts <= max_ts)  # NaN fails both
+        & (offset >= -1)
+    )
+    if halves is not None and len(rows):
+        packed = np.ascontiguousarray(rows[:, halves], dtype="<f4").view("<f2")
+        ok &= np.isfinite(packed).all(axis=1)
+    return ok
+
+
+def max_restored_ts(max_future_seconds: float | None, now: float | None = None) -> float:
+    """The latest last event time a restored row may hold: the engine accepted no event
+    later than ``max_future_seconds`` past its clock (with :data:`CLOCK_SKEW_SECONDS`
+    between members' clocks), and none after year 9999 at all."""
+    if max_future_seconds is None:
+        return MAX_TS
+    now = time.time() if now is None else now
+    return min(MAX_TS, now + max_future_seconds + CLOCK_SKEW_SECONDS)
+
+
+def decode(values: list[bytes], fingerprint: int, width: int, check: Check = plausible) -> Decoded:
+    """Decode values of one layout; anything else, or any value ``check`` refuses (see
+    :func:`plausible`), is rejected (``ok`` False), never raised."""
     dtype = record_dtype(width)
     lengths = np.fromiter(map(len, values), np.int64, len(values))
     ok = lengths == dtype.itemsize
@@ -108,6 +165,10 @@ def decode(values: list[bytes], fingerprint: int, width: int) -> Decoded:
         & (records["version"] == VERSION)
         & (records["fingerprint"] == np.uint64(fingerprint))
     )
+    sane = check(records["row"].reshape(len(records), width), records["last_ts"],
+                 records["offset"])  # fmt: skip
+    invalid = int((valid & ~sane).sum())
+    valid &= sane
     ok[ok] = valid
     records = records[valid]
     return Decoded(
@@ -115,6 +176,7 @@ def decode(values: list[bytes], fingerprint: int, width: int) -> Decoded:
         records["row"].astype(np.float32, copy=True).reshape(len(records), width),
         records["last_ts"].astype(np.float64),
         records["offset"].astype(np.int64),
+        invalid,
     )
 
 
@@ -145,29 +207,16 @@ class Restored:
 
 
 class ChangelogReader:
-    """Reads changelog partitions from the start, outside the group.
+    """Reads changelog partitions from the start, outside the group, through ``reader``
+    (which it then owns and closes): the daemon passes the one ``kafka.client`` names
+    (:func:`~streamlstm.io.client.make_reader`), a tool any other.
 
-    Through a :class:`~streamlstm.io.client.PartitionReader`: ``reader``, or the one
-    ``kafka.client`` names (``kafka``), or kafka-python's built from ``client_kwargs``.
     The end is the high watermark the fetches report
     (:func:`~streamlstm.io.reader.read_to_end`). Works on a log that was never
     compacted: the last record of each key wins, a tombstone deletes.
     """
 
-    def __init__(
-        self,
-        topic: str,
-        client_kwargs: dict[str, Any] | None = None,
-        *,
-        reader: PartitionReader | None = None,
-        kafka: KafkaSettings | None = None,
-    ) -> None:
-        if reader is None and kafka is not None:
-            reader = make_reader(kafka)
-        if reader is None:
-            from streamlstm.io.reader import KafkaPythonReader
-
-            reader = KafkaPythonReader(client_kwargs or {})
+    def __init__(self, topic: str, reader: PartitionReader) -> None:
         self.topic = topic
         self.reader = reader
 

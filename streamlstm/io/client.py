@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from streamlstm.config import KafkaSettings, Settings
     from streamlstm.io.source import Polled
 
-INSTALL_CONFLUENT = "pip install 'streamlstm[confluent]'"
-
 
 class TopicPartition(NamedTuple):
     """One partition of one topic (hashes and compares as kafka-python's)."""

@@ -40,9 +40,17 @@ class DeliveryError(Exception):
         self.retriable = retriable
 
 
+#: Guards each :class:`Delivery`'s "done?" check against its callback list: the serving
+#: thread completes futures while the loop adds callbacks, and without it a callback
+#: added between the check and the append would never run. One lock for all futures:
+#: it is held for a few bytecodes, never while a callback runs.
+_LOCK = threading.Lock()
+
+
 class Delivery:
     """The future of one record: ``is_done``, ``exception``, callbacks (kafka-python's
-    ``FutureRecordMetadata`` in the little the callers use)."""
+    ``FutureRecordMetadata`` in the little the callers use). Each callback runs exactly
+    once, on whichever thread completes the future or adds it after completion."""
 
     __slots__ = ("_callbacks", "exception", "is_done")
 
@@ -52,13 +60,17 @@ class Delivery:
         self._callbacks: list[tuple[bool, Callable[[Any], None]]] | None = None
 
     def __call__(self, err: Any, _msg: Any) -> None:  # librdkafka's on_delivery
+        exc = None
         if err is not None:
             retriable = err.retriable() or err.code() in _retriable_codes()
-            self.exception = DeliveryError(err.str(), retriable)
-        self.is_done = True
-        for errback, fn in self._callbacks or ():
-            if errback == (self.exception is not None):
-                fn(self.exception if errback else None)
+            exc = DeliveryError(err.str(), retriable)
+        with _LOCK:
+            self.exception = exc  # before is_done: a reader seeing done sees the outcome
+            self.is_done = True
+            callbacks, self._callbacks = self._callbacks, None
+        for errback, fn in callbacks or ():
+            if errback == (exc is not None):
+                fn(exc if errback else None)
 
     def add_callback(self, fn: Callable[[Any], None]) -> None:
         self._add(False, fn)
@@ -67,13 +79,14 @@ class Delivery:
         self._add(True, fn)
 
     def _add(self, errback: bool, fn: Callable[[Any], None]) -> None:
-        if self.is_done:
-            if errback == (self.exception is not None):
-                fn(self.exception if errback else None)
-            return
-        if self._callbacks is None:
-            self._callbacks = []
-        self._callbacks.append((errback, fn))
+        with _LOCK:
+            if not self.is_done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append((errback, fn))
+                return
+        if errback == (self.exception is not None):
+            fn(self.exception if errback else None)
 
 
 class Refused(Delivery):

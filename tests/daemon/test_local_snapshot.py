@@ -60,6 +60,12 @@ class _Log:
         pass
 
 
+def _serve(monkeypatch: pytest.MonkeyPatch, fake: object) -> None:
+    """The daemon's changelog reads go to ``fake`` (no client is built)."""
+    monkeypatch.setattr(partitions_module, "make_reader", lambda kafka: None)
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda topic, reader: fake)
+
+
 def _daemon(folder: Path) -> Daemon:
     return Daemon(unit_daemon_settings(TOPIC, **{"state.dir": str(folder)}))
 
@@ -74,7 +80,7 @@ def _write(log: _Log, daemon: Daemon, key: str, value: float | None, offset: int
 
 
 def _restore(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: log)
+    _serve(monkeypatch, log)
     source = SimpleNamespace(topic=TOPIC, consumer=SimpleNamespace(committed=lambda tp: 0))
     daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
     daemon.partitions.restore(source)  # type: ignore[arg-type]
@@ -83,7 +89,7 @@ def _restore(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> dict
 
 
 def _snapshot_now(daemon: Daemon, log: _Log, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: log)
+    _serve(monkeypatch, log)
     parts = daemon.partitions
     parts.save_local(parts.local_ends({TopicPartition(TOPIC, 0): 1}))
 
@@ -143,6 +149,35 @@ def test_a_damaged_snapshot_is_refused(tmp_path: Path, damage: str) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(SnapshotError, match="unreadable"):
         read_snapshot(tmp_path, LOG, 0, fingerprint=7, width=2)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"rows": np.array([[1.0, np.nan]], np.float32)}, {"last_ts": np.array([1e300])},
+            {"last_ts": np.array([np.nan])}, {"offset": np.array([-7])}],
+)  # fmt: skip
+def test_a_snapshot_with_an_impossible_row_is_refused_whole(
+    tmp_path: Path, bad: dict[str, np.ndarray]
+) -> None:
+    _stored(tmp_path, last_ts=np.array([-5e10]))  # old: fine
+    assert read_snapshot(tmp_path, LOG, 0, fingerprint=7, width=2) is not None
+    _stored(tmp_path, **bad)
+    with pytest.raises(SnapshotError, match="impossible values"):
+        read_snapshot(tmp_path, LOG, 0, fingerprint=7, width=2)
+
+
+def test_an_impossible_tail_record_drops_the_snapshot_row_as_a_full_read_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = _Log()
+    first = _daemon(tmp_path)
+    _write(log, first, "a", 1)
+    _write(log, first, "b", 2)
+    _restore(first, log, monkeypatch)
+    _snapshot_now(first, log, monkeypatch)
+    _write(log, first, "a", np.inf)  # written after the snapshot, impossible
+    full = _restore(_daemon(tmp_path / "none"), log, monkeypatch)
+    fast = _restore(_daemon(tmp_path), log, monkeypatch)
+    assert log.starts[-1] == 2 and fast == full == {"b": 2}
 
 
 def test_an_old_snapshot_is_refused(tmp_path: Path) -> None:

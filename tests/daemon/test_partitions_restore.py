@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,6 +45,12 @@ class _Reader:
         pass
 
 
+def _serve(monkeypatch: pytest.MonkeyPatch, fake: object) -> None:
+    """The daemon's changelog reads go to ``fake`` (no client is built)."""
+    monkeypatch.setattr(partitions_module, "make_reader", lambda kafka: None)
+    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda topic, reader: fake)
+
+
 def _daemon() -> Daemon:
     return Daemon(unit_daemon_settings(TOPIC))
 
@@ -71,7 +78,7 @@ def test_restore_loads_rows_and_skips_applied_events(monkeypatch: pytest.MonkeyP
     daemon = _daemon()
     parts = daemon.partitions
     reader = _Reader({1: _changelog(daemon, {"a": 10, "b": 3})})
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    _serve(monkeypatch, reader)
     parts.assigned({TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)})
     assert parts.queued == [0, 1]
     parts.restore(_source())  # type: ignore[arg-type]
@@ -87,6 +94,32 @@ def test_restore_loads_rows_and_skips_applied_events(monkeypatch: pytest.MonkeyP
     # Once a partition's polled offsets pass every restored offset, nothing is checked.
     assert parts.skip(["a"], np.array([1]), np.array([11])) is None
     assert 1 not in parts.horizon
+
+
+def test_impossible_records_are_rejected_counted_and_those_keys_start_afresh(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = _daemon()
+    store = daemon.engine.store
+    width, now = store.layout.width, time.time()
+    rows = np.full((5, width), 0.5, np.float32)
+    rows[1, -1] = np.nan
+    recurrent = store.layout.columns["recurrent"]
+    rows[4, recurrent] = np.full(2 * (recurrent.stop - recurrent.start), np.inf, np.float16).view(
+        np.float32
+    )  # the float16 state: infinities a float32 check cannot see
+    ts = np.array([-2e9, 0.0, now + 30 * 86_400, now, now])  # old, -, a month ahead, now, now
+    values = encode(store.layout.fingerprint, rows, ts, np.array([1, 2, 3, 4, 5]))
+    keys = ["old", "nan", "future", "now", "half"]
+    reader = _Reader({0: Restored(keys=[*keys, "short"], values=[*values, values[0][:-4]])})
+    _serve(monkeypatch, reader)
+    daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
+    daemon.partitions.restore(_source())  # type: ignore[arg-type]
+    assert sorted(store.keys()) == ["now", "old"]
+    assert float(store.last_ts[store.slot("old")]) == -2e9
+    assert daemon.metrics.changelog_rejected._value.get() == 4
+    assert "3 records hold impossible values" in caplog.text
+    assert "1 records written by another row layout" in caplog.text
 
 
 def test_a_revoke_before_the_restore_ran_takes_it_off_the_queue() -> None:
@@ -107,7 +140,7 @@ def test_a_failing_restore_is_retried_then_stops_the_daemon(
     monkeypatch.setattr(partitions_module.time, "sleep", lambda s: None)
     daemon = _daemon()
     reader = _Reader({}, failures=2)
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    _serve(monkeypatch, reader)
     daemon.partitions.assigned({TopicPartition(TOPIC, 0)})
     daemon.partitions.restore(_source())  # type: ignore[arg-type]
     assert reader.reads == [0, 0, 0]
@@ -128,7 +161,7 @@ def test_a_changelog_without_the_partition_stops_the_daemon_at_once(
 ) -> None:
     daemon = _daemon()
     reader = _Reader({})
-    monkeypatch.setattr(partitions_module, "ChangelogReader", lambda *a, **k: reader)
+    _serve(monkeypatch, reader)
     daemon.partitions.assigned({TopicPartition(TOPIC, 5)})
     with pytest.raises(Fatal, match="no partition 5"):
         daemon.partitions.restore(_source())  # type: ignore[arg-type]

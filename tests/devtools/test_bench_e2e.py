@@ -109,3 +109,84 @@ def test_latency_times_a_producer_started_before_the_window(
 def test_bench_e2e_refuses_unknown_or_no_clients_before_starting(clients: tuple) -> None:
     with pytest.raises(ValueError, match="clients must be some of kafka-python, confluent"):
         bench_e2e(clients=clients, bootstrap="unreachable:1")
+
+
+def _never_measure(*_: Any) -> None:
+    raise AssertionError("a latency run went on to measure")
+
+
+@pytest.mark.parametrize("alive", [True, False], ids=["never-ready", "died"])
+def test_latency_refuses_a_daemon_that_is_not_ready(
+    monkeypatch: pytest.MonkeyPatch, alive: bool
+) -> None:
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait if alive else lambda: None)
+    thread.start()
+    if not alive:
+        thread.join()
+    daemon = SimpleNamespace(ready=lambda: False, live=LiveStats(), request_stop=release.set)
+    monkeypatch.setattr(bench_clients, "start_daemon", lambda settings: (daemon, thread))
+    monkeypatch.setattr(bench_clients, "paced_producer", _never_measure)
+    monkeypatch.setattr(bench_clients, "READY_S", 0.05)
+    settings = load_settings(overrides={"model.input_size": "2"})
+    match = "did not get ready.*(not within|stopped first)"
+    with pytest.raises(bench_clients.NotConsuming, match=match):
+        bench_clients.latency(settings, keys=3, width=2, rate=100, seconds=2)
+    assert not thread.is_alive()  # stopped and joined
+
+
+def test_latency_refuses_a_daemon_that_does_not_predict_the_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    daemon = SimpleNamespace(ready=lambda: True, live=LiveStats(), request_stop=release.set)
+    monkeypatch.setattr(bench_clients, "start_daemon", lambda settings: (daemon, thread))
+    monkeypatch.setattr(bench_clients, "paced_producer", lambda settings: object())
+    sent: list[int] = []
+    monkeypatch.setattr(bench_clients, "paced_produce", lambda s, st, r, n, p: sent.append(n))
+    monkeypatch.setattr(bench_clients, "WARM_WAIT_S", 0.05)
+    settings = load_settings(overrides={"model.input_size": "2"})
+    with pytest.raises(bench_clients.NotConsuming, match="100 warm-up events"):
+        bench_clients.latency(settings, keys=3, width=2, rate=100, seconds=2)
+    assert sent == [100]  # the warm-up only, never the timed window
+
+
+def test_the_bare_pipe_refuses_a_consumer_without_partitions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    closed: list[str] = []
+
+    class Unassigned:
+        def __init__(self, conf: dict) -> None:
+            pass
+
+        def subscribe(self, topics: list[str]) -> None:
+            pass
+
+        def assignment(self) -> list:
+            return []
+
+        def poll(self, timeout: float) -> None:
+            return None
+
+        def close(self) -> None:
+            closed.append("consumer")
+
+    class Quiet:
+        def __init__(self, conf: dict) -> None:
+            pass
+
+        def flush(self, timeout: float) -> int:
+            return 0
+
+    monkeypatch.setattr(confluent_kafka, "Consumer", Unassigned)
+    monkeypatch.setattr(confluent_kafka, "Producer", Quiet)
+    monkeypatch.setattr(bench_clients, "paced_producer", _never_measure)
+    monkeypatch.setattr(bench_clients, "READY_S", 0.05)
+    settings = load_settings(overrides={"model.input_size": "2"})
+    with pytest.raises(bench_clients.NotConsuming, match="got no partition"):
+        bench_clients.bare_pipe_latency(settings, keys=3, width=2, rate=100, seconds=2)
+    assert closed == ["consumer"]

@@ -112,3 +112,45 @@ def test_async_commit_results_reach_their_callbacks_in_order() -> None:
     source._on_commit("broker away", [ok])
     assert got[0] == (first, None)
     assert got[1][0] == second and got[1][1] is not None
+
+
+class _ErrMsg(_Msg):
+    """An error event as ``consume()`` hands it out: a message whose ``error()`` is set
+    (partition and offset mean nothing then)."""
+
+    def __init__(self, err: Any) -> None:
+        super().__init__(-1, -1001)
+        self.err = err
+
+    def error(self) -> Any:
+        return self.err
+
+
+def test_drop_errors_keeps_records_drops_retriable_errors_and_raises_fatal_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    eof = KafkaError(KafkaError._PARTITION_EOF)
+    down = KafkaError(KafkaError._TRANSPORT, "broker down", retriable=True)
+    fenced = KafkaError(KafkaError._FATAL, "fenced by a newer instance", fatal=True)
+    a, b = _Msg(0, 4), _Msg(1, 9)
+    source = _source([])
+    with caplog.at_level("WARNING", logger="streamlstm.io.confluent_source"):
+        kept = source._drop_errors([_ErrMsg(eof), a, _ErrMsg(down), b])
+    assert kept == [a, b]  # the records, same objects, same order
+    assert "No more messages" in caplog.text and "broker down" in caplog.text
+    with pytest.raises(KafkaException) as info:
+        source._drop_errors([a, _ErrMsg(fenced), b])
+    assert info.value.args[0] is fenced
+
+
+def test_a_poll_of_errors_only_is_empty_and_errors_move_no_offset() -> None:
+    from confluent_kafka import KafkaError
+
+    down = _ErrMsg(KafkaError(KafkaError._TRANSPORT, "broker down", retriable=True))
+    source = _source([[down], [_Msg(0, 3), down, _Msg(0, 4)]])
+    assert source.poll(0) is None
+    polled = source.poll(0)
+    assert polled.offset.tolist() == [3, 4] and polled.ends == {TopicPartition("in", 0): 5}
+    assert len(polled.records) == 2

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamlstm.io.changelog import MAGIC, VERSION, decode, encode, record_size
+from streamlstm.io.changelog import (
+    CLOCK_SKEW_SECONDS,
+    MAGIC,
+    VERSION,
+    decode,
+    encode,
+    max_restored_ts,
+    plausible,
+    record_size,
+)
+from streamlstm.validation import MAX_TS
 
 WIDTH = 5
 
@@ -58,3 +70,47 @@ def test_truncated_or_arbitrary_bytes_never_raise(junk: list[bytes], cut: int) -
     assert out.ok[-1] and len(out.rows) == int(out.ok.sum())
     if cut < len(good[0]):
         assert not out.ok[-2]
+
+
+def test_impossible_values_are_rejected_and_old_times_pass() -> None:
+    rows, ts, off = _rows(9)
+    ts[0] = -3e10  # the year 1019: history is normal
+    rows[1, 2] = np.nan
+    rows[2, 0] = -np.inf
+    ts[3] = np.nan
+    ts[4] = 1.764e12  # a millisecond timestamp: past year 9999
+    ts[5] = -1e300
+    off[6] = -5
+    ts[7], off[7] = 0.0, -1  # a key with no offset yet
+    ts[8] = np.inf
+    blobs = encode(3, rows, ts, off)
+    out = decode([*blobs, blobs[0][:-1]], fingerprint=3, width=WIDTH)
+    assert out.ok.tolist() == [True, *[False] * 6, True, False, False]
+    assert out.invalid == 7  # the truncated one is another layout, not counted here
+    np.testing.assert_array_equal(out.rows, rows[[0, 7]])
+    assert out.last_ts.tolist() == [-3e10, 0.0] and out.offset.tolist() == [off[0], -1]
+
+
+def test_the_far_future_bound_follows_max_future_seconds() -> None:
+    now = 1.764e9
+    bound = max_restored_ts(86_400.0, now=now)
+    assert bound == now + 86_400.0 + CLOCK_SKEW_SECONDS
+    assert max_restored_ts(None) == MAX_TS == max_restored_ts(1e30, now=now)
+    rows, _, off = _rows(3)
+    ts = np.array([now + 86_400.0, bound + 1.0, now - 1e9])
+    check = partial(plausible, max_ts=bound)
+    out = decode(encode(3, rows, ts, off), fingerprint=3, width=WIDTH, check=check)
+    assert out.ok.tolist() == [True, False, True] and out.invalid == 1
+
+
+def test_float16_pairs_are_checked_as_such() -> None:
+    rows, ts, off = _rows(2)
+    rows[:, :2] = np.array([[0.5, -0.25, 1.0, 2.0], [0.5, np.inf, 1.0, 2.0]], np.float16).view(
+        np.float32
+    )
+    assert np.isfinite(rows).all()  # a float16 infinity hides in a finite float32
+    blobs = encode(3, rows, ts, off)
+    assert decode(blobs, fingerprint=3, width=WIDTH).ok.all()
+    check = partial(plausible, halves=slice(0, 2))
+    out = decode(blobs, fingerprint=3, width=WIDTH, check=check)
+    assert out.ok.tolist() == [True, False] and out.invalid == 1

@@ -156,6 +156,7 @@ def test_explicit_partitions_and_tombstones_land_where_told(
     read back through :class:`~streamlstm.io.changelog.ChangelogReader` (last record per
     key wins, a tombstone deletes, on a log no compaction touched)."""
     from streamlstm.io.changelog import ChangelogReader, groups
+    from streamlstm.io.client import make_reader
 
     prefix = f"sink-{uuid.uuid4().hex[:8]}"
     topic = f"{prefix}-in.state"
@@ -171,7 +172,7 @@ def test_explicit_partitions_and_tombstones_land_where_told(
         assert sink.flush(30) and ticket.done() and not ticket.failed
     finally:
         sink.close(5)
-    reader = ChangelogReader(topic, kafka=settings.kafka)
+    reader = ChangelogReader(topic, make_reader(settings.kafka))
     try:
         two = reader.read(2, timeout_s=30)
         assert dict(zip(two.keys, two.values, strict=True)) == {"a": b"3"}
