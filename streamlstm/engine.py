@@ -36,6 +36,7 @@ Steps run fused (:mod:`streamlstm.fused`) or plainly, the reference: the same ou
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 
@@ -108,7 +109,9 @@ class Engine:
         self.learner: StepConsumer | None = None
         self._level_inputs = settings.model.inputs == "level"
         self.drift = DriftMonitor(settings.drift)
-        self._offered: tuple[dict[str, torch.Tensor], int] | None = None
+        # The newest offered weights: the trainer's thread appends, the loop takes (a deque's
+        # append and popleft are atomic, so an offer landing mid-adoption is never lost).
+        self._offered: deque[tuple[dict[str, torch.Tensor], int]] = deque(maxlen=1)
 
     @classmethod
     def from_settings(
@@ -153,7 +156,7 @@ class Engine:
 
     def offer_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Queue new weights; they take effect at the start of the next batch, never inside one."""
-        self._offered = (state_dict, version)
+        self._offered.append((state_dict, version))
 
     def adopt_offered(self) -> None:
         """Swap offered weights in now; only between batches (as :meth:`process` does), e.g.
@@ -161,10 +164,9 @@ class Engine:
         self._adopt_offered()
 
     def _adopt_offered(self) -> None:
-        offered, self._offered = self._offered, None
-        if offered is None:
+        if not self._offered:  # only this thread takes: a non-empty deque stays so
             return
-        state_dict, version = offered
+        state_dict, version = self._offered.popleft()
         self.model.load_state_dict(state_dict)
         self.model.eval()
         self._inference_model = self._prepare(self.model)

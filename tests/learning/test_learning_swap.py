@@ -97,3 +97,54 @@ def test_offers_from_another_thread_swap_only_between_batches() -> None:
         if out.model_version:
             reference.offer_weights(offered[out.model_version], out.model_version)
         np.testing.assert_array_equal(out.prediction, reference.process(b).prediction)
+
+
+def _offer_during_adoption(position: int) -> tuple[int, int]:
+    """Adopt offered weights v1 while a second offer (v2) lands just before bytecode
+    instruction ``position`` of ``Engine._adopt_offered``; then adopt again (the next
+    batch). Returns the version served and the instructions the first adoption ran."""
+    import sys
+    import types
+
+    from streamlstm.config import load_settings
+    from streamlstm.engine import Engine
+
+    overrides = {"model.input_size": "1", "model.hidden_size": "8"}
+    engine = Engine.from_settings(load_settings(overrides=overrides))
+    weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    engine.offer_weights(weights, 1)
+    ran = 0
+
+    def opcode(frame: types.FrameType, event: str, arg: object) -> object:
+        nonlocal ran
+        if event == "opcode":
+            if ran == position:
+                engine.offer_weights(weights, 2)  # the trainer's thread, right here
+            ran += 1
+        return opcode
+
+    def calls(frame: types.FrameType, event: str, arg: object) -> object:
+        if frame.f_code is Engine._adopt_offered.__code__:
+            frame.f_trace_opcodes = True
+            return opcode
+        return None
+
+    sys.settrace(calls)
+    try:
+        engine.adopt_offered()
+    finally:
+        sys.settrace(None)
+    engine.adopt_offered()
+    return engine.model_version, ran
+
+
+def test_weights_offered_at_any_moment_of_an_adoption_are_never_lost() -> None:
+    """The trainer's thread offers weights while the loop adopts the last offer. Wherever
+    the offer lands in ``_adopt_offered`` (each of its bytecode instructions in turn),
+    the newest weights are served after the next batch."""
+    position, ran = 0, 1
+    while position < ran:
+        version, ran = _offer_during_adoption(position)
+        assert version == 2, f"an offer at instruction {position} was lost"
+        position += 1
+    assert position > 3
