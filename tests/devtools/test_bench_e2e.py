@@ -15,7 +15,8 @@ from streamlstm.cli import build_parser, dev
 from streamlstm.config import load_settings
 from streamlstm.daemon.telemetry import LiveStats
 from streamlstm.devtools import bench_clients
-from streamlstm.devtools.bench_e2e import bench_e2e
+from streamlstm.devtools.bench_clients import Latency, Timed
+from streamlstm.devtools.bench_e2e import E2EResult, bench_e2e
 
 pytestmark = pytest.mark.integration
 
@@ -100,8 +101,9 @@ def test_latency_times_a_producer_started_before_the_window(
     monkeypatch.setattr(bench_clients, "paced_producer", producer)
     monkeypatch.setattr(bench_clients, "paced_produce", produce)
     settings = load_settings(overrides={"model.input_size": "2"})
-    latencies = bench_clients.latency(settings, keys=3, width=2, rate=100, seconds=2)
-    assert len(latencies) == 200  # the timed window only
+    timed = bench_clients.latency(settings, keys=3, width=2, rate=100, seconds=2)
+    assert len(timed.seconds) == timed.observed == timed.offered == 200  # the timed window only
+    assert timed.missing == 0
     assert len(made) == 1 and used == [made[0], made[0]]
 
 
@@ -190,3 +192,65 @@ def test_the_bare_pipe_refuses_a_consumer_without_partitions(
     with pytest.raises(bench_clients.NotConsuming, match="got no partition"):
         bench_clients.bare_pipe_latency(settings, keys=3, width=2, rate=100, seconds=2)
     assert closed == ["consumer"]
+
+
+def test_latency_counts_the_events_never_predicted_as_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daemon that predicts 90% of the timed window: the other 10% are not dropped from
+    the percentiles but counted as longer than the wait, so p90 on are lower bounds."""
+    live = LiveStats()
+    daemon = SimpleNamespace(ready=lambda: True, live=live, request_stop=lambda: None)
+    idle = threading.Thread(target=lambda: None)
+    idle.start()
+    monkeypatch.setattr(bench_clients, "start_daemon", lambda settings: (daemon, idle))
+    monkeypatch.setattr(bench_clients, "paced_producer", lambda settings: object())
+    windows: list[int] = []
+
+    def produce(settings: Any, stream: Any, rate: float, count: int, p: Any = None) -> None:
+        done = count if not windows else count * 9 // 10  # the warm-up in full
+        windows.append(count)
+        live.add_events(count)
+        live.add(done, 0, 0, np.full(done, 0.01))
+
+    monkeypatch.setattr(bench_clients, "paced_produce", produce)
+    monkeypatch.setattr(bench_clients, "DRAIN_S", 0.05)
+    settings = load_settings(overrides={"model.input_size": "2"})
+    timed = bench_clients.latency(settings, keys=3, width=2, rate=100, seconds=2)
+    assert (timed.offered, timed.observed, timed.missing) == (200, 180, 20)
+    assert timed.waited_s >= 0.05
+    ms, at_least = bench_clients.percentiles(timed)
+    assert ms["p50"] == pytest.approx(10.0)  # 90% of the events took 10 ms: exact
+    assert ms["p99"] == ms["max"] == pytest.approx(timed.waited_s * 1000)
+    assert at_least == ["p90", "p99", "max"]  # p90 interpolates towards a missing event
+
+
+def test_percentiles_with_and_without_missing_events() -> None:
+    every = Timed(np.linspace(0.001, 0.1, 100), offered=100, observed=100, waited_s=1.0)
+    ms, at_least = bench_clients.percentiles(every)
+    assert at_least == [] and ms["max"] == pytest.approx(100.0)
+    assert ms["p99"] == pytest.approx(float(np.percentile(every.seconds * 1000, 99)))
+    # 2% missing: p99 rests on them, p50 and p90 are the observed events' own.
+    some = Timed(np.full(98, 0.02), offered=100, observed=98, waited_s=30.0)
+    ms, at_least = bench_clients.percentiles(some)
+    assert (ms["p50"], ms["p90"]) == (pytest.approx(20.0), pytest.approx(20.0))
+    assert ms["p99"] == ms["max"] == pytest.approx(30_000.0) and at_least == ["p99", "max"]
+    # A sample of 100 standing for 10,000 observed events, 100 missing: one in the sample.
+    sampled = Timed(np.full(100, 0.02), offered=10_100, observed=10_000, waited_s=30.0)
+    assert bench_clients.percentiles(sampled)[1] == ["max"]
+    none = Timed(np.empty(0), offered=50, observed=0, waited_s=30.0)
+    ms, at_least = bench_clients.percentiles(none)
+    assert ms["p50"] == pytest.approx(30_000.0) and at_least == ["p50", "p90", "p99", "max"]
+    assert bench_clients.percentiles(Timed(np.empty(0), 0, 0, 30.0)) == ({}, [])
+
+
+def test_bench_e2e_shows_missing_events_and_lower_bounds() -> None:
+    timed = Timed(np.full(98, 0.02), offered=100, observed=98, waited_s=30.0)
+    result = E2EResult(latency=[Latency.of("confluent", 50.0, timed)])
+    [line] = [x for x in result.lines() if x.startswith("event latency")]
+    assert "(100 events, 2 not acknowledged within 30s, counted as more)" in line
+    assert "p50 20.0 ms" in line and "p99 >=30000.0 ms" in line and "max >=30000.0 ms" in line
+    row = result.as_dict()["latency"]["confluent"]
+    json.dumps(row)
+    assert (row["events"], row["acknowledged"], row["waited_s"]) == (100, 98, 30.0)
+    assert row["p99"] == 30_000.0 and row["at_least"] == ["p99", "max"]
