@@ -30,6 +30,7 @@ WARM_S = 1.0  # seconds of load before latencies are kept
 READY_S = 60.0  # to join the group and get partitions (the daemon's or the bare pipe's)
 WARM_WAIT_S = 30.0  # for the warm-up's predictions once it is sent
 DRAIN_S = 30.0  # for the timed window's outputs once it is sent; later ones count as missing
+KEPT_UP = 0.98  # achieved / offered rate below this (or events missing): it fell behind
 
 
 @dataclass
@@ -38,12 +39,23 @@ class Timed:
     acknowledged by the end of the wait, ``waited_s`` after the last was sent.
     ``seconds``: their latencies (all, or a uniform sample of ``observed``). The others
     are missing: each of their latencies is more than ``waited_s``, and
-    :func:`percentiles` counts them so."""
+    :func:`percentiles` counts them so. ``span_s``: from the first of those acknowledged
+    to the last (NaN: unknown)."""
 
     seconds: np.ndarray
     offered: int
     observed: int
     waited_s: float
+    span_s: float = math.nan
+
+    @property
+    def achieved(self) -> float | None:
+        """The rate the window's events were answered at, first acknowledgement to last:
+        the offered rate when the daemon keeps up (a steady queue shifts both ends alike);
+        below it when its latency grew over the window. None: fewer than two answers."""
+        if self.observed < 2 or not self.span_s > 0:
+            return None
+        return self.observed / self.span_s
 
     @property
     def missing(self) -> int:
@@ -197,7 +209,9 @@ def latency(settings: Settings, keys: int, width: int, rate: float, seconds: flo
         while daemon.live.predictions < warm + count and time.monotonic() < sent + DRAIN_S:
             time.sleep(0.01)
         window = daemon.live.take()
-        return Timed(window.latencies, count, window.latency_count, time.monotonic() - sent)
+        waited = time.monotonic() - sent
+        span = window.acks[1] - window.acks[0] if window.acks else math.nan
+        return Timed(window.latencies, count, window.latency_count, waited, span)
     finally:
         daemon.request_stop()
         thread.join(timeout=15)
@@ -222,14 +236,14 @@ def bare_pipe_latency(
     consumer = Consumer({**conf, "auto.offset.reset": "latest"})
     consumer.subscribe([k.input_topic])
     producer = Producer(producer_config(k, 1_048_576))
-    acked: list[float] = []
+    acked: list[tuple[float, float]] = []  # (monotonic clock, latency) per acknowledgement
     window = [float("inf")]  # ts from which latencies are kept
     stop = threading.Event()
 
     def delivered(err: Any, msg: Any) -> None:
         ts = orjson.loads(msg.value())["ts"]
         if err is None and ts >= window[0]:
-            acked.append(time.time() - ts)
+            acked.append((time.monotonic(), time.time() - ts))
 
     def pipe() -> None:
         n = settings.engine.max_batch
@@ -257,8 +271,9 @@ def bare_pipe_latency(
         sent = time.monotonic()
         while len(acked) < count and time.monotonic() < sent + DRAIN_S:
             time.sleep(0.01)
-        kept = np.asarray(acked[:], dtype=np.float64)  # later acknowledgements are missing
-        timed = Timed(kept, count, len(kept), time.monotonic() - sent)
+        kept = np.asarray(acked[:], dtype=np.float64).reshape(-1, 2)  # later ones: missing
+        span = float(kept[-1, 0] - kept[0, 0]) if len(kept) else math.nan
+        timed = Timed(kept[:, 1], count, len(kept), time.monotonic() - sent, span)
     finally:
         stop.set()
         if thread.is_alive():
@@ -304,11 +319,25 @@ class Latency:
     acknowledged: int = 0  # of ``events``, by the end of the wait; the rest are missing
     waited_s: float = 0.0  # after the last event was sent
     at_least: list[str] = field(default_factory=list)  # figures of ms that are lower bounds
+    achieved_events_per_s: float | None = None  # Timed.achieved
 
     @classmethod
     def of(cls, client: str, offered: float, timed: Timed) -> Latency:
         ms, at_least = percentiles(timed)
-        return cls(client, offered, timed.offered, ms, timed.observed, timed.waited_s, at_least)
+        return cls(
+            *(client, offered, timed.offered, ms, timed.observed, timed.waited_s, at_least),
+            timed.achieved,
+        )
+
+    @property
+    def kept_up(self) -> bool:
+        """Every event answered, at :data:`KEPT_UP` of the offered rate or more."""
+        rate = self.achieved_events_per_s
+        return (
+            self.acknowledged >= self.events
+            and rate is not None
+            and rate >= KEPT_UP * self.offered_events_per_s
+        )
 
     def text(self) -> str:
         ms, low = self.ms, set(self.at_least)
@@ -319,7 +348,11 @@ class Latency:
             if missing > 0
             else ""
         )
+        rate = self.achieved_events_per_s
+        answered = "?" if rate is None else f"{rate:,.0f}"
+        verdict = "kept up" if self.kept_up else "FELL BEHIND"
         return (
             f"event latency, {self.client}, at {self.offered_events_per_s:,.0f} events/s "
-            f"offered ({self.events:,} events{done}): {figures}"
+            f"offered ({self.events:,} events{done}; answered at {answered} events/s, "
+            f"{verdict}): {figures}"
         )

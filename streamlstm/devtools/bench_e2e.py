@@ -15,6 +15,13 @@
    maximum sustained rate (or at ``rate``), fed by a paced librdkafka producer; then,
    at the last of those rates, the floor: a bare librdkafka consume -> produce pipe
    under the same load (what the machine and the broker give with no daemon at all).
+   Each row says how many of the window's events were answered within 30 s of the last
+   one sent; the others are not dropped but count as that wait (the percentiles resting
+   on them print as ">=", lower bounds). And whether it kept up: the rate its answers
+   came at, first to last (a steady queue shifts both ends alike, a growing one stretches
+   them), against the offered rate; below 0.98 of it, or any event missing, it fell
+   behind. The maximum comes from a backlog with nothing else running, the latency run
+   shares the cores with the paced producer: half of one need not be half of the other.
 
 With ``output_per_message`` the batched run also measures the daemon with
 ``kafka.output_per_message`` on (one JSON array out per message in), the two modes
@@ -108,6 +115,12 @@ class E2EResult:
                     "waited_s": round(lat.waited_s, 1),
                     **{k: round(v, 2) for k, v in lat.ms.items()},
                     "at_least": lat.at_least,
+                    "achieved_events_per_s": (
+                        None
+                        if lat.achieved_events_per_s is None
+                        else round(lat.achieved_events_per_s, 1)
+                    ),
+                    "kept_up": lat.kept_up,
                 }
                 for lat in self.latency
             },
