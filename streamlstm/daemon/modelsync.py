@@ -14,6 +14,10 @@ beginning and serves the newest valid record; afterwards it polls it between bat
 checks is logged and counted, never served; one not newer than the served version (the
 trainer's own echo, an older one) is skipped.
 
+Two threads meet here: the loop's (start, turns, records in, close) and the trainer's
+receiver (records out). One lock covers what both touch: the served version, the
+engine's offer, the publisher (created under it, and never after close()).
+
 With ``training.enabled = false`` no member trains, but every member still follows the
 topic, so a group can serve weights published by a trainer elsewhere.
 """
@@ -79,6 +83,11 @@ class ModelSync:
         self.trainer: BackgroundTrainer | None = None
         self.role = False  # this member owns input partition 0 (set by rebalance callbacks)
         self.version = engine.model_version  # newest weights served or offered
+        self._lock = threading.Lock()  # version, offers to the engine, publisher, _closed
+        self._closed = False
+        # A record from the topic offered while this member trains, not yet reconciled
+        # with the trainer's next adoption (its own offer to the engine may replace it).
+        self._topic_offer: tuple[dict, int] | None = None
         self._role_since = 0.0
         self._next_follow = 0.0
         self._retry_at = 0.0
@@ -112,15 +121,20 @@ class ModelSync:
         return True
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Stop the trainer (if any), close the clients."""
+        """Stop the trainer (if any), close the clients. A trainer that did not stop in
+        time may still hand over an adoption: it is not published (no publisher is made
+        after this), and one made before this is closed here."""
         self._stop_trainer(timeout_s)
-        for client in (self.follower, self.publisher):
+        with self._lock:
+            self._closed = True
+            clients = (self.follower, self.publisher)
+            self.follower = self.publisher = None
+        for client in clients:
             if client is not None:
                 try:
                     client.close()
                 except Exception as exc:
                     log.debug("closing a model-topic client: %s", exc)
-        self.follower = self.publisher = None
 
     # -- rebalance callbacks (kafka-python's I/O thread): only a flag ----------------------
 
@@ -183,6 +197,8 @@ class ModelSync:
 
     def _stop_trainer(self, timeout_s: float) -> None:
         trainer, self.trainer = self.trainer, None
+        with self._lock:
+            self._topic_offer = None
         if trainer is None:
             return
         try:
@@ -208,11 +224,18 @@ class ModelSync:
                 log.error("not adopted: %s", exc)
                 self.metrics.model_records.labels(result="rejected").inc()
                 continue
-            if ckpt.version <= self.version:
+            with self._lock:  # the trainer's receiver publishes (and moves version) too
+                if ckpt.version <= self.version:
+                    stale = True
+                else:
+                    stale = False
+                    self.engine.offer_weights(ckpt.state_dict, ckpt.version)
+                    self.version = ckpt.version
+                    if self.trainer is not None:
+                        self._topic_offer = (ckpt.state_dict, ckpt.version)
+            if stale:
                 self.metrics.model_records.labels(result="stale").inc(len(values) - i)
                 return False
-            self.engine.offer_weights(ckpt.state_dict, ckpt.version)
-            self.version = ckpt.version
             self.metrics.model_records.labels(result="adopted").inc()
             log.info("adopting weights v%d from the model topic", ckpt.version)
             return True
@@ -221,16 +244,29 @@ class ModelSync:
     # -- records out (the trainer's supervisor thread) -------------------------------------
 
     def _publish(self, outcome: RunOutcome) -> None:
-        """Publish weights the trainer adopted (and its engine already serves)."""
-        self.version = max(self.version, outcome.version)
-        if self.publisher is None:
-            try:
-                self.publisher = ModelPublisher(self.settings, self.topic)
-            except Exception as exc:
-                self.metrics.broker_errors.labels("model_publish").inc()
-                log.error("weights v%d not published: %s", outcome.version, short(exc))
+        """Publish weights the trainer adopted (and already offered to the engine)."""
+        with self._lock:
+            # A record adopted from the topic in between may have replaced the trainer's
+            # offer to the engine, or the trainer's offer that record's: the newer of the
+            # two is offered (again), and is the version.
+            topic, self._topic_offer = self._topic_offer, None
+            if outcome.version > self.version:
+                self.version = outcome.version
+                if topic is not None:
+                    self.engine.offer_weights(outcome.state_dict(), outcome.version)
+            elif topic is not None and topic[1] == self.version:
+                self.engine.offer_weights(*topic)
+            if self._closed:
+                log.warning("weights v%d not published: the daemon is closing", outcome.version)
                 return
-        publisher = self.publisher
+            if self.publisher is None:
+                try:
+                    self.publisher = ModelPublisher(self.settings, self.topic)
+                except Exception as exc:
+                    self.metrics.broker_errors.labels("model_publish").inc()
+                    log.error("weights v%d not published: %s", outcome.version, short(exc))
+                    return
+            publisher = self.publisher
         value = encode_checkpoint(
             outcome.state_dict(),
             self.expect,

@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,9 @@ class LiveWindow:
     latencies: np.ndarray
     latency_count: int = 0  # latencies observed in the window (sampled or not)
     latency_max: float = math.nan  # the largest of them, seconds
+    # The clock's readings at the window's first and last acknowledged prediction (None:
+    # none): how long the daemon took to answer the window's events, queueing aside.
+    acks: tuple[float, float] | None = None
 
 
 class LiveStats:
@@ -53,24 +57,35 @@ class LiveStats:
     however long nobody calls :meth:`take`.
     """
 
-    def __init__(self, samples: int = LIVE_SAMPLES, seed: int = 0) -> None:
+    def __init__(
+        self,
+        samples: int = LIVE_SAMPLES,
+        seed: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.events = 0
         self.predictions = 0
         self.anomalies = 0
         self.dead_letters = 0
-        self.first_event_at: float | None = None  # perf_counter of the first decoded event
-        self.last_ack_at: float | None = None  # perf_counter of the last acknowledged output
+        self.first_event_at: float | None = None  # clock (perf_counter) at the first decoded event
+        self.last_ack_at: float | None = (
+            None  # clock (perf_counter) at the last acknowledged output
+        )
         self._samples = np.empty(samples, dtype=np.float64)
         self._seen = 0  # latencies offered in this window
         self._max = math.nan
         self._rng = np.random.default_rng(seed)
         self._since = time.monotonic()
         self._marks = (0, 0, 0, 0)
+        self._acks: tuple[float, float] | None = None
+        self._clock = clock
         self._lock = threading.Lock()
 
     def add(self, predictions: int, anomalies: int, dead: int, latencies: np.ndarray) -> None:
         with self._lock:
-            self.last_ack_at = time.perf_counter()
+            self.last_ack_at = now = self._clock()
+            if predictions:
+                self._acks = (self._acks[0] if self._acks else now, now)
             self.predictions += predictions
             self.anomalies += anomalies
             self.dead_letters += dead
@@ -97,7 +112,7 @@ class LiveStats:
     def add_events(self, n: int) -> None:
         with self._lock:
             if self.first_event_at is None:
-                self.first_event_at = time.perf_counter()
+                self.first_event_at = self._clock()
             self.events += n
 
     def take(self) -> LiveWindow:
@@ -110,9 +125,11 @@ class LiveStats:
             )
             kept = self._samples[: min(self._seen, len(self._samples))].copy()
             window = LiveWindow(
-                now - self._since, events, predictions, anomalies, dead, kept, self._seen, self._max
+                *(now - self._since, events, predictions, anomalies, dead, kept),
+                *(self._seen, self._max, self._acks),
             )
             self._seen, self._max, self._since, self._marks = 0, math.nan, now, marks
+            self._acks = None
             return window
 
 

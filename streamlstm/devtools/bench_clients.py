@@ -9,10 +9,12 @@ stamps (each event's ``ts`` is taken when it is handed to the producer, in ticks
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,37 @@ TICK_S = 0.002  # the paced producer sends what is due every 2 ms
 WARM_S = 1.0  # seconds of load before latencies are kept
 READY_S = 60.0  # to join the group and get partitions (the daemon's or the bare pipe's)
 WARM_WAIT_S = 30.0  # for the warm-up's predictions once it is sent
+DRAIN_S = 30.0  # for the timed window's outputs once it is sent; later ones count as missing
+KEPT_UP = 0.98  # achieved / offered rate below this (or events missing): it fell behind
+
+
+@dataclass
+class Timed:
+    """The timed window of a latency run: ``offered`` events sent, ``observed`` of them
+    acknowledged by the end of the wait, ``waited_s`` after the last was sent.
+    ``seconds``: their latencies (all, or a uniform sample of ``observed``). The others
+    are missing: each of their latencies is more than ``waited_s``, and
+    :func:`percentiles` counts them so. ``span_s``: from the first of those acknowledged
+    to the last (NaN: unknown)."""
+
+    seconds: np.ndarray
+    offered: int
+    observed: int
+    waited_s: float
+    span_s: float = math.nan
+
+    @property
+    def achieved(self) -> float | None:
+        """The rate the window's events were answered at, first acknowledgement to last:
+        the offered rate when the daemon keeps up (a steady queue shifts both ends alike);
+        below it when its latency grew over the window. None: fewer than two answers."""
+        if self.observed < 2 or not self.span_s > 0:
+            return None
+        return self.observed / self.span_s
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.offered - self.observed)
 
 
 class NotConsuming(RuntimeError):
@@ -146,10 +179,11 @@ def paced_produce(
     producer.flush(30)
 
 
-def latency(settings: Settings, keys: int, width: int, rate: float, seconds: float) -> np.ndarray:
+def latency(settings: Settings, keys: int, width: int, rate: float, seconds: float) -> Timed:
     """Event latencies (s, ts to prediction acknowledged) of a daemon fed at ``rate`` for
     ``seconds``, after a second of the same load from the same producer (its start-up,
-    the daemon's first batches and every key's first event are not timed)."""
+    the daemon's first batches and every key's first event are not timed). Events not
+    predicted within :data:`DRAIN_S` of the last one sent are missing, not dropped."""
     daemon, thread = start_daemon(settings)
     try:
         _await(
@@ -171,10 +205,13 @@ def latency(settings: Settings, keys: int, width: int, rate: float, seconds: flo
         daemon.live.take()  # a window: its counters run on (predictions is a total)
         count = int(rate * seconds)
         paced_produce(settings, stream, rate, count, producer)
-        deadline = time.monotonic() + 30
-        while daemon.live.predictions < warm + count and time.monotonic() < deadline:
+        sent = time.monotonic()
+        while daemon.live.predictions < warm + count and time.monotonic() < sent + DRAIN_S:
             time.sleep(0.01)
-        return daemon.live.take().latencies
+        window = daemon.live.take()
+        waited = time.monotonic() - sent
+        span = window.acks[1] - window.acks[0] if window.acks else math.nan
+        return Timed(window.latencies, count, window.latency_count, waited, span)
     finally:
         daemon.request_stop()
         thread.join(timeout=15)
@@ -182,12 +219,13 @@ def latency(settings: Settings, keys: int, width: int, rate: float, seconds: flo
 
 def bare_pipe_latency(
     settings: Settings, keys: int, width: int, rate: float, seconds: float
-) -> np.ndarray:
+) -> Timed:
     """The floor under the daemon's latency: ``ts`` to acknowledged output of a bare
     librdkafka consume -> produce loop (each record copied out, the daemon's consumer and
     producer settings, no decode, engine or producer process), same paced load and
     broker, in its own thread of this process as the daemon. What the machine and the
-    broker give before the daemon does anything."""
+    broker give before the daemon does anything. Outputs not acknowledged within
+    :data:`DRAIN_S` of the last event sent are missing, as in :func:`latency`."""
     from confluent_kafka import Consumer, Producer
 
     from streamlstm.io.confluent_config import consumer_config, producer_config
@@ -198,14 +236,14 @@ def bare_pipe_latency(
     consumer = Consumer({**conf, "auto.offset.reset": "latest"})
     consumer.subscribe([k.input_topic])
     producer = Producer(producer_config(k, 1_048_576))
-    acked: list[float] = []
+    acked: list[tuple[float, float]] = []  # (monotonic clock, latency) per acknowledgement
     window = [float("inf")]  # ts from which latencies are kept
     stop = threading.Event()
 
     def delivered(err: Any, msg: Any) -> None:
         ts = orjson.loads(msg.value())["ts"]
         if err is None and ts >= window[0]:
-            acked.append(time.time() - ts)
+            acked.append((time.monotonic(), time.time() - ts))
 
     def pipe() -> None:
         n = settings.engine.max_batch
@@ -230,22 +268,91 @@ def bare_pipe_latency(
         window[0] = time.time()
         count = int(rate * seconds)
         paced_produce(settings, stream, rate, count, load)
-        deadline = time.monotonic() + 30
-        while len(acked) < count and time.monotonic() < deadline:
+        sent = time.monotonic()
+        while len(acked) < count and time.monotonic() < sent + DRAIN_S:
             time.sleep(0.01)
+        kept = np.asarray(acked[:], dtype=np.float64).reshape(-1, 2)  # later ones: missing
+        span = float(kept[-1, 0] - kept[0, 0]) if len(kept) else math.nan
+        timed = Timed(kept[:, 1], count, len(kept), time.monotonic() - sent, span)
     finally:
         stop.set()
         if thread.is_alive():
             thread.join(timeout=5)
         producer.flush(5)
         consumer.close()
-    return np.asarray(acked, dtype=np.float64)
+    return timed
 
 
-def percentiles(lat_s: np.ndarray) -> dict[str, float]:
-    """p50/p90/p99/max in milliseconds (empty: none)."""
-    if not len(lat_s):
-        return {}
-    ms = lat_s * 1000
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(ms.max())}
+def percentiles(timed: Timed) -> tuple[dict[str, float], list[str]]:
+    """p50/p90/p99/max in milliseconds of the window's events (empty: none), each missing
+    event counted as ``waited_s`` (its latency is more); and which of the figures are
+    then only lower bounds (those that rest on a missing event's)."""
+    missing, observed = timed.missing, timed.observed
+    sample = np.asarray(timed.seconds, dtype=np.float64)
+    # Missing events in the sample's proportion (all of them when it is not sampled).
+    extra = missing
+    if missing and observed:
+        extra = max(1, round(missing * len(sample) / observed))
+    values = np.sort(np.concatenate([sample, np.full(extra, timed.waited_s)])) * 1000
+    if not len(values):
+        return {}, []
+    # An order statistic below the waited time is an observed event's, exact; from the
+    # first one at it on, missing events are among those below, and it is a lower bound.
+    exact = int(np.count_nonzero(values < timed.waited_s * 1000)) if extra else len(values)
+    ms, bounds = {}, []
+    for q in (50, 90, 99):
+        ms[f"p{q}"] = float(np.percentile(values, q))
+        if math.ceil(q / 100 * (len(values) - 1)) >= exact:
+            bounds.append(f"p{q}")
+    ms["max"] = float(values[-1])
+    if extra:
+        bounds.append("max")
+    return ms, bounds
+
+
+@dataclass
+class Latency:
+    client: str
+    offered_events_per_s: float
+    events: int  # offered in the timed window
+    ms: dict[str, float]  # p50, p90, p99, max; missing events count as waited_s
+    acknowledged: int = 0  # of ``events``, by the end of the wait; the rest are missing
+    waited_s: float = 0.0  # after the last event was sent
+    at_least: list[str] = field(default_factory=list)  # figures of ms that are lower bounds
+    achieved_events_per_s: float | None = None  # Timed.achieved
+
+    @classmethod
+    def of(cls, client: str, offered: float, timed: Timed) -> Latency:
+        ms, at_least = percentiles(timed)
+        return cls(
+            *(client, offered, timed.offered, ms, timed.observed, timed.waited_s, at_least),
+            timed.achieved,
+        )
+
+    @property
+    def kept_up(self) -> bool:
+        """Every event answered, at :data:`KEPT_UP` of the offered rate or more."""
+        rate = self.achieved_events_per_s
+        return (
+            self.acknowledged >= self.events
+            and rate is not None
+            and rate >= KEPT_UP * self.offered_events_per_s
+        )
+
+    def text(self) -> str:
+        ms, low = self.ms, set(self.at_least)
+        figures = "  ".join(f"{k} {'>=' if k in low else ''}{v:.1f} ms" for k, v in ms.items())
+        missing = self.events - self.acknowledged
+        done = (
+            f", {missing:,} not acknowledged within {self.waited_s:.0f}s, counted as more"
+            if missing > 0
+            else ""
+        )
+        rate = self.achieved_events_per_s
+        answered = "?" if rate is None else f"{rate:,.0f}"
+        verdict = "kept up" if self.kept_up else "FELL BEHIND"
+        return (
+            f"event latency, {self.client}, at {self.offered_events_per_s:,.0f} events/s "
+            f"offered ({self.events:,} events{done}; answered at {answered} events/s, "
+            f"{verdict}): {figures}"
+        )

@@ -43,6 +43,22 @@ def test_live_stats_windows() -> None:
     assert "keys 3" in line and "dead letters 2" in line and "p50    20 ms" in line
 
 
+def test_live_window_acks_span_its_acknowledged_predictions_only() -> None:
+    now = [1.0]
+    stats = LiveStats(clock=lambda: now[0])
+    stats.add(4, 0, 0, np.full(4, 0.01))
+    assert stats.take().acks == (1.0, 1.0)
+    now[0] = 2.0
+    stats.add(0, 0, 1, np.full(1, 0.01))  # a dead letter only: no prediction answered
+    assert stats.take().acks is None
+    for t in (3.0, 5.0):
+        now[0] = t
+        stats.add(2, 0, 0, np.full(2, 0.01))
+    now[0] = 6.0
+    stats.add(0, 0, 1, np.full(1, 0.01))
+    assert stats.take().acks == (3.0, 5.0)
+
+
 def test_json_logs_and_quiet_kafka() -> None:
     stream = io.StringIO()
     setup_logging("INFO", json_format=True, stream=stream)
