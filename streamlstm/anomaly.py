@@ -26,7 +26,12 @@ running mean (``min(error, value_z)``): after a spike the forecast follows it, a
 value's return to normal errs as much as the spike did; that error is the forecaster's
 lag behind an incident already reported, so a spike-and-return is one alarm, not two.
 Slower averages keep the whole error: a pattern broken at ordinary values still builds
-evidence there.
+evidence there. The middle average (about 7 events) sees at least as much as the value's
+own distance from the key's running mean (``max(error, value_z)``, at most ``max_error``):
+a burst of far values that the forecast follows (persistence takes the lead in a few
+events) errs only at its edges, yet the values stay far out all along. A run of them is
+then judged against the key's usual spread of that average, like an error, and a single
+far value still needs the distribution-free test below.
 
 A value far outside the key's usual range is evidence too, with a distribution-free
 bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are rarely Gaussian.
@@ -218,8 +223,16 @@ def update(
     # followed the spike, which is the forecaster's lag behind an excursion already
     # reported, not a second incident. Slower scales keep the whole error, so a pattern
     # broken at ordinary values (a flat stretch in a daily swing) still builds evidence.
+    # A value a million stds out is as novel as it gets (and the square of a larger one
+    # would overflow float32 into inf - inf = NaN below).
+    z = value_z.clamp(max=MAX_VALUE_Z)
     e = error.unsqueeze(1).repeat(1, len(SCALES))
     e[:, 0] = torch.minimum(error, value_z)
+    # The middle scale (about 7 events) sees the larger of the error and the value's
+    # distance from the key's usual level (at most an error's): a burst of far values
+    # that the forecast follows (persistence leads) errs only at its edges, yet stays
+    # far out meanwhile.
+    e[:, 1] = torch.maximum(error, z.clamp(max=max_error))
     first = stats.count == 0
     if bool(first.any()):
         stats.short.copy_(
@@ -229,9 +242,7 @@ def update(
         stats.short.add_(alphas * (e - stats.short))
     spread = torch.sqrt(stats.var + VAR_FLOOR)
     by_scale = _decades((stats.short - stats.mean.unsqueeze(1)) / spread).amax(1)
-    # Cantelli's bound, two-sided; a value a million stds out is as novel as it gets (and
-    # the square of a larger one would overflow float32 into inf - inf = NaN below).
-    z = value_z.clamp(max=MAX_VALUE_Z)
+    # Cantelli's bound, two-sided.
     by_value = torch.log10(1.0 + z * z)
     decades = (torch.maximum(by_scale, by_value) - TESTS).clamp(min=0.0)
     decades = torch.where(stats.count >= min_events, decades, 0.0)

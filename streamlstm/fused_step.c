@@ -160,15 +160,17 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
     float clip = (float)prm[PRM_CLIP], reach = -INFINITY; /* anomaly._reachable */
     float short_alpha = (float)prm[PRM_SHORT_ALPHA], long_alpha = (float)prm[PRM_LONG_ALPHA];
     int first = *count == 0.0f;
+    z = cmax(value_z, (float)prm[PRM_MAX_VALUE_Z]);
     for (int s = 0; s < S; s++) {
-        /* the fastest scale: an error only as far as the value is from its mean */
-        float alpha = short_alpha * (float)prm[PRM_SCALE0 + s], e = s == 0 ? nmin(error, value_z) : error;
+        /* the fastest scale: an error only as far as the value is from its mean; the
+         * middle one: at least as far as the value is (at most the clip) */
+        float alpha = short_alpha * (float)prm[PRM_SCALE0 + s];
+        float e = s == 0 ? nmin(error, value_z) : s == 1 ? nmax(error, cmax(z, clip)) : error;
         shrt[s] = first ? e : shrt[s] + alpha * (e - shrt[s]);
         float spread = sqrtf(svar[s] + (float)prm[PRM_VAR_FLOOR]);
         by_scale = nmax(by_scale, decades((shrt[s] - *mean) / spread));
         reach = nmax(reach, decades((clip - *mean) / spread));
     }
-    z = cmax(value_z, (float)prm[PRM_MAX_VALUE_Z]);
     by_value = log10f(1.0f + z * z);
     d = cmin(nmax(by_scale, by_value) - (float)prm[PRM_TESTS], 0.0f);
     if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;

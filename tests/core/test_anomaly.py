@@ -78,15 +78,35 @@ def test_one_alarm_per_incident() -> None:
 
 def test_a_value_far_outside_the_keys_range_is_evidence() -> None:
     stats = _stats_after([1.0] * 100)
-    calm = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([3.0]), 0.5, 0.01, 20)
+    calm = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1.0]), 0.5, 0.01, 20)
     stats = _stats_after([1.0] * 100)
     novel = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1e4]), 0.5, 0.01, 20)
     assert float(calm) < 0.1 and float(novel) > 0.5
 
 
+def test_a_burst_of_far_values_the_forecast_follows_is_one_incident() -> None:
+    """Values far out for a few events in a row are evidence even where the forecast
+    follows them (small errors); the burst alarms at its start, not at every event."""
+    rng = np.random.default_rng(2)
+    stats = anomaly.AnomalyStats.zeros(1)
+    for e in np.abs(rng.normal(size=300)):  # a noisy key: errors and values alike
+        anomaly.update(stats, torch.tensor([e]), torch.tensor([e]), 0.5, 0.001, 20)
+    usual = anomaly.AnomalyStats(*(t.clone() for t in vars(stats).values()))
+
+    def run(s: anomaly.AnomalyStats, value_z: float) -> list[float]:
+        e, z = torch.tensor([0.5]), torch.tensor([value_z])
+        return [float(anomaly.update(s, e, z, 0.5, 0.001, 20)) for _ in range(8)]
+
+    burst, ordinary = run(stats, 6.0), run(usual, 0.8)
+    level = float(anomaly.evidence_to_score(torch.tensor(anomaly.start_level(0.001))))
+    assert max(burst) > level and max(ordinary) == 0.0, (burst, ordinary)
+    assert max(burst[3:]) == 0.0, burst  # reported at its start (as it builds up), once
+
+
 def test_an_absurd_value_scores_high_and_leaves_the_statistics_finite() -> None:
     stats = _stats_after([1.0] * 100)
-    score = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1e30]), 0.5, 0.01, 20)
+    # max_error: the engine's clip (input_clip), which bounds what the averages can see
+    score = anomaly.update(stats, torch.tensor([1.0]), torch.tensor([1e30]), 0.5, 0.01, 20, 10.0)
     assert 0.5 < float(score) < 1.0
     assert all(bool(torch.isfinite(t).all()) for t in vars(stats).values())
 
@@ -151,12 +171,13 @@ def test_a_value_returning_to_normal_after_a_spike_is_not_a_second_alarm() -> No
 def _spikes(at: list[int], n: int = 6000) -> np.ndarray:
     """Scores of a calm key (default long window) whose value is a million stds out at
     ``at`` (value evidence: 11.4 decades each time, unlike error evidence, which the key's
-    statistics learn) with errors of 1."""
+    statistics learn) with errors of 1, at the clip (``max_error`` 1: the middle average
+    sees no more of the value than an error, so only the value test shows the spikes)."""
     stats = anomaly.AnomalyStats.zeros(1)
     one, scores = torch.tensor([1.0]), []
     for t in range(n):
         z = torch.tensor([1e6 if t in at else 1.0])
-        scores.append(float(anomaly.update(stats, one, z, 0.5, 0.001, 20)))
+        scores.append(float(anomaly.update(stats, one, z, 0.5, 0.001, 20, 1.0)))
     return np.array(scores)
 
 
@@ -181,15 +202,15 @@ def test_a_spike_off_the_keys_rhythm_still_alarms() -> None:
 
 
 def test_a_much_stronger_spike_on_the_keys_rhythm_still_alarms() -> None:
-    """On time, but the forecast also misses by 50 stds (errors are otherwise 1): far more
-    than twice the decayed peak, news rather than routine."""
+    """On time, but a million stds out where the routine spikes are a thousand (5.4 decades
+    of value evidence each): far more than twice the decayed peak, news rather than
+    routine. Errors are 1, at the clip (as in ``_spikes``)."""
     routine = list(range(1000, 6000, 600))
     stats = anomaly.AnomalyStats.zeros(1)
     scores = []
     for t in range(6000):
-        e = torch.tensor([50.0 if t == routine[4] else 1.0])
-        z = torch.tensor([1e6 if t in routine else 1.0])
-        scores.append(float(anomaly.update(stats, e, z, 0.5, 0.001, 20)))
+        z = torch.tensor([(1e6 if t == routine[4] else 1e3) if t in routine else 1.0])
+        scores.append(float(anomaly.update(stats, torch.tensor([1.0]), z, 0.5, 0.001, 20, 1.0)))
     assert scores[routine[4]] >= 0.5 and scores[routine[3]] < 0.5
 
 

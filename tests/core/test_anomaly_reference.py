@@ -41,8 +41,9 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             step = np.minimum(((made - x) / std) ** 2, combine.LOSS_CLIP)
             loss = combine.DISCOUNT * loss + step
             value_z = float((np.abs(x - mean) / std).max())
-            # the fastest scale sees the error only as far as the value is from its mean
-            inputs = np.array([min(e, value_z), e, e])
+            # the fastest scale sees the error only as far as the value is from its mean,
+            # the middle one at least as far as the value is (up to the clip)
+            inputs = np.array([min(e, value_z), max(e, min(value_z, clip)), e])
             avg = inputs if n == 0 else avg + alphas * (inputs - avg)
             spread = np.sqrt(v + 1e-4)  # each average's own spread
             by_scale = float((-log_ndtr(-(avg - m) / spread) / math.log(10)).max())
