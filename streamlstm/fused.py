@@ -10,32 +10,20 @@ before and after the network), and the network is one ``addmm`` per layer on pac
 weights (:class:`~streamlstm.kernels.PackedLstm`) followed by one C loop over the cells
 (sigmoid and tanh from one vectorised exponential, the state updated in the table).
 
-The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``)
-into a cache folder (``$STREAMLSTM_CACHE``, else ``~/.cache/streamlstm``), once per
-source version, in about a second. Without a compiler, or if anything about building or
-loading fails, :func:`load` says why in the log and returns None, and the engine runs the
-plain path: the daemon never depends on a compiler. (A float16 state needs the compiler's
-``_Float16``: GCC 12 or clang 15 on x86-64, any recent one on ARM.) The plain path stays
+The C file is compiled on first use (:mod:`streamlstm.native`); where that fails the
+engine runs the plain path: the daemon never depends on a compiler. The plain path stays
 the reference: ``tests/core/test_engine_fused.py`` checks both give the same outputs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from streamlstm import anomaly, combine
+from streamlstm import anomaly, combine, native
 from streamlstm.config import Settings
 from streamlstm.kernels import PackedLstm
 from streamlstm.model import RecurrentModel
@@ -43,14 +31,6 @@ from streamlstm.rows import RowLayout
 from streamlstm.state import KeyedState
 from streamlstm.steps import StepConsumer, StepRecord
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("fused_step.c")
-# Built where it runs (-march=native: its vector units; the cache key names the CPU). No
-# contraction of a * b + c beyond the explicit fmaf in the exponential's polynomial, so the
-# statistics round as torch's do; -fno-trapping-math only lets the loops vectorise.
-FLAGS: tuple[str, ...] = ("-O3", "-std=c99", "-shared", "-fPIC", "-march=native")
-FLAGS += ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 _MODES = {"both": 0, "up": 1, "down": 2}
 # Layout columns, in the order of the C file's COL_* (-1: absent).
 _COLUMNS: tuple[str, ...] = (
@@ -71,75 +51,21 @@ _SIGNATURES = {
     "fused_take": "IIPIPIPI",
     "fused_lstm_cell": "IIPPIPIIIIPII",
 }
-_ARG = {"I": ctypes.c_int64, "P": ctypes.c_void_p}
 # Keys per pass through the whole step (before, each layer's product and cells, after): a
 # block's rows, gates and activations (~2.5 MB at hidden 64) stay in cache from one pass
 # to the next, where a batch's (~10 MB at 4,096 keys) are evicted in between on a busy
 # machine. In one process, alternating, load 3-5: blocks of 512-1024 keys took 0.73-0.80x
 # the time of a whole 4,096-key step per batch; 256 (more Python per key) 0.81x.
 BLOCK = 1024
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("STREAMLSTM_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "streamlstm"
-
-
-def _cpu() -> str:
-    """What ``-march=native`` builds for: a library built on another CPU (a shared home
-    folder) is never loaded here."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc, $CC)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        except OSError as exc:  # not the folder's fault: no temporary folder will help
-            raise RuntimeError(f"cannot run {compiler}: {exc}") from exc
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
-        os.replace(built, target)  # atomic: a concurrent process sees all of it or none
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels (built once per source version), or None if they cannot be
-    built or loaded here (logged once; the engine then runs the plain path)."""
-    global _library, _failure
-    if _library is not None or _failure is not None:
-        return _library
-    try:
-        spec = SOURCE.read_bytes() + repr((FLAGS, platform.machine(), _cpu())).encode()
-        name = f"fused_step-{hashlib.sha256(spec).hexdigest()[:16]}.so"
-        target = _cache_dir() / name
-        if not target.exists():
-            try:
-                _build(target)
-            except OSError:  # the cache folder cannot be written: a private temporary one
-                target = Path(tempfile.mkdtemp(prefix="streamlstm-")) / name
-                _build(target)
-        lib = ctypes.CDLL(str(target))
-        for name, args in _SIGNATURES.items():  # plain ints in: no ctypes object per argument
-            function = getattr(lib, name)
-            function.argtypes = [_ARG[a] for a in args]
-            function.restype = ctypes.c_int64 if name == "fused_after" else None
-        _library = lib
-    except Exception as exc:  # any failure: the plain path, never a dead daemon
-        _failure = f"{type(exc).__name__}: {exc}"
-        log.warning("fused engine step unavailable, running the plain path: %s", _failure)
-    return _library
+    """The compiled kernels (:func:`streamlstm.native.load`), their signatures declared;
+    None if they cannot be built or loaded here (the engine then runs the plain path)."""
+    lib = native.load()
+    if lib is not None:
+        native.declare(lib, _SIGNATURES, returns={"fused_after"})
+    return lib
 
 
 class FusedStep:

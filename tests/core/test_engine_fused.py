@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamlstm import fused
+from streamlstm import native
 from streamlstm.config import load_settings
 from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
@@ -205,12 +205,12 @@ def test_a_non_finite_float16_state_resets_the_row(fused_step: bool) -> None:
 def test_without_a_compiler_the_engine_runs_the_plain_path(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(fused, "_library", None)
-    monkeypatch.setattr(fused, "_failure", None)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
     monkeypatch.setenv("STREAMLSTM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     engine = _engine(True)
-    assert engine.fused_step is None and fused._failure is not None
+    assert engine.fused_step is None and native._failure is not None
     out = engine.process(_stream()[0])
     assert np.isfinite(out.prediction).all()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
@@ -220,13 +220,13 @@ def test_without_a_compiler_the_engine_runs_the_plain_path(
 def test_an_unwritable_cache_folder_builds_in_a_temporary_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(fused, "_library", None)
-    monkeypatch.setattr(fused, "_failure", None)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("STREAMLSTM_CACHE", str(blocked / "cache"))
     engine = _engine(True)
-    assert engine.fused_step is not None, fused._failure
+    assert engine.fused_step is not None, native._failure
     assert np.isfinite(engine.process(_stream()[0]).prediction).all()
 
 
