@@ -6,9 +6,12 @@ and an ``nn.LSTM`` call that copies the state in and out; together they cost mor
 the network's matrix products. Here the keys' rows are worked on in place in the table
 (no gather, no scatter): the scoring, the scaler, the forecasters and their combination,
 the anomaly and drift statistics run in two C loops over the keys (``fused_step.c``:
-before and after the network), and the network is one ``addmm`` per layer on packed
-weights (:class:`~streamlstm.kernels.PackedLstm`) followed by one C loop over the cells
-(sigmoid and tanh from one vectorised exponential, the state updated in the table).
+before and after the network), and the network runs on packed weights
+(:class:`~streamlstm.kernels.PackedLstm`): one C call (``fused_network``) that takes
+the keys in sub-blocks of a few hundred through each layer's matrix product (torch's own
+BLAS ``sgemm_``, called from C) and its cells (sigmoid and tanh from one vectorised
+exponential, the state updated in the table), and the head; where that BLAS cannot be
+found, one ``addmm`` per layer and one C loop over its cells.
 
 The C file is compiled on first use (:mod:`streamlstm.native`); where that fails the
 engine runs the plain path: the daemon never depends on a compiler. The plain path stays
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +54,7 @@ _SIGNATURES = {
     "fused_after": "IPIPPPPIPI" + "P" * 14,
     "fused_take": "IIPIPIPI",
     "fused_lstm_cell": "IIPPIPIIIIPII",
+    "fused_network": "IIIIPPPPPPIPIIPIPP",
 }
 # Keys per pass through the whole step (before, each layer's product and cells, after): a
 # block's rows, gates and activations (~2.5 MB at hidden 64) stay in cache from one pass
@@ -57,6 +62,13 @@ _SIGNATURES = {
 # machine. In one process, alternating, load 3-5: blocks of 512-1024 keys took 0.73-0.80x
 # the time of a whole 4,096-key step per batch; 256 (more Python per key) 0.81x.
 BLOCK = 1024
+# Where fused_network runs the network (torch's BLAS found: ``blas_gemm``), it passes over
+# the keys in sub-blocks of NETWORK_BLOCK itself, and the step's blocks are best whole:
+# in one process, the variants rotating per batch (100k keys, batches of 4,096, load
+# 4.5-4.7), blocks of 4,096 / 1,024 keys took 0.93-0.96 / 1.0 the time, and sub-blocks
+# of 256 keys 1.0 against 128 1.0-1.02, 192 1.0-1.03, 384 1.03-1.05, 512 1.01-1.03.
+BLOCK_WITH_BLAS = 4096
+NETWORK_BLOCK = 256
 
 
 def load() -> ctypes.CDLL | None:
@@ -68,6 +80,19 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+def blas_gemm() -> int | None:
+    """The address of the BLAS ``sgemm_`` torch runs its matrix products with (MKL's, 32-bit
+    integers), for ``fused_network`` to call; None where torch has no MKL or it cannot be
+    found (the step then calls ``addmm`` per layer)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"))
+        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
 class FusedStep:
     """The fused step of one engine (its layout, settings and float LSTM model)."""
 
@@ -76,7 +101,9 @@ class FusedStep:
     ) -> None:
         self.lib = lib
         self.lstm = PackedLstm(model)
-        self.block = BLOCK
+        self.gemm = blas_gemm()
+        self.block = BLOCK if self.gemm is None else BLOCK_WITH_BLAS
+        self.network_block = NETWORK_BLOCK
         self.layout = layout
         cols = layout.columns
         starts = [cols[n].start if n in cols else -1 for n in _COLUMNS]
@@ -195,7 +222,8 @@ class FusedStep:
         self, table: torch.Tensor, s: torch.Tensor, xh: torch.Tensor, f: int
     ) -> torch.Tensor:
         """The LSTM step of the keys at slots ``s`` (their state updated in place in the
-        table): per layer one ``addmm`` for the gates and one C pass for the cells. ``xh``
+        table): ``fused_network``, or per layer one ``addmm`` for the gates and one C pass
+        for the cells. ``xh``
         holds the clipped inputs in its first ``f`` columns, then the first layer's hidden
         state. Returns the predicted next inputs [n, f]."""
         lib, lstm = self.lib, self.lstm
@@ -203,6 +231,20 @@ class FusedStep:
         n, width, h = len(s), table.shape[1], lstm.hidden
         rec = self.layout.columns["recurrent"].start  # (layer, part) at (2 * layer + part) * h
         table_at, s_at = table.data_ptr(), s.data_ptr()
+        head = lstm.model.head
+        if self.gemm is not None:
+            weights = np.array([w.data_ptr() for w, _ in lstm.layers], np.int64)
+            biases = np.array([b.data_ptr() for _, b in lstm.layers], np.int64)
+            head_weight, head_bias = head.weight.contiguous(), head.bias.contiguous()
+            out = torch.empty(n, f)
+            sub = self.network_block
+            scratch = np.empty(sub * 6 * h, np.float32)
+            lib.fused_network(
+                n, h, f, len(lstm.layers), self.gemm, weights.ctypes.data, biases.ctypes.data,
+                head_weight.data_ptr(), head_bias.data_ptr(), table_at, width, s_at, rec,
+                self.half, xh.data_ptr(), sub, scratch.ctypes.data, out.data_ptr(),
+            )  # fmt: skip
+            return out
         inp = xh  # [inputs, the first layer's hidden state] (fused_before wrote both)
         for layer, (weight, bias) in enumerate(lstm.layers):
             gates = torch.addmm(bias, inp, weight)
@@ -214,5 +256,4 @@ class FusedStep:
                 dst.data_ptr(), dst.shape[1], -1 if top else here + 2 * h,
             )  # fmt: skip
             inp = dst
-        head = lstm.model.head
         return torch.addmm(head.bias, inp, head.weight.t()).add_(xh[:, :f])

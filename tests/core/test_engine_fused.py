@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamlstm import native
+from streamlstm import fused, native
 from streamlstm.config import load_settings
 from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
@@ -145,15 +145,31 @@ def _agree(overrides: dict[str, object], tolerance: float) -> None:
 
 
 @needs_compiler
-def test_a_step_run_in_blocks_of_keys_equals_one_run_whole() -> None:
-    """Keys are independent: blocks of 7 keys (cache-sized blocks in production) give the
-    whole step's outputs and rows (to the matrix products' rounding)."""
+def test_without_torchs_blas_the_step_runs_addmm_per_layer_and_agrees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where ``sgemm_`` cannot be found, the network runs through ``addmm`` and
+    ``fused_lstm_cell`` per layer (and the head's ``addmm``): the same outputs."""
+    monkeypatch.setattr(fused, "blas_gemm", lambda: None)
+    engine = _engine(True)
+    engine.adopt_offered()
+    assert engine.fused_step is not None and engine.fused_step.gemm is None
+    _agree({"state.recurrent_dtype": "float32"}, tolerance=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("block", "network_block"), [(7, 256), (4096, 5)])
+def test_a_step_run_in_blocks_of_keys_equals_one_run_whole(block: int, network_block: int) -> None:
+    """Keys are independent: blocks of 7 keys (cache-sized blocks in production), or the
+    network's sub-blocks of 5, give the whole step's outputs and rows (to the matrix
+    products' rounding)."""
     f32 = {"state.recurrent_dtype": "float32"}  # a float16 step could round either way
     whole, blocks = _engine(True, **f32), _engine(True, **f32)
     for engine in (whole, blocks):
         engine.adopt_offered()  # the offered weights build the fused step anew
     assert whole.fused_step is not None and blocks.fused_step is not None
-    blocks.fused_step.block = 7
+    whole.fused_step.block = 4096
+    blocks.fused_step.block, blocks.fused_step.network_block = block, network_block
     for batch in _stream():
         a, b = whole.process(batch), blocks.process(batch)
         for name in ("prediction", "error", "squared_error", "anomaly_score", "drift"):
