@@ -54,7 +54,8 @@ _SIGNATURES = {
     "fused_after": "IPIPPPPIPI" + "P" * 14,
     "fused_take": "IIPIPIPI",
     "fused_lstm_cell": "IIPPIPIIIIPII",
-    "fused_network": "IIIIPPPPPPIPIIPIPP",
+    "fused_network": "IIIIPPPPPIIPPIPPIP",
+    "fused_sweep": "IIPIPPPPIPI" + "P" * 7 + "IIPPPPPIIPP" + "P" * 8,
 }
 # Keys per pass through the whole step (before, each layer's product and cells, after): a
 # block's rows, gates and activations (~2.5 MB at hidden 64) stay in cache from one pass
@@ -62,13 +63,15 @@ _SIGNATURES = {
 # machine. In one process, alternating, load 3-5: blocks of 512-1024 keys took 0.73-0.80x
 # the time of a whole 4,096-key step per batch; 256 (more Python per key) 0.81x.
 BLOCK = 1024
-# Where fused_network runs the network (torch's BLAS found: ``blas_gemm``), it passes over
-# the keys in sub-blocks of NETWORK_BLOCK itself, and the step's blocks are best whole:
-# in one process, the variants rotating per batch (100k keys, batches of 4,096, load
-# 4.5-4.7), blocks of 4,096 / 1,024 keys took 0.93-0.96 / 1.0 the time, and sub-blocks
-# of 256 keys 1.0 against 128 1.0-1.02, 192 1.0-1.03, 384 1.03-1.05, 512 1.01-1.03.
+# Where torch's BLAS is found (``blas_gemm``), the C code passes over the keys in
+# sub-blocks of NETWORK_BLOCK itself (fused_sweep: all passes; fused_network: the
+# network's, with a learner attached), and the step's blocks are best whole. In one
+# process, the variants rotating per batch (100k keys, batches of 4,096, load 4.3-5.3),
+# with fused_sweep: blocks of 1,024 keys took 1.08-1.20x the time of whole (4,096) ones;
+# sub-blocks of 128 keys 0.93-1.0x (median 0.98x) that of 256, 64 0.96-1.04x, 96 0.98-1.0x,
+# 192 0.99-1.01x, 512 0.97-1.07x.
 BLOCK_WITH_BLAS = 4096
-NETWORK_BLOCK = 256
+NETWORK_BLOCK = 128
 
 
 def load() -> ctypes.CDLL | None:
@@ -76,7 +79,7 @@ def load() -> ctypes.CDLL | None:
     None if they cannot be built or loaded here (the engine then runs the plain path)."""
     lib = native.load()
     if lib is not None:
-        native.declare(lib, _SIGNATURES, returns={"fused_after"})
+        native.declare(lib, _SIGNATURES, returns={"fused_after", "fused_sweep"})
     return lib
 
 
@@ -202,19 +205,29 @@ class FusedStep:
         at += [at[2] + 4 * n * (f + k) for k in range(4)]  # err, sq, std_err, score
         table_at, s_at, xh_at, x_at = table.data_ptr(), s.data_ptr(), xh.data_ptr(), x.data_ptr()
         common = (n, table_at, width, s_at, self.columns.ctypes.data, self.params.ctypes.data)
-        lib.fused_before(*common, x_at, f, xh_at, f + hidden, *at)
-        if learner is not None:  # copies of the keys' state before the step, and counts
-            rows = torch.empty(n, width)
-            lib.fused_take(n, width, table_at, width, s_at, 0, rows.data_ptr(), width)
-            count, state = layout.field(rows, "count"), layout.field(rows, "recurrent").float()
-            raw, change = torch.from_numpy(scratch[: 2 * n * f]).view(2, n, f)
-            learner.record(StepRecord(s, raw, change, count, state, positions))
-        out = self._network(table, s, xh, f)
         bad = np.zeros(n, np.uint8)
-        if lib.fused_after(
-            *common, x_at, f, xh_at, f + hidden, out.data_ptr(), *at[2:], positions.data_ptr(),
-            *(c.data_ptr() for c in columns), bad.ctypes.data,
-        ):  # fmt: skip
+        outputs = (positions.data_ptr(), *(c.data_ptr() for c in columns), bad.ctypes.data)
+        if learner is None and self.gemm is not None:  # the whole step in one C call
+            net = _NetworkArgs(self)
+            out = torch.empty(n, f)
+            found = lib.fused_sweep(
+                n, self.network_block, *common[1:], x_at, f, xh_at, f + hidden, *at,
+                hidden, *net.args, out.data_ptr(), *outputs,
+            )  # fmt: skip
+        else:
+            lib.fused_before(*common, x_at, f, xh_at, f + hidden, *at)
+            if learner is not None:  # copies of the keys' state before the step, and counts
+                rows = torch.empty(n, width)
+                lib.fused_take(n, width, table_at, width, s_at, 0, rows.data_ptr(), width)
+                count = layout.field(rows, "count")
+                state = layout.field(rows, "recurrent").float()
+                raw, change = torch.from_numpy(scratch[: 2 * n * f]).view(2, n, f)
+                learner.record(StepRecord(s, raw, change, count, state, positions))
+            out = self._network(table, s, xh, f)
+            found = lib.fused_after(
+                *common, x_at, f, xh_at, f + hidden, out.data_ptr(), *at[2:], *outputs
+            )
+        if found:
             return s[torch.from_numpy(bad.astype(bool))]
         return s[:0]
 
@@ -223,9 +236,8 @@ class FusedStep:
     ) -> torch.Tensor:
         """The LSTM step of the keys at slots ``s`` (their state updated in place in the
         table): ``fused_network``, or per layer one ``addmm`` for the gates and one C pass
-        for the cells. ``xh``
-        holds the clipped inputs in its first ``f`` columns, then the first layer's hidden
-        state. Returns the predicted next inputs [n, f]."""
+        for the cells. ``xh`` holds the clipped inputs in its first ``f`` columns, then the
+        first layer's hidden state. Returns the predicted next inputs [n, f]."""
         lib, lstm = self.lib, self.lstm
         lstm.refresh()
         n, width, h = len(s), table.shape[1], lstm.hidden
@@ -233,16 +245,10 @@ class FusedStep:
         table_at, s_at = table.data_ptr(), s.data_ptr()
         head = lstm.model.head
         if self.gemm is not None:
-            weights = np.array([w.data_ptr() for w, _ in lstm.layers], np.int64)
-            biases = np.array([b.data_ptr() for _, b in lstm.layers], np.int64)
-            head_weight, head_bias = head.weight.contiguous(), head.bias.contiguous()
-            out = torch.empty(n, f)
-            sub = self.network_block
-            scratch = np.empty(sub * 6 * h, np.float32)
+            out, net = torch.empty(n, f), _NetworkArgs(self)
             lib.fused_network(
-                n, h, f, len(lstm.layers), self.gemm, weights.ctypes.data, biases.ctypes.data,
-                head_weight.data_ptr(), head_bias.data_ptr(), table_at, width, s_at, rec,
-                self.half, xh.data_ptr(), sub, scratch.ctypes.data, out.data_ptr(),
+                n, h, f, *net.args, table_at, width, s_at, xh.data_ptr(), self.network_block,
+                out.data_ptr(),
             )  # fmt: skip
             return out
         inp = xh  # [inputs, the first layer's hidden state] (fused_before wrote both)
@@ -257,3 +263,24 @@ class FusedStep:
             )  # fmt: skip
             inp = dst
         return torch.addmm(head.bias, inp, head.weight.t()).add_(xh[:, :f])
+
+
+class _NetworkArgs:
+    """The network's arguments of ``fused_network`` / ``fused_sweep`` (after the hidden
+    size): layers, BLAS, weights' and biases' addresses, head weight and bias, the state's
+    first column, float16 flag, scratch; holding the arrays they point into."""
+
+    def __init__(self, step: FusedStep) -> None:
+        lstm = step.lstm
+        lstm.refresh()
+        head = lstm.model.head
+        self.weights = np.array([w.data_ptr() for w, _ in lstm.layers], np.int64)
+        self.biases = np.array([b.data_ptr() for _, b in lstm.layers], np.int64)
+        self.head = head.weight.contiguous(), head.bias.contiguous()
+        self.scratch = np.empty(step.network_block * 6 * lstm.hidden, np.float32)
+        rec = step.layout.columns["recurrent"].start
+        self.args = (
+            len(lstm.layers), step.gemm, self.weights.ctypes.data, self.biases.ctypes.data,
+            self.head[0].data_ptr(), self.head[1].data_ptr(), rec, step.half,
+            self.scratch.ctypes.data,
+        )  # fmt: skip

@@ -470,9 +470,9 @@ static void head_of(int64_t m, int64_t h, int64_t f, const float *hid, const flo
  * floats. */
 void fused_network(int64_t n, int64_t h, int64_t f, int64_t layers, void *gemm,
                    const int64_t *weights, const int64_t *biases, const float *head_weight,
-                   const float *head_bias, float *table, int64_t w, const int64_t *slots,
-                   int64_t rec, int64_t half_state, const float *xin, int64_t sub,
-                   float *scratch, float *out) {
+                   const float *head_bias, int64_t rec, int64_t half_state, float *scratch,
+                   float *table, int64_t w, const int64_t *slots, const float *xin,
+                   int64_t sub, float *out) {
     float *gates = scratch, *act = scratch + sub * 4 * h;
     for (int64_t lo = 0; lo < n; lo += sub) {
         int64_t m = n - lo < sub ? n - lo : sub, k = f + h, ld = f + h;
@@ -489,4 +489,36 @@ void fused_network(int64_t n, int64_t h, int64_t f, int64_t layers, void *gemm,
         }
         head_of(m, h, f, act, head_weight, head_bias, xin + lo * (f + h), f + h, out + lo * f);
     }
+}
+
+/* The whole step of n keys in one call, sub keys at a time through fused_before,
+ * fused_network and fused_after (the arguments of those three, in that order, each
+ * once): a sub-block's rows (~0.2 MB at 256 keys) stay in the L2 cache from the first
+ * pass to the last, where a whole step's (~3.5 MB at 4,096 keys) are fetched again by
+ * each pass. (With a learner attached, fused.py runs the three calls itself: the learner
+ * copies the rows between the first two.) Returns how many rows became non-finite. */
+int64_t fused_sweep(int64_t n, int64_t sub, float *table, int64_t w, const int64_t *slots,
+                    const int64_t *col, const double *prm, const float *x, int64_t f,
+                    float *xin, int64_t xin_stride, float *raw, float *change, float *std,
+                    float *err, float *sq, float *std_err, float *score, int64_t h,
+                    int64_t layers, void *gemm, const int64_t *weights, const int64_t *biases,
+                    const float *head_weight, const float *head_bias, int64_t rec,
+                    int64_t half_state, float *scratch, float *out, const int64_t *pos,
+                    float *o_pred, float *o_err, float *o_sq, float *o_score, float *o_scaled,
+                    float *o_flags, uint8_t *bad) {
+    int64_t bad_rows = 0;
+    for (int64_t lo = 0; lo < n; lo += sub) {
+        int64_t m = n - lo < sub ? n - lo : sub;
+        fused_before(m, table, w, slots + lo, col, prm, x + lo * f, f, xin + lo * xin_stride,
+                     xin_stride, raw + lo * f, change + lo * f, std + lo * f, err + lo, sq + lo,
+                     std_err + lo, score + lo);
+        fused_network(m, h, f, layers, gemm, weights, biases, head_weight, head_bias, rec,
+                      half_state, scratch, table, w, slots + lo, xin + lo * xin_stride, sub,
+                      out + lo * f);
+        bad_rows += fused_after(m, table, w, slots + lo, col, prm, x + lo * f, f,
+                                xin + lo * xin_stride, xin_stride, out + lo * f, std + lo * f,
+                                err + lo, sq + lo, std_err + lo, score + lo, pos + lo, o_pred,
+                                o_err, o_sq, o_score, o_scaled, o_flags, bad + lo);
+    }
+    return bad_rows;
 }
