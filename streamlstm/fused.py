@@ -171,7 +171,8 @@ class FusedStep:
         the chunk), in place in the store's rows, which are marked dirty; outputs written
         into ``columns`` (prediction, error, squared error, score, std-unit error, drift
         flag). A row that became non-finite (an overflow; a fault) is reset, counted. Runs
-        in blocks of :data:`BLOCK` keys (each its own record for ``learner``)."""
+        in blocks of ``self.block`` keys (:data:`BLOCK`, or :data:`BLOCK_WITH_BLAS` where
+        torch's BLAS is found; each block its own record for ``learner``)."""
         if not all(c.dtype == torch.float32 and c.is_contiguous() for c in columns):
             raise ValueError("the fused step writes float32, contiguous output columns")
         block = self.block
