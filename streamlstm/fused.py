@@ -6,36 +6,28 @@ and an ``nn.LSTM`` call that copies the state in and out; together they cost mor
 the network's matrix products. Here the keys' rows are worked on in place in the table
 (no gather, no scatter): the scoring, the scaler, the forecasters and their combination,
 the anomaly and drift statistics run in two C loops over the keys (``fused_step.c``:
-before and after the network), and the network is one ``addmm`` per layer on packed
-weights (:class:`~streamlstm.kernels.PackedLstm`) followed by one C loop over the cells
-(sigmoid and tanh from one vectorised exponential, the state updated in the table).
+before and after the network), and the network runs on packed weights
+(:class:`~streamlstm.kernels.PackedLstm`): one C call (``fused_network``) that takes
+the keys in sub-blocks of a few hundred through each layer's matrix product (torch's own
+BLAS ``sgemm_``, called from C) and its cells (sigmoid and tanh from one vectorised
+exponential, the state updated in the table), and the head; where that BLAS cannot be
+found, one ``addmm`` per layer and one C loop over its cells.
 
-The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``)
-into a cache folder (``$STREAMLSTM_CACHE``, else ``~/.cache/streamlstm``), once per
-source version, in about a second. Without a compiler, or if anything about building or
-loading fails, :func:`load` says why in the log and returns None, and the engine runs the
-plain path: the daemon never depends on a compiler. (A float16 state needs the compiler's
-``_Float16``: GCC 12 or clang 15 on x86-64, any recent one on ARM.) The plain path stays
+The C file is compiled on first use (:mod:`streamlstm.native`); where that fails the
+engine runs the plain path: the daemon never depends on a compiler. The plain path stays
 the reference: ``tests/core/test_engine_fused.py`` checks both give the same outputs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from streamlstm import anomaly, combine
+from streamlstm import anomaly, combine, native
 from streamlstm.config import Settings
 from streamlstm.kernels import PackedLstm
 from streamlstm.model import RecurrentModel
@@ -43,14 +35,6 @@ from streamlstm.rows import RowLayout
 from streamlstm.state import KeyedState
 from streamlstm.steps import StepConsumer, StepRecord
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("fused_step.c")
-# Built where it runs (-march=native: its vector units; the cache key names the CPU). No
-# contraction of a * b + c beyond the explicit fmaf in the exponential's polynomial, so the
-# statistics round as torch's do; -fno-trapping-math only lets the loops vectorise.
-FLAGS: tuple[str, ...] = ("-O3", "-std=c99", "-shared", "-fPIC", "-march=native")
-FLAGS += ("-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 _MODES = {"both": 0, "up": 1, "down": 2}
 # Layout columns, in the order of the C file's COL_* (-1: absent).
 _COLUMNS: tuple[str, ...] = (
@@ -70,76 +54,46 @@ _SIGNATURES = {
     "fused_after": "IPIPPPPIPI" + "P" * 14,
     "fused_take": "IIPIPIPI",
     "fused_lstm_cell": "IIPPIPIIIIPII",
+    "fused_network": "IIIIPPPPPIIPPIPPIP",
+    "fused_sweep": "IIPIPPPPIPI" + "P" * 7 + "IIPPPPPIIPP" + "P" * 8,
 }
-_ARG = {"I": ctypes.c_int64, "P": ctypes.c_void_p}
 # Keys per pass through the whole step (before, each layer's product and cells, after): a
 # block's rows, gates and activations (~2.5 MB at hidden 64) stay in cache from one pass
 # to the next, where a batch's (~10 MB at 4,096 keys) are evicted in between on a busy
 # machine. In one process, alternating, load 3-5: blocks of 512-1024 keys took 0.73-0.80x
 # the time of a whole 4,096-key step per batch; 256 (more Python per key) 0.81x.
 BLOCK = 1024
-_library: ctypes.CDLL | None = None
-_failure: str | None = None
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("STREAMLSTM_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "streamlstm"
-
-
-def _cpu() -> str:
-    """What ``-march=native`` builds for: a library built on another CPU (a shared home
-    folder) is never loaded here."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc, $CC)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        except OSError as exc:  # not the folder's fault: no temporary folder will help
-            raise RuntimeError(f"cannot run {compiler}: {exc}") from exc
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
-        os.replace(built, target)  # atomic: a concurrent process sees all of it or none
+# Where torch's BLAS is found (``blas_gemm``), the C code passes over the keys in
+# sub-blocks of NETWORK_BLOCK itself (fused_sweep: all passes; fused_network: the
+# network's, with a learner attached), and the step's blocks are best whole. In one
+# process, the variants rotating per batch (100k keys, batches of 4,096, load 4.3-5.3),
+# with fused_sweep: blocks of 1,024 keys took 1.08-1.20x the time of whole (4,096) ones;
+# sub-blocks of 128 keys 0.93-1.0x (median 0.98x) that of 256, 64 0.96-1.04x, 96 0.98-1.0x,
+# 192 0.99-1.01x, 512 0.97-1.07x.
+BLOCK_WITH_BLAS = 4096
+NETWORK_BLOCK = 128
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels (built once per source version), or None if they cannot be
-    built or loaded here (logged once; the engine then runs the plain path)."""
-    global _library, _failure
-    if _library is not None or _failure is not None:
-        return _library
+    """The compiled kernels (:func:`streamlstm.native.load`), their signatures declared;
+    None if they cannot be built or loaded here (the engine then runs the plain path)."""
+    lib = native.load()
+    if lib is not None:
+        native.declare(lib, _SIGNATURES, returns={"fused_after", "fused_sweep"})
+    return lib
+
+
+def blas_gemm() -> int | None:
+    """The address of the BLAS ``sgemm_`` torch runs its matrix products with (MKL's, 32-bit
+    integers), for ``fused_network`` to call; None where torch has no MKL or it cannot be
+    found (the step then calls ``addmm`` per layer)."""
+    if not torch.backends.mkl.is_available():
+        return None
     try:
-        spec = SOURCE.read_bytes() + repr((FLAGS, platform.machine(), _cpu())).encode()
-        name = f"fused_step-{hashlib.sha256(spec).hexdigest()[:16]}.so"
-        target = _cache_dir() / name
-        if not target.exists():
-            try:
-                _build(target)
-            except OSError:  # the cache folder cannot be written: a private temporary one
-                target = Path(tempfile.mkdtemp(prefix="streamlstm-")) / name
-                _build(target)
-        lib = ctypes.CDLL(str(target))
-        for name, args in _SIGNATURES.items():  # plain ints in: no ctypes object per argument
-            function = getattr(lib, name)
-            function.argtypes = [_ARG[a] for a in args]
-            function.restype = ctypes.c_int64 if name == "fused_after" else None
-        _library = lib
-    except Exception as exc:  # any failure: the plain path, never a dead daemon
-        _failure = f"{type(exc).__name__}: {exc}"
-        log.warning("fused engine step unavailable, running the plain path: %s", _failure)
-    return _library
+        lib = ctypes.CDLL(str(Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"))
+        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 class FusedStep:
@@ -150,7 +104,9 @@ class FusedStep:
     ) -> None:
         self.lib = lib
         self.lstm = PackedLstm(model)
-        self.block = BLOCK
+        self.gemm = blas_gemm()
+        self.block = BLOCK if self.gemm is None else BLOCK_WITH_BLAS
+        self.network_block = NETWORK_BLOCK
         self.layout = layout
         cols = layout.columns
         starts = [cols[n].start if n in cols else -1 for n in _COLUMNS]
@@ -215,7 +171,8 @@ class FusedStep:
         the chunk), in place in the store's rows, which are marked dirty; outputs written
         into ``columns`` (prediction, error, squared error, score, std-unit error, drift
         flag). A row that became non-finite (an overflow; a fault) is reset, counted. Runs
-        in blocks of :data:`BLOCK` keys (each its own record for ``learner``)."""
+        in blocks of ``self.block`` keys (:data:`BLOCK`, or :data:`BLOCK_WITH_BLAS` where
+        torch's BLAS is found; each block its own record for ``learner``)."""
         if not all(c.dtype == torch.float32 and c.is_contiguous() for c in columns):
             raise ValueError("the fused step writes float32, contiguous output columns")
         block = self.block
@@ -249,19 +206,29 @@ class FusedStep:
         at += [at[2] + 4 * n * (f + k) for k in range(4)]  # err, sq, std_err, score
         table_at, s_at, xh_at, x_at = table.data_ptr(), s.data_ptr(), xh.data_ptr(), x.data_ptr()
         common = (n, table_at, width, s_at, self.columns.ctypes.data, self.params.ctypes.data)
-        lib.fused_before(*common, x_at, f, xh_at, f + hidden, *at)
-        if learner is not None:  # copies of the keys' state before the step, and counts
-            rows = torch.empty(n, width)
-            lib.fused_take(n, width, table_at, width, s_at, 0, rows.data_ptr(), width)
-            count, state = layout.field(rows, "count"), layout.field(rows, "recurrent").float()
-            raw, change = torch.from_numpy(scratch[: 2 * n * f]).view(2, n, f)
-            learner.record(StepRecord(s, raw, change, count, state, positions))
-        out = self._network(table, s, xh, f)
         bad = np.zeros(n, np.uint8)
-        if lib.fused_after(
-            *common, x_at, f, xh_at, f + hidden, out.data_ptr(), *at[2:], positions.data_ptr(),
-            *(c.data_ptr() for c in columns), bad.ctypes.data,
-        ):  # fmt: skip
+        outputs = (positions.data_ptr(), *(c.data_ptr() for c in columns), bad.ctypes.data)
+        if learner is None and self.gemm is not None:  # the whole step in one C call
+            net = _NetworkArgs(self)
+            out = torch.empty(n, f)
+            found = lib.fused_sweep(
+                n, self.network_block, *common[1:], x_at, f, xh_at, f + hidden, *at,
+                hidden, *net.args, out.data_ptr(), *outputs,
+            )  # fmt: skip
+        else:
+            lib.fused_before(*common, x_at, f, xh_at, f + hidden, *at)
+            if learner is not None:  # copies of the keys' state before the step, and counts
+                rows = torch.empty(n, width)
+                lib.fused_take(n, width, table_at, width, s_at, 0, rows.data_ptr(), width)
+                count = layout.field(rows, "count")
+                state = layout.field(rows, "recurrent").float()
+                raw, change = torch.from_numpy(scratch[: 2 * n * f]).view(2, n, f)
+                learner.record(StepRecord(s, raw, change, count, state, positions))
+            out = self._network(table, s, xh, f)
+            found = lib.fused_after(
+                *common, x_at, f, xh_at, f + hidden, out.data_ptr(), *at[2:], *outputs
+            )
+        if found:
             return s[torch.from_numpy(bad.astype(bool))]
         return s[:0]
 
@@ -269,14 +236,22 @@ class FusedStep:
         self, table: torch.Tensor, s: torch.Tensor, xh: torch.Tensor, f: int
     ) -> torch.Tensor:
         """The LSTM step of the keys at slots ``s`` (their state updated in place in the
-        table): per layer one ``addmm`` for the gates and one C pass for the cells. ``xh``
-        holds the clipped inputs in its first ``f`` columns, then the first layer's hidden
-        state. Returns the predicted next inputs [n, f]."""
+        table): ``fused_network``, or per layer one ``addmm`` for the gates and one C pass
+        for the cells. ``xh`` holds the clipped inputs in its first ``f`` columns, then the
+        first layer's hidden state. Returns the predicted next inputs [n, f]."""
         lib, lstm = self.lib, self.lstm
         lstm.refresh()
         n, width, h = len(s), table.shape[1], lstm.hidden
         rec = self.layout.columns["recurrent"].start  # (layer, part) at (2 * layer + part) * h
         table_at, s_at = table.data_ptr(), s.data_ptr()
+        head = lstm.model.head
+        if self.gemm is not None:
+            out, net = torch.empty(n, f), _NetworkArgs(self)
+            lib.fused_network(
+                n, h, f, *net.args, table_at, width, s_at, xh.data_ptr(), self.network_block,
+                out.data_ptr(),
+            )  # fmt: skip
+            return out
         inp = xh  # [inputs, the first layer's hidden state] (fused_before wrote both)
         for layer, (weight, bias) in enumerate(lstm.layers):
             gates = torch.addmm(bias, inp, weight)
@@ -288,5 +263,25 @@ class FusedStep:
                 dst.data_ptr(), dst.shape[1], -1 if top else here + 2 * h,
             )  # fmt: skip
             inp = dst
-        head = lstm.model.head
         return torch.addmm(head.bias, inp, head.weight.t()).add_(xh[:, :f])
+
+
+class _NetworkArgs:
+    """The network's arguments of ``fused_network`` / ``fused_sweep`` (after the hidden
+    size): layers, BLAS, weights' and biases' addresses, head weight and bias, the state's
+    first column, float16 flag, scratch; holding the arrays they point into."""
+
+    def __init__(self, step: FusedStep) -> None:
+        lstm = step.lstm
+        lstm.refresh()
+        head = lstm.model.head
+        self.weights = np.array([w.data_ptr() for w, _ in lstm.layers], np.int64)
+        self.biases = np.array([b.data_ptr() for _, b in lstm.layers], np.int64)
+        self.head = head.weight.contiguous(), head.bias.contiguous()
+        self.scratch = np.empty(step.network_block * 6 * lstm.hidden, np.float32)
+        rec = step.layout.columns["recurrent"].start
+        self.args = (
+            len(lstm.layers), step.gemm, self.weights.ctypes.data, self.biases.ctypes.data,
+            self.head[0].data_ptr(), self.head[1].data_ptr(), rec, step.half,
+            self.scratch.ctypes.data,
+        )  # fmt: skip

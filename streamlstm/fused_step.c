@@ -422,3 +422,105 @@ void fused_lstm_cell(int64_t n, int64_t h, float *gates, float *table, int64_t w
         }
     }
 }
+
+/* The network's step in one call, where torch's BLAS can be called from here (fused.py
+ * hands its sgemm_ over; else fused.py runs the same per layer: addmm, fused_lstm_cell).
+ * The keys go through in sub-blocks of sub keys (a few hundred), each through every layer
+ * and the head before the next: a sub-block's gates and activations (~0.4 MB at hidden
+ * 64 and 256 keys) stay in the L2 cache from the product to the cell, where a block's of
+ * 1,024 keys (~1.5 MB) did not, and one call replaces six torch and ctypes calls.
+ *
+ * BLAS is column-major: the row-major gates [m, 4h] = inp [m, k] W [k, 4h] are its
+ * gates^T = W^T inp^T, with the same memory and no copies. The bias is put in first and
+ * the product added to it (beta = 1), as torch's addmm does. */
+typedef void sgemm_t(const char *transa, const char *transb, const int *m, const int *n,
+                     const int *k, const float *alpha, const float *a, const int *lda,
+                     const float *b, const int *ldb, const float *beta, float *c, const int *ldc);
+
+static void gates_of(sgemm_t *gemm, int64_t m, int64_t k, int64_t g, const float *weight,
+                     const float *bias, const float *inp, int64_t ld, float *gates) {
+    int rows = (int)g, cols = (int)m, inner = (int)k, lda = (int)g, ldb = (int)ld;
+    float one = 1.0f;
+    for (int64_t i = 0; i < m; i++) memcpy(gates + i * g, bias, g * sizeof(float));
+    gemm("N", "N", &rows, &cols, &inner, &one, weight, &lda, inp, &ldb, &one, gates, &lda);
+}
+
+/* The head on the top layer's new hidden state hid [m, h]: out[i] = bias + weight hid[i]
+ * + xin[i, :f] (weight [f, h]), each output a dot product in 8 lanes (a product by an
+ * [h, f] matrix, f about 8, is a poor GEMM). */
+static void head_of(int64_t m, int64_t h, int64_t f, const float *hid, const float *weight,
+                    const float *bias, const float *xin, int64_t xin_stride, float *out) {
+    for (int64_t i = 0; i < m; i++) {
+        const float *x = hid + i * h;
+        for (int64_t j = 0; j < f; j++) {
+            const float *wj = weight + j * h;
+            float lane[8] = {0}, acc;
+            int64_t k = 0;
+            for (; k + 8 <= h; k += 8)
+                for (int l = 0; l < 8; l++) lane[l] += wj[k + l] * x[k + l];
+            acc = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+            for (; k < h; k++) acc += wj[k] * x[k];
+            out[i * f + j] = (bias[j] + acc) + xin[i * xin_stride + j];
+        }
+    }
+}
+
+/* The LSTM step and head of n keys: xin [n, f + h] as fused_before wrote it (clipped
+ * inputs, first layer's hidden state); weights[l] / biases[l] the addresses of layer l's
+ * packed [k, 4h] weight and [4h] bias; the state updated in the table as by
+ * fused_lstm_cell; out [n, f] the prediction of the next clipped inputs. scratch: sub * 6h
+ * floats. */
+void fused_network(int64_t n, int64_t h, int64_t f, int64_t layers, void *gemm,
+                   const int64_t *weights, const int64_t *biases, const float *head_weight,
+                   const float *head_bias, int64_t rec, int64_t half_state, float *scratch,
+                   float *table, int64_t w, const int64_t *slots, const float *xin,
+                   int64_t sub, float *out) {
+    float *gates = scratch, *act = scratch + sub * 4 * h;
+    for (int64_t lo = 0; lo < n; lo += sub) {
+        int64_t m = n - lo < sub ? n - lo : sub, k = f + h, ld = f + h;
+        const float *inp = xin + lo * ld;
+        for (int64_t l = 0; l < layers; l++) {
+            int top = l == layers - 1;
+            int64_t here = 2 * l * h, stride = top ? h : 2 * h;
+            gates_of((sgemm_t *)gemm, m, k, 4 * h, (const float *)weights[l],
+                     (const float *)biases[l], inp, ld, gates);
+            /* inp (act, past the first layer) is read: the cells may overwrite it */
+            fused_lstm_cell(m, h, gates, table, w, slots + lo, rec, half_state, here,
+                            here + h, act, stride, top ? -1 : here + 2 * h);
+            inp = act, k = 2 * h, ld = stride;
+        }
+        head_of(m, h, f, act, head_weight, head_bias, xin + lo * (f + h), f + h, out + lo * f);
+    }
+}
+
+/* The whole step of n keys in one call, sub keys at a time through fused_before,
+ * fused_network and fused_after (the arguments of those three, in that order, each
+ * once): a sub-block's rows (~0.2 MB at 256 keys) stay in the L2 cache from the first
+ * pass to the last, where a whole step's (~3.5 MB at 4,096 keys) are fetched again by
+ * each pass. (With a learner attached, fused.py runs the three calls itself: the learner
+ * copies the rows between the first two.) Returns how many rows became non-finite. */
+int64_t fused_sweep(int64_t n, int64_t sub, float *table, int64_t w, const int64_t *slots,
+                    const int64_t *col, const double *prm, const float *x, int64_t f,
+                    float *xin, int64_t xin_stride, float *raw, float *change, float *std,
+                    float *err, float *sq, float *std_err, float *score, int64_t h,
+                    int64_t layers, void *gemm, const int64_t *weights, const int64_t *biases,
+                    const float *head_weight, const float *head_bias, int64_t rec,
+                    int64_t half_state, float *scratch, float *out, const int64_t *pos,
+                    float *o_pred, float *o_err, float *o_sq, float *o_score, float *o_scaled,
+                    float *o_flags, uint8_t *bad) {
+    int64_t bad_rows = 0;
+    for (int64_t lo = 0; lo < n; lo += sub) {
+        int64_t m = n - lo < sub ? n - lo : sub;
+        fused_before(m, table, w, slots + lo, col, prm, x + lo * f, f, xin + lo * xin_stride,
+                     xin_stride, raw + lo * f, change + lo * f, std + lo * f, err + lo, sq + lo,
+                     std_err + lo, score + lo);
+        fused_network(m, h, f, layers, gemm, weights, biases, head_weight, head_bias, rec,
+                      half_state, scratch, table, w, slots + lo, xin + lo * xin_stride, sub,
+                      out + lo * f);
+        bad_rows += fused_after(m, table, w, slots + lo, col, prm, x + lo * f, f,
+                                xin + lo * xin_stride, xin_stride, out + lo * f, std + lo * f,
+                                err + lo, sq + lo, std_err + lo, score + lo, pos + lo, o_pred,
+                                o_err, o_sq, o_score, o_scaled, o_flags, bad + lo);
+    }
+    return bad_rows;
+}

@@ -192,8 +192,8 @@ class KeyedState:
         if needed > self.capacity:
             self._grow(min(self.max_keys, max(needed, 2 * self.capacity)))
         new_slots = [self._free.pop() for _ in new_keys]
+        self._slot_of.add(new_keys, new_slots)
         for key, slot in zip(new_keys, new_slots, strict=True):
-            self._slot_of[key] = slot
             self._key_of[slot] = key
         index = torch.tensor(new_slots, dtype=torch.int64)
         for name in self._COLUMNS:
@@ -296,8 +296,8 @@ class KeyedState:
         keys = [self._key_of[slot] for slot in slots.tolist()]
         if cause is not None and keys and self.evicted is not None:
             self.evicted.append((keys, self.partition[slots].tolist()))
-        for key, slot in zip(keys, slots.tolist(), strict=True):
-            del self._slot_of[key]
+        self._slot_of.remove(keys)
+        for slot in slots.tolist():
             self._key_of[slot] = None
             self._free.append(slot)
         self.last_used[slots] = 0

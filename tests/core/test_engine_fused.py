@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamlstm import fused
+from streamlstm import fused, native
 from streamlstm.config import load_settings
 from streamlstm.engine import Engine, StepRecord
 from streamlstm.events import EventBatch
@@ -114,12 +114,23 @@ def test_fused_and_plain_engines_agree_with_a_float16_state() -> None:
     _agree({"state.recurrent_dtype": "float16"}, tolerance=2e-3)
 
 
-def _agree(overrides: dict[str, object], tolerance: float) -> None:
+@needs_compiler
+def test_without_a_learner_the_whole_step_is_one_c_call_and_agrees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No learner to hand the rows to between the passes: ``fused_sweep`` runs them all,
+    per sub-block of keys (where torch's BLAS is found; here of 5 keys)."""
+    monkeypatch.setattr(fused, "NETWORK_BLOCK", 5)
+    _agree({"state.recurrent_dtype": "float32"}, tolerance=1e-5, learner=False)
+
+
+def _agree(overrides: dict[str, object], tolerance: float, learner: bool = True) -> None:
     plain, fast = _engine(False, **overrides), _engine(True, **overrides)
     assert plain.fused_step is None and fast.fused_step is not None
     taps = _Steps(), _Steps()
-    plain.attach_learner(taps[0])
-    fast.attach_learner(taps[1])
+    if learner:
+        plain.attach_learner(taps[0])
+        fast.attach_learner(taps[1])
     close = {"rtol": tolerance / 10, "atol": tolerance, "equal_nan": True}
     drifts, top_score = 0, 0.0
     for batch in _stream():
@@ -134,7 +145,7 @@ def _agree(overrides: dict[str, object], tolerance: float) -> None:
     assert top_score > 0.1  # the anomaly statistics were exercised
     if plain.drift.enabled:
         assert drifts > 0
-    assert len(taps[0].steps) == len(taps[1].steps) > 10
+    assert len(taps[0].steps) == len(taps[1].steps) > (10 if learner else -1)
     for mine, theirs in zip(taps[1].steps, taps[0].steps, strict=True):
         for x, y in zip(mine, theirs, strict=True):
             torch.testing.assert_close(x, y, **close)
@@ -145,15 +156,31 @@ def _agree(overrides: dict[str, object], tolerance: float) -> None:
 
 
 @needs_compiler
-def test_a_step_run_in_blocks_of_keys_equals_one_run_whole() -> None:
-    """Keys are independent: blocks of 7 keys (cache-sized blocks in production) give the
-    whole step's outputs and rows (to the matrix products' rounding)."""
+def test_without_torchs_blas_the_step_runs_addmm_per_layer_and_agrees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where ``sgemm_`` cannot be found, the network runs through ``addmm`` and
+    ``fused_lstm_cell`` per layer (and the head's ``addmm``): the same outputs."""
+    monkeypatch.setattr(fused, "blas_gemm", lambda: None)
+    engine = _engine(True)
+    engine.adopt_offered()
+    assert engine.fused_step is not None and engine.fused_step.gemm is None
+    _agree({"state.recurrent_dtype": "float32"}, tolerance=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("block", "network_block"), [(7, 256), (4096, 5)])
+def test_a_step_run_in_blocks_of_keys_equals_one_run_whole(block: int, network_block: int) -> None:
+    """Keys are independent: blocks of 7 keys (cache-sized blocks in production), or the
+    network's sub-blocks of 5, give the whole step's outputs and rows (to the matrix
+    products' rounding)."""
     f32 = {"state.recurrent_dtype": "float32"}  # a float16 step could round either way
     whole, blocks = _engine(True, **f32), _engine(True, **f32)
     for engine in (whole, blocks):
         engine.adopt_offered()  # the offered weights build the fused step anew
     assert whole.fused_step is not None and blocks.fused_step is not None
-    blocks.fused_step.block = 7
+    whole.fused_step.block = 4096
+    blocks.fused_step.block, blocks.fused_step.network_block = block, network_block
     for batch in _stream():
         a, b = whole.process(batch), blocks.process(batch)
         for name in ("prediction", "error", "squared_error", "anomaly_score", "drift"):
@@ -205,12 +232,12 @@ def test_a_non_finite_float16_state_resets_the_row(fused_step: bool) -> None:
 def test_without_a_compiler_the_engine_runs_the_plain_path(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(fused, "_library", None)
-    monkeypatch.setattr(fused, "_failure", None)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
     monkeypatch.setenv("STREAMLSTM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     engine = _engine(True)
-    assert engine.fused_step is None and fused._failure is not None
+    assert engine.fused_step is None and native._failure is not None
     out = engine.process(_stream()[0])
     assert np.isfinite(out.prediction).all()
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
@@ -220,13 +247,13 @@ def test_without_a_compiler_the_engine_runs_the_plain_path(
 def test_an_unwritable_cache_folder_builds_in_a_temporary_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(fused, "_library", None)
-    monkeypatch.setattr(fused, "_failure", None)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("STREAMLSTM_CACHE", str(blocked / "cache"))
     engine = _engine(True)
-    assert engine.fused_step is not None, fused._failure
+    assert engine.fused_step is not None, native._failure
     assert np.isfinite(engine.process(_stream()[0]).prediction).all()
 
 

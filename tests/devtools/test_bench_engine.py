@@ -18,9 +18,14 @@ def test_naive_loop_computes_what_the_engine_computes() -> None:
     import torch
 
     settings = reference_settings(keys=10, batch=16, threads=1)
+    # The naive loop keeps a float32 state: so does the engine here. (With its float16
+    # default the two differ by the state's rounding, up to ~2e-4 for some head weights:
+    # 3 of 40 draws failed the 1e-4 bound below, the same before and after issue 12's
+    # third pass; with float32, at most 1e-6 over the same 40 draws.)
+    settings.state.recurrent_dtype = "float32"
     engine = Engine.from_settings(settings)
     with torch.no_grad():
-        engine.model.head.weight.normal_()
+        engine.model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
     rng = np.random.default_rng(0)
     keys = [f"k{i % 3}" for i in range(30)]
     values = rng.normal(size=(30, 8)).astype(np.float32)
