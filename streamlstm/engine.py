@@ -36,7 +36,7 @@ Steps run fused (:mod:`streamlstm.fused`) or plainly, the reference: the same ou
 
 from __future__ import annotations
 
-from collections import deque
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -50,7 +50,7 @@ from streamlstm.events import EventBatch
 from streamlstm.fused import FusedStep
 from streamlstm.model import RecurrentModel, quantize_for_inference
 from streamlstm.state import KeyedState
-from streamlstm.steps import BatchOutput, StepConsumer, StepRecord
+from streamlstm.steps import BatchOutput, StepConsumer, StepRecord, step_groups
 
 # The scaler's floor is relative to the key's level: differences below float32's resolution
 # of the level are noise, whatever the unit (an absolute floor would treat millivolts and
@@ -65,26 +65,6 @@ _STEP_WINDOW = 100
 
 def _std(var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(var + _VAR_REL_EPS * mean * mean + _VAR_ABS_EPS)
-
-
-def step_groups(slots: np.ndarray) -> list[np.ndarray]:
-    """Split batch positions into batched steps: group r holds every key's r-th event.
-
-    Within a group, positions are ordered by slot, so the gather and scatter walk the
-    state table in memory order.
-
-    >>> [g.tolist() for g in step_groups(np.array([7, 3, 7, 7, 1]))]
-    [[4, 1, 0], [2], [3]]
-    """
-    order = np.argsort(slots, kind="stable")
-    ordered = slots[order]
-    starts = np.ones(len(slots), dtype=bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    positions = np.arange(len(slots))
-    rank = positions - np.maximum.accumulate(np.where(starts, positions, 0))
-    if len(rank) == 0:
-        return []
-    return [order[rank == r] for r in range(int(rank.max()) + 1)]
 
 
 class Engine:
@@ -109,9 +89,8 @@ class Engine:
         self.learner: StepConsumer | None = None
         self._level_inputs = settings.model.inputs == "level"
         self.drift = DriftMonitor(settings.drift)
-        # The newest offered weights: the trainer's thread appends, the loop takes (a deque's
-        # append and popleft are atomic, so an offer landing mid-adoption is never lost).
-        self._offered: deque[tuple[dict[str, torch.Tensor], int]] = deque(maxlen=1)
+        self._offered: tuple[dict[str, torch.Tensor], int] | None = None
+        self._offer_lock = threading.Lock()  # the trainer and the model topic offer
 
     @classmethod
     def from_settings(
@@ -155,8 +134,12 @@ class Engine:
     # -- weights -----------------------------------------------------------------
 
     def offer_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Queue new weights; they take effect at the start of the next batch, never inside one."""
-        self._offered.append((state_dict, version))
+        """Queue new weights; they take effect at the start of the next batch, never inside one.
+        An offer not newer than the pending or served weights is ignored: two threads offer
+        (the trainer, the model topic), and whichever lands last, the newest is served."""
+        with self._offer_lock:
+            if version > (self._offered[1] if self._offered else self.model_version):
+                self._offered = (state_dict, version)
 
     def adopt_offered(self) -> None:
         """Swap offered weights in now; only between batches (as :meth:`process` does), e.g.
@@ -164,13 +147,14 @@ class Engine:
         self._adopt_offered()
 
     def _adopt_offered(self) -> None:
-        if not self._offered:  # only this thread takes: a non-empty deque stays so
-            return
-        state_dict, version = self._offered.popleft()
+        with self._offer_lock:  # the version moves with the take: later offers compare to it
+            offered, self._offered = self._offered, None
+            if offered is None:
+                return
+            state_dict, self.model_version = offered
         self.model.load_state_dict(state_dict)
         self.model.eval()
         self._inference_model = self._prepare(self.model)
-        self.model_version = version
 
     # -- the step ----------------------------------------------------------------
 

@@ -5,10 +5,11 @@ builds (:mod:`streamlstm.native`), a copy in a C hash table (``key_table.c``) th
 up a whole batch in one call. A dict lookup of a batch of 4,096 of 100k keys waits on
 memory several times per key, one wait after the other (the key's str object, the dict's
 index and entry, the slot's int object: ~1 us per key); the table holds the keys' bytes
-in its buckets and fetches all of a batch's buckets before comparing any. Keys longer
-than its buckets hold (23 UTF-8 bytes) and batches it cannot take (a key with a NUL
-character) are looked up in the dict. Without the C code, the dict alone: one
-``operator.itemgetter`` call per batch (a key not held reads as -1).
+in its buckets and fetches all of a batch's buckets before comparing any. Keys it does
+not hold (longer than a bucket's 23 UTF-8 bytes, or with a NUL character: its batches
+are NUL-separated) are looked up in the dict, and so is a whole batch holding a NUL.
+Without the C code, the dict alone: one ``operator.itemgetter`` call per batch (a key
+not held reads as -1).
 
 Keys enter and leave with :meth:`add` and :meth:`remove` (``index[key] = slot`` and
 ``del index[key]`` do the same for one key), so both copies always agree.
@@ -93,41 +94,45 @@ class KeyIndex(dict[str, int]):
         """Map each of ``keys`` to the slot at the same position."""
         for key, slot in zip(keys, slots, strict=True):
             dict.__setitem__(self, key, slot)
-        if self._lib is None or not keys:
+        if self._lib is None:
             return
         if 2 * (self._used + len(keys)) > self._buckets:
             self._rebuild(len(self))  # holds every key of the dict, these too
             return
         taken = self._call("key_table_insert", keys, np.asarray(slots, np.int64))
-        if taken < 0:  # a key with a NUL: a table rebuilt from the dict without it
-            self._rebuild(len(self))
-        else:
-            self._used += taken
+        if taken < 0:  # a key with a NUL (not held in the table): the others
+            fit = [i for i, key in enumerate(keys) if "\0" not in key]
+            taken = self._call(
+                "key_table_insert", [keys[i] for i in fit], np.asarray(slots, np.int64)[fit]
+            )
+        self._used += taken
 
     def remove(self, keys: Sequence[str]) -> None:
         """Forget ``keys`` (each must be held)."""
         for key in keys:
             dict.__delitem__(self, key)
-        if self._lib is not None and keys and self._call("key_table_remove", keys) < 0:
-            self._rebuild(len(self))
+        if self._lib is not None and self._call("key_table_remove", keys) < 0:
+            self._call("key_table_remove", [key for key in keys if "\0" not in key])
 
     def slots(self, keys: list[str]) -> np.ndarray:
         """The slots of ``keys`` (int64), -1 for a key not held."""
-        if self._lib is not None and len(keys) > 1:
+        if len(keys) < 2:  # itemgetter of one key returns it bare, of none fails
+            return np.array([self[k] for k in keys], np.int64)
+        if self._lib is not None:
             out = np.empty(len(keys), np.int64)
             if self._call("key_table_lookup", keys, out) == 0:
                 long = np.flatnonzero(out == _LONG)
                 if len(long):
                     out[long] = [self[keys[i]] for i in long.tolist()]
                 return out
-        if len(keys) < 2:  # itemgetter of one key returns it bare, of none fails
-            return np.array([self[k] for k in keys], np.int64)
         return np.fromiter(operator.itemgetter(*keys)(self), np.int64, len(keys))
 
     def _call(self, name: str, keys: Sequence[str], *arrays: np.ndarray) -> int:
         """A C table function on ``keys`` (and their slots' array); -1 if the keys do not
-        fit it (a NUL character in one)."""
+        fit it (a NUL character in one). No keys: 0."""
         assert self._lib is not None
+        if not keys:
+            return 0
         blob = _blob(keys)
         scratch = np.empty(3 * len(keys), np.int64)
         function = getattr(self._lib, name)
@@ -150,10 +155,9 @@ class KeyIndex(dict[str, int]):
         start = -self._buffer.ctypes.data % 64  # a bucket never straddles two cache lines
         self._table, self._buckets, self._used = self._buffer[start : start + size], buckets, 0
         held = [k for k in self if "\0" not in k]
-        if held:
-            self._used = self._call(
-                "key_table_insert", held, np.fromiter(map(self.get, held), np.int64, len(held))
-            )
+        self._used = self._call(
+            "key_table_insert", held, np.fromiter(map(self.get, held), np.int64, len(held))
+        )
 
     def bytes_per_key(self, *beside: object) -> float:
         """Python memory per key: dict entry, key string, slot number (an int object past

@@ -2,7 +2,8 @@
 
 :class:`BatchOutput` holds a micro-batch's results in columns (one row per event);
 :class:`StepRecord` is one batched recurrent step, handed to a :class:`StepConsumer`
-(the replay buffer, pretraining) with the state before the step.
+(the replay buffer, pretraining) with the state before the step; :func:`step_groups`
+splits a batch into those steps.
 """
 
 from __future__ import annotations
@@ -83,3 +84,23 @@ class BatchOutput:
             if drift is not None and drift[i]:
                 record["drift"] = True
             yield record
+
+
+def step_groups(slots: np.ndarray) -> list[np.ndarray]:
+    """Split batch positions into batched steps: group r holds every key's r-th event.
+
+    Within a group, positions are ordered by slot, so the gather and scatter walk the
+    state table in memory order.
+
+    >>> [g.tolist() for g in step_groups(np.array([7, 3, 7, 7, 1]))]
+    [[4, 1, 0], [2], [3]]
+    """
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    starts = np.ones(len(slots), dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    positions = np.arange(len(slots))
+    rank = positions - np.maximum.accumulate(np.where(starts, positions, 0))
+    if len(rank) == 0:
+        return []
+    return [order[rank == r] for r in range(int(rank.max()) + 1)]

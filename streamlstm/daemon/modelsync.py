@@ -15,8 +15,9 @@ checks is logged and counted, never served; one not newer than the served versio
 trainer's own echo, an older one) is skipped.
 
 Two threads meet here: the loop's (start, turns, records in, close) and the trainer's
-receiver (records out). One lock covers what both touch: the served version, the
-engine's offer, the publisher (created under it, and never after close()).
+receiver (records out). Both offer weights to the engine, which keeps the newest offered;
+one lock here covers the newest version and the publisher (created under it, and never
+after close()).
 
 With ``training.enabled = false`` no member trains, but every member still follows the
 topic, so a group can serve weights published by a trainer elsewhere.
@@ -83,11 +84,8 @@ class ModelSync:
         self.trainer: BackgroundTrainer | None = None
         self.role = False  # this member owns input partition 0 (set by rebalance callbacks)
         self.version = engine.model_version  # newest weights served or offered
-        self._lock = threading.Lock()  # version, offers to the engine, publisher, _closed
+        self._lock = threading.Lock()  # version, publisher, _closed
         self._closed = False
-        # A record from the topic offered while this member trains, not yet reconciled
-        # with the trainer's next adoption (its own offer to the engine may replace it).
-        self._topic_offer: tuple[dict, int] | None = None
         self._role_since = 0.0
         self._next_follow = 0.0
         self._retry_at = 0.0
@@ -197,8 +195,6 @@ class ModelSync:
 
     def _stop_trainer(self, timeout_s: float) -> None:
         trainer, self.trainer = self.trainer, None
-        with self._lock:
-            self._topic_offer = None
         if trainer is None:
             return
         try:
@@ -225,14 +221,10 @@ class ModelSync:
                 self.metrics.model_records.labels(result="rejected").inc()
                 continue
             with self._lock:  # the trainer's receiver publishes (and moves version) too
-                if ckpt.version <= self.version:
-                    stale = True
-                else:
-                    stale = False
+                stale = ckpt.version <= self.version
+                if not stale:
                     self.engine.offer_weights(ckpt.state_dict, ckpt.version)
                     self.version = ckpt.version
-                    if self.trainer is not None:
-                        self._topic_offer = (ckpt.state_dict, ckpt.version)
             if stale:
                 self.metrics.model_records.labels(result="stale").inc(len(values) - i)
                 return False
@@ -246,16 +238,7 @@ class ModelSync:
     def _publish(self, outcome: RunOutcome) -> None:
         """Publish weights the trainer adopted (and already offered to the engine)."""
         with self._lock:
-            # A record adopted from the topic in between may have replaced the trainer's
-            # offer to the engine, or the trainer's offer that record's: the newer of the
-            # two is offered (again), and is the version.
-            topic, self._topic_offer = self._topic_offer, None
-            if outcome.version > self.version:
-                self.version = outcome.version
-                if topic is not None:
-                    self.engine.offer_weights(outcome.state_dict(), outcome.version)
-            elif topic is not None and topic[1] == self.version:
-                self.engine.offer_weights(*topic)
+            self.version = max(self.version, outcome.version)
             if self._closed:
                 log.warning("weights v%d not published: the daemon is closing", outcome.version)
                 return

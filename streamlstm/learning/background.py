@@ -90,8 +90,8 @@ class BackgroundTrainer:
         self.total_run_seconds = 0.0
         self.last_outcome: RunOutcome | None = None
         self.restarts = 0  # workers restarted after dying or overrunning their deadline
-        self._events = 0  # since the last run
-        self._seen = 0  # in all
+        self._since = 0  # events since the last run
+        self._seen = 0  # events in all
         self.schedule = Schedule.from_settings(settings)
         self._last_run = time.monotonic()
         self._drift_pending = False
@@ -231,16 +231,14 @@ class BackgroundTrainer:
             self.metrics.replay_bytes.set(self.buffer.nbytes())
         if not self.enabled or self._worker is None:
             return
-        self._events += len(output)
+        self._since += len(output)
         self._seen += len(output)
-        t = self.settings
-        if t.drift.finetune_on_drift and any(output.detections.values()):
+        if self.settings.drift.finetune_on_drift and any(output.detections.values()):
             self._drift_pending = True
         if self._busy or self._restart_at is not None:
             return
         elapsed = time.monotonic() - self._last_run
-        due = self.schedule.due(self._seen, self._events, elapsed) or self._drift_pending
-        if due:
+        if self.schedule.due(self._seen, self._since, elapsed) or self._drift_pending:
             self._trigger()
 
     def _trigger(self) -> None:
@@ -251,7 +249,7 @@ class BackgroundTrainer:
             if self._worker is None or self._restart_at is not None or self._busy:
                 return
             self._busy = True
-            self._events = 0
+            self._since = 0
             self._drift_pending = False
             self._last_run = self._run_started = time.monotonic()
             self._commands.put("run")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from streamlstm.config import Settings, load_settings
-from streamlstm.engine import BatchOutput, Engine, step_groups
+from streamlstm.engine import BatchOutput, Engine
 from streamlstm.events import EventBatch
+from streamlstm.steps import step_groups
 
 WIDTH = 3
 
@@ -177,3 +178,20 @@ def test_weights_offered_apply_at_the_next_batch() -> None:
     after = engine.process(events)
     assert after.model_version == 7 and before.model_version == 0
     assert torch.allclose(engine.model.head.weight, new_weights["head.weight"])
+
+
+def test_an_offer_not_newer_than_the_pending_or_served_weights_is_ignored() -> None:
+    """The trainer and the model topic offer from two threads: whichever lands last, the
+    newest version is served."""
+    engine = Engine.from_settings(settings())
+    weights = engine.model.state_dict()
+    engine.offer_weights(weights, 5)
+    engine.offer_weights(weights, 4)  # older than the pending offer
+    engine.adopt_offered()
+    assert engine.model_version == 5
+    engine.offer_weights(weights, 5)  # not newer than the served weights
+    engine.offer_weights(weights, 3)
+    assert engine._offered is None
+    engine.offer_weights(weights, 6)
+    engine.adopt_offered()
+    assert engine.model_version == 6

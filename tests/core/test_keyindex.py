@@ -62,3 +62,18 @@ def test_without_the_c_code_the_dict_answers(monkeypatch: pytest.MonkeyPatch) ->
     index = KeyIndex({"a": 1, "b": 2})
     assert not index.native
     assert index.slots(["b", "c", "a"]).tolist() == [2, -1, 1]
+
+
+@needs_compiler
+def test_keys_with_a_nul_do_not_rebuild_the_table() -> None:
+    """Keys with a NUL (JSON's \\u0000) live in the dict only. Before, each batch adding or
+    removing one rebuilt the table from every key (~0.1 s at 100k keys)."""
+    index = KeyIndex({f"k{i}": i for i in range(100)})
+    table = index._buffer
+    index.add(["new", "nul\0a"], [200, 201])
+    index.add(["nul\0b"], [202])  # nothing for the table
+    index.remove(["nul\0a", "k1"])
+    assert index._buffer is table and index._used == 101  # 100 + "new" (k1: a deleted mark)
+    keys = ["new", "k1", "k2", "nul\0b", "nul\0a"]
+    assert index.slots(keys).tolist() == [200, -1, 2, 202, -1]
+    assert index.slots(keys[:3]).tolist() == [200, -1, 2]

@@ -72,27 +72,32 @@ def _outcome(settings: Settings, version: int) -> RunOutcome:
     return RunOutcome("adopted", version, weights=weights_to_bytes(net.state_dict()))
 
 
+@pytest.mark.parametrize("engine_first", [False, True])
 def test_an_adoption_from_the_topic_and_a_publication_at_once_leave_the_newest(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, engine_first: bool
 ) -> None:
     """The loop adopts v5 from the topic (another trainer's last record) while this
-    member's trainer adopts v6 and publishes it. The loop is stopped inside its offer to
-    the engine; the trainer offers v6 to the engine (as BackgroundTrainer does, before
-    its callback) and publishes. Unlocked, the loop then wrote version 5 over 6, and its
-    v5 offer replaced v6 in the engine: the member served v5 and skipped v6's echo."""
+    member's trainer adopts v6 and publishes it. The loop is stopped inside its offer,
+    before or after the engine took it; the trainer offers v6 to the engine (as
+    BackgroundTrainer does, before its callback) and publishes. Unlocked, the loop then
+    wrote version 5 over 6, and its v5 offer replaced v6 in the engine: the member served
+    v5 and skipped v6's echo."""
     monkeypatch.setattr(modelsync, "ModelPublisher", _Publisher)
     settings = unit_daemon_settings(TOPIC)
     sync, reached = _sync(settings, monkeypatch)
     sync.version = 4
     sync.trainer = object()  # type: ignore[assignment]  # trains: only the flag matters here
-    offers: list[int] = []
     inside, go = threading.Event(), threading.Event()
+    offer = sync.engine.offer_weights
 
     def offer_weights(state_dict: dict, version: int) -> None:
-        offers.append(version)
-        if threading.current_thread().name == "loop" and version == 5:
+        if engine_first:
+            offer(state_dict, version)
+        if threading.current_thread().name == "loop":
             inside.set()
             assert go.wait(WAIT_S)
+        if not engine_first:
+            offer(state_dict, version)
 
     monkeypatch.setattr(sync.engine, "offer_weights", offer_weights)
     loop = _thread("loop", lambda: sync._offer([_record(settings, 5)]), reached)
@@ -109,7 +114,8 @@ def test_an_adoption_from_the_topic_and_a_publication_at_once_leave_the_newest(
     loop.join(WAIT_S)
     receiver.join(WAIT_S)
     assert sync.version == 6
-    assert offers[-1] == 6  # the engine's pending offer is the newest
+    sync.engine.adopt_offered()  # the next batch
+    assert sync.engine.model_version == 6
     assert [v for _, v in sync.publisher.sent] == [6]  # type: ignore[union-attr]
 
 
@@ -117,23 +123,23 @@ def test_the_trainers_offer_does_not_replace_a_newer_one_from_the_topic(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The other order: v7 adopted from the topic, then the trainer's v6 offered to the
-    engine (replacing v7 there) and published: v7 is offered again, and stays the version."""
+    engine and published: v7 stays the version, and is served."""
     monkeypatch.setattr(modelsync, "ModelPublisher", _Publisher)
     settings = unit_daemon_settings(TOPIC)
     sync, _ = _sync(settings, monkeypatch)
     sync.version = 4
     sync.trainer = object()  # type: ignore[assignment]
-    offers: list[int] = []
-    monkeypatch.setattr(sync.engine, "offer_weights", lambda sd, v: offers.append(v))
     assert sync._offer([_record(settings, 7)])
     outcome = _outcome(settings, 6)
     sync.engine.offer_weights(outcome.state_dict(), outcome.version)
     sync._publish(outcome)
-    assert sync.version == 7 and offers == [7, 6, 7]
-    outcome = _outcome(settings, 8)  # nothing from the topic since: offered once, not twice
+    sync.engine.adopt_offered()
+    assert sync.version == 7 and sync.engine.model_version == 7
+    outcome = _outcome(settings, 8)
     sync.engine.offer_weights(outcome.state_dict(), outcome.version)
     sync._publish(outcome)
-    assert sync.version == 8 and offers == [7, 6, 7, 8]
+    sync.engine.adopt_offered()
+    assert sync.version == 8 and sync.engine.model_version == 8
 
 
 class _SlowPublisher(_Publisher):

@@ -99,27 +99,50 @@ def test_offers_from_another_thread_swap_only_between_batches() -> None:
         np.testing.assert_array_equal(out.prediction, reference.process(b).prediction)
 
 
+class _SpyLock:
+    """The engine's offer lock, setting ``waiting`` when the thread named ``trainer``
+    starts waiting for it."""
+
+    def __init__(self, waiting: threading.Event) -> None:
+        self._lock, self.waiting = threading.Lock(), waiting
+
+    def __enter__(self) -> None:
+        if threading.current_thread().name == "trainer":
+            self.waiting.set()
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 def _offer_during_adoption(position: int) -> tuple[int, int]:
-    """Adopt offered weights v1 while a second offer (v2) lands just before bytecode
-    instruction ``position`` of ``Engine._adopt_offered``; then adopt again (the next
+    """Adopt offered weights v1 while a second offer (v2, from another thread) lands just
+    before bytecode instruction ``position`` of ``Engine._adopt_offered``: that thread
+    runs until it is done or waits for the engine's lock; then adopt again (the next
     batch). Returns the version served and the instructions the first adoption ran."""
     import sys
     import types
-
-    from streamlstm.config import load_settings
-    from streamlstm.engine import Engine
 
     overrides = {"model.input_size": "1", "model.hidden_size": "8"}
     engine = Engine.from_settings(load_settings(overrides=overrides))
     weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
     engine.offer_weights(weights, 1)
+    offered = threading.Event()  # the trainer's thread offered, or waits for the lock
+    engine._offer_lock = _SpyLock(offered)  # type: ignore[assignment]
+
+    def offer() -> None:
+        engine.offer_weights(weights, 2)
+        offered.set()
+
+    trainer = threading.Thread(target=offer, name="trainer")
     ran = 0
 
     def opcode(frame: types.FrameType, event: str, arg: object) -> object:
         nonlocal ran
         if event == "opcode":
             if ran == position:
-                engine.offer_weights(weights, 2)  # the trainer's thread, right here
+                trainer.start()  # the trainer's thread, right here
+                assert offered.wait(30.0)
             ran += 1
         return opcode
 
@@ -134,6 +157,7 @@ def _offer_during_adoption(position: int) -> tuple[int, int]:
         engine.adopt_offered()
     finally:
         sys.settrace(None)
+    trainer.join(30.0)
     engine.adopt_offered()
     return engine.model_version, ran
 
