@@ -160,25 +160,37 @@ def test_latency_refuses_a_daemon_that_does_not_predict_the_warm_up(
     assert sent == [100]  # the warm-up only, never the timed window
 
 
+class _FakeConsumer:
+    """librdkafka's Consumer as the bare pipe uses it: ``assigned`` partitions, no records."""
+
+    assigned: tuple[int, ...] = ()
+
+    def __init__(self, conf: dict) -> None:
+        pass
+
+    def subscribe(self, topics: list[str]) -> None:
+        pass
+
+    def assignment(self) -> list[int]:
+        return list(self.assigned)
+
+    def consume(self, n: int, timeout: float) -> list:
+        return []
+
+    def poll(self, timeout: float) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
 def test_the_bare_pipe_refuses_a_consumer_without_partitions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     confluent_kafka = pytest.importorskip("confluent_kafka")
     closed: list[str] = []
 
-    class Unassigned:
-        def __init__(self, conf: dict) -> None:
-            pass
-
-        def subscribe(self, topics: list[str]) -> None:
-            pass
-
-        def assignment(self) -> list:
-            return []
-
-        def poll(self, timeout: float) -> None:
-            return None
-
+    class Unassigned(_FakeConsumer):
         def close(self) -> None:
             closed.append("consumer")
 
@@ -343,26 +355,13 @@ def test_the_bare_pipe_reports_the_span_of_its_acknowledgements(
         def error(self) -> None:
             return None
 
-    class Consumer:
-        def __init__(self, conf: dict) -> None:
-            pass
-
-        def subscribe(self, topics: list[str]) -> None:
-            pass
-
-        def assignment(self) -> list:
-            return [0]
+    class Consumer(_FakeConsumer):
+        assigned = (0,)
 
         def consume(self, n: int, timeout: float) -> list:
             out = [Msg(v) for v in produced]
             produced.clear()
             return out
-
-        def poll(self, timeout: float) -> None:
-            return None
-
-        def close(self) -> None:
-            pass
 
     class Producer:
         def __init__(self, conf: dict) -> None:
