@@ -325,8 +325,14 @@ class Latency:
     def of(cls, client: str, offered: float, timed: Timed) -> Latency:
         ms, at_least = percentiles(timed)
         return cls(
-            *(client, offered, timed.offered, ms, timed.observed, timed.waited_s, at_least),
-            timed.achieved,
+            client,
+            offered,
+            events=timed.offered,
+            ms=ms,
+            acknowledged=timed.observed,
+            waited_s=timed.waited_s,
+            at_least=at_least,
+            achieved_events_per_s=timed.achieved,
         )
 
     @property
