@@ -115,9 +115,10 @@ class _SpyLock:
         self._lock.release()
 
 
-def _offer_during_adoption(position: int) -> tuple[int, int]:
-    """Adopt offered weights v1 while a second offer (v2, from another thread) lands just
-    before bytecode instruction ``position`` of ``Engine._adopt_offered``: that thread
+def _offer_during_adoption(position: int, first: int = 1, second: int = 2) -> tuple[int, int]:
+    """Adopt offered weights v``first`` while a second offer (v``second``, from another
+    thread) lands just before bytecode instruction ``position`` of
+    ``Engine._adopt_offered``: that thread
     runs until it is done or waits for the engine's lock; then adopt again (the next
     batch). Returns the version served and the instructions the first adoption ran."""
     import sys
@@ -126,12 +127,12 @@ def _offer_during_adoption(position: int) -> tuple[int, int]:
     overrides = {"model.input_size": "1", "model.hidden_size": "8"}
     engine = Engine.from_settings(load_settings(overrides=overrides))
     weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    engine.offer_weights(weights, 1)
+    engine.offer_weights(weights, first)
     offered = threading.Event()  # the trainer's thread offered, or waits for the lock
     engine._offer_lock = _SpyLock(offered)  # type: ignore[assignment]
 
     def offer() -> None:
-        engine.offer_weights(weights, 2)
+        engine.offer_weights(weights, second)
         offered.set()
 
     trainer = threading.Thread(target=offer, name="trainer")
@@ -170,5 +171,16 @@ def test_weights_offered_at_any_moment_of_an_adoption_are_never_lost() -> None:
     while position < ran:
         version, ran = _offer_during_adoption(position)
         assert version == 2, f"an offer at instruction {position} was lost"
+        position += 1
+    assert position > 3
+
+
+def test_an_older_offer_landing_at_any_moment_of_an_adoption_never_replaces_it() -> None:
+    """The model topic's v2 arrives while the loop adopts the trainer's v3: wherever it
+    lands (the version must move with the take, not after the load), v3 stays served."""
+    position, ran = 0, 1
+    while position < ran:
+        version, ran = _offer_during_adoption(position, first=3, second=2)
+        assert version == 3, f"an older offer at instruction {position} was served"
         position += 1
     assert position > 3
