@@ -43,6 +43,9 @@ class LiveWindow:
     # Event latency of acknowledged predictions, seconds: all of them up to LIVE_SAMPLES,
     # else a uniform sample of that many (percentiles stay unbiased).
     latencies: np.ndarray
+    # Of each of those, the time from its poll to the acknowledgement: the daemon's own
+    # share (the rest is the producer, the broker and the fetch wait before the poll).
+    in_daemon: np.ndarray
     latency_count: int = 0  # latencies observed in the window (sampled or not)
     latency_max: float = math.nan  # the largest of them, seconds
     # The clock's readings at the window's first and last acknowledged prediction (None:
@@ -72,6 +75,7 @@ class LiveStats:
             None  # clock (perf_counter) at the last acknowledged output
         )
         self._samples = np.empty(samples, dtype=np.float64)
+        self._in_daemon = np.empty(samples, dtype=np.float64)  # aligned with _samples
         self._seen = 0  # latencies offered in this window
         self._max = math.nan
         self._rng = np.random.default_rng(seed)
@@ -81,7 +85,16 @@ class LiveStats:
         self._clock = clock
         self._lock = threading.Lock()
 
-    def add(self, predictions: int, anomalies: int, dead: int, latencies: np.ndarray) -> None:
+    def add(
+        self,
+        predictions: int,
+        anomalies: int,
+        dead: int,
+        latencies: np.ndarray,
+        in_daemon: float = math.nan,
+    ) -> None:
+        """One acknowledged ticket: its counts, its events' latencies, and the seconds from
+        its poll to now (``in_daemon``, the same for all its events)."""
         with self._lock:
             self.last_ack_at = now = self._clock()
             if predictions:
@@ -90,9 +103,9 @@ class LiveStats:
             self.anomalies += anomalies
             self.dead_letters += dead
             if len(latencies):
-                self._keep(np.asarray(latencies, dtype=np.float64))
+                self._keep(np.asarray(latencies, dtype=np.float64), in_daemon)
 
-    def _keep(self, latencies: np.ndarray) -> None:
+    def _keep(self, latencies: np.ndarray, in_daemon: float) -> None:
         """Reservoir sampling (algorithm R), vectorised over one ticket's latencies."""
         size, seen = len(self._samples), self._seen
         biggest = float(latencies.max())
@@ -101,12 +114,14 @@ class LiveStats:
         free = max(0, size - seen)
         head = latencies[:free]
         self._samples[seen : seen + len(head)] = head
+        self._in_daemon[seen : seen + len(head)] = in_daemon
         rest = latencies[free:]
         if len(rest):
             index = seen + len(head) + np.arange(len(rest))
             accept = self._rng.random(len(rest)) * (index + 1) < size
             slots = self._rng.integers(0, size, int(accept.sum()))
             self._samples[slots] = rest[accept]
+            self._in_daemon[slots] = in_daemon
         self._seen = seen + len(latencies)
 
     def add_events(self, n: int) -> None:
@@ -123,9 +138,10 @@ class LiveStats:
             events, predictions, anomalies, dead = (
                 a - b for a, b in zip(marks, self._marks, strict=True)
             )
-            kept = self._samples[: min(self._seen, len(self._samples))].copy()
+            n = min(self._seen, len(self._samples))
+            kept, inside = self._samples[:n].copy(), self._in_daemon[:n].copy()
             window = LiveWindow(
-                *(now - self._since, events, predictions, anomalies, dead, kept),
+                *(now - self._since, events, predictions, anomalies, dead, kept, inside),
                 *(self._seen, self._max, self._acks),
             )
             self._seen, self._max, self._since, self._marks = 0, math.nan, now, marks
@@ -196,7 +212,8 @@ class Telemetry:
                 m.anomalies.inc(t.anomalies)
             for reason in t.dead_letter_reasons:
                 m.dead_letters.labels(reason).inc()
-            self.live.add(t.predictions, t.anomalies, len(t.dead_letter_reasons), latencies)
+            dead = len(t.dead_letter_reasons)
+            self.live.add(t.predictions, t.anomalies, dead, latencies, now - t.polled_at)
 
     def gauges(self, engine: Engine, lag: dict[int, int], ready: bool) -> None:
         """Refresh the gauges (and the eviction and reset counters, which the store keeps

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,13 +41,16 @@ class Timed:
     ``seconds``: their latencies (all, or a uniform sample of ``observed``). The others
     are missing: each of their latencies is more than ``waited_s``, and
     :func:`percentiles` counts them so. ``span_s``: from the first of those acknowledged
-    to the last (NaN: unknown)."""
+    to the last (NaN: unknown). ``after_poll``: for each of ``seconds``, the part from its
+    poll to its acknowledgement, what the daemon (or the bare pipe) owns; the rest is the
+    producer's and the broker's before the poll (empty: not known)."""
 
     seconds: np.ndarray
     offered: int
     observed: int
     waited_s: float
     span_s: float = math.nan
+    after_poll: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
     def achieved(self) -> float | None:
@@ -211,7 +215,7 @@ def latency(settings: Settings, keys: int, width: int, rate: float, seconds: flo
         window = daemon.live.take()
         waited = time.monotonic() - sent
         span = window.acks[1] - window.acks[0] if window.acks else math.nan
-        return Timed(window.latencies, count, window.latency_count, waited, span)
+        return Timed(window.latencies, count, window.latency_count, waited, span, window.in_daemon)
     finally:
         daemon.request_stop()
         thread.join(timeout=15)
@@ -236,21 +240,24 @@ def bare_pipe_latency(
     consumer = Consumer({**conf, "auto.offset.reset": "latest"})
     consumer.subscribe([k.input_topic])
     producer = Producer(producer_config(k, 1_048_576))
-    acked: list[tuple[float, float]] = []  # (monotonic clock, latency) per acknowledgement
+    # (monotonic clock, latency, polled to acknowledged) per acknowledgement
+    acked: list[tuple[float, float, float]] = []
     window = [float("inf")]  # ts from which latencies are kept
     stop = threading.Event()
 
-    def delivered(err: Any, msg: Any) -> None:
-        ts = orjson.loads(msg.value())["ts"]
+    def delivered(polled_at: float, err: Any, msg: Any) -> None:
+        ts, now = orjson.loads(msg.value())["ts"], time.time()
         if err is None and ts >= window[0]:
-            acked.append((time.monotonic(), time.time() - ts))
+            acked.append((time.monotonic(), now - ts, now - polled_at))
 
     def pipe() -> None:
         n = settings.engine.max_batch
         while not stop.is_set():
-            for m in _consume(consumer, n, 0.005):
+            msgs = _consume(consumer, n, 0.005)
+            answer = partial(delivered, time.time())
+            for m in msgs:
                 if m.error() is None:
-                    producer.produce(k.output_topic, m.value(), m.key(), on_delivery=delivered)
+                    producer.produce(k.output_topic, m.value(), m.key(), on_delivery=answer)
             producer.poll(0)
 
     thread = threading.Thread(target=pipe, name="bare-pipe", daemon=True)
@@ -271,9 +278,9 @@ def bare_pipe_latency(
         sent = time.monotonic()
         while len(acked) < count and time.monotonic() < sent + DRAIN_S:
             time.sleep(0.01)
-        kept = np.asarray(acked[:], dtype=np.float64).reshape(-1, 2)  # later ones: missing
+        kept = np.asarray(acked[:], dtype=np.float64).reshape(-1, 3)  # later ones: missing
         span = float(kept[-1, 0] - kept[0, 0]) if len(kept) else math.nan
-        timed = Timed(kept[:, 1], count, len(kept), time.monotonic() - sent, span)
+        timed = Timed(kept[:, 1], count, len(kept), time.monotonic() - sent, span, kept[:, 2])
     finally:
         stop.set()
         if thread.is_alive():
@@ -320,10 +327,13 @@ class Latency:
     waited_s: float = 0.0  # after the last event was sent
     at_least: list[str] = field(default_factory=list)  # figures of ms that are lower bounds
     achieved_events_per_s: float | None = None  # Timed.achieved
+    # p50 and p99 (ms) of Timed.after_poll, over the acknowledged events: the daemon's share
+    after_poll_ms: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, client: str, offered: float, timed: Timed) -> Latency:
         ms, at_least = percentiles(timed)
+        inside = timed.after_poll[np.isfinite(timed.after_poll)] * 1000
         return cls(
             client,
             offered,
@@ -333,6 +343,9 @@ class Latency:
             waited_s=timed.waited_s,
             at_least=at_least,
             achieved_events_per_s=timed.achieved,
+            after_poll_ms={f"p{q}": float(np.percentile(inside, q)) for q in (50, 99)}
+            if len(inside)
+            else {},
         )
 
     @property
@@ -357,8 +370,10 @@ class Latency:
         rate = self.achieved_events_per_s
         answered = "?" if rate is None else f"{rate:,.0f}"
         verdict = "kept up" if self.kept_up else "FELL BEHIND"
+        own = self.after_poll_ms
+        share = f"; poll to ack p50 {own['p50']:.1f} / p99 {own['p99']:.1f} ms" if own else ""
         return (
             f"event latency, {self.client}, at {self.offered_events_per_s:,.0f} events/s "
             f"offered ({self.events:,} events{done}; answered at {answered} events/s, "
-            f"{verdict}): {figures}"
+            f"{verdict}): {figures}{share}"
         )

@@ -22,6 +22,11 @@
    them), against the offered rate; below 0.98 of it, or any event missing, it fell
    behind. The maximum comes from a backlog with nothing else running, the latency run
    shares the cores with the paced producer: half of one need not be half of the other.
+   Each row also gives the part from the poll to the acknowledgement ("poll to ack"):
+   what the daemon (or the pipe) owns; the rest, stamp to poll, is the producer's, the
+   broker's and the fetch wait's. A broker that answers a fetch only when its wait runs
+   out (Tansu does, per partition) puts up to ``kafka.fetch_max_wait_ms`` times the
+   partitions there; Apache Kafka answers as soon as data arrives.
 
 With ``output_per_message`` the batched run also measures the daemon with
 ``kafka.output_per_message`` on (one JSON array out per message in), the two modes
@@ -121,6 +126,7 @@ class E2EResult:
                         else round(lat.achieved_events_per_s, 1)
                     ),
                     "kept_up": lat.kept_up,
+                    "poll_to_ack_ms": {k: round(v, 2) for k, v in lat.after_poll_ms.items()},
                 }
                 for lat in self.latency
             },

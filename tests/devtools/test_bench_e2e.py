@@ -52,12 +52,15 @@ def test_bench_e2e_smoke(kafka_tools: KafkaTools) -> None:
         assert 0 < doc["latency"][client]["p50"] <= doc["latency"][client]["p99"]
         assert 0 <= doc["latency"][client]["acknowledged"] <= 300
         assert isinstance(doc["latency"][client]["kept_up"], bool)  # on this machine: either
+        own = doc["latency"][client]["poll_to_ack_ms"]  # the daemon's (the pipe's) share
+        assert 0 < own["p50"] <= own["p99"] <= doc["latency"][client]["max"]
     assert first["bare_confluent_events_per_s"] > 0 and first["confluent_events_per_s"] > 0
     text = "\n".join(result.lines())
     assert "one array out per message in" in text
     assert "daemon confluent / bare kafka-python" in text
     assert "event latency, confluent, at 300 events/s" in text
     assert "event latency, bare librdkafka pipe, at 300 events/s" in text  # the floor
+    assert text.count("poll to ack p50") == 3
 
 
 def test_bench_e2e_cli_options() -> None:
@@ -391,3 +394,24 @@ def test_the_bare_pipe_reports_the_span_of_its_acknowledgements(
     timed = bench_clients.bare_pipe_latency(settings, keys=3, width=2, rate=5, seconds=2)
     assert (timed.offered, timed.observed) == (10, 10)
     assert timed.span_s == 9.0  # ten acknowledgements, a clock second apart
+    assert len(timed.after_poll) == 10  # each copy's poll to acknowledgement, within its latency
+    assert np.all((timed.after_poll >= 0) & (timed.after_poll <= timed.seconds))
+
+
+def test_the_poll_to_ack_share_counts_the_acknowledged_events_only() -> None:
+    """Missing events have no poll-to-ack time: the share's percentiles are over the
+    answered ones (its own row in the text and the JSON), not padded with the wait."""
+    timed = Timed(
+        np.full(98, 0.04),
+        offered=100,
+        observed=98,
+        waited_s=30.0,
+        after_poll=np.r_[np.full(97, 0.01), 0.03],
+    )
+    row = Latency.of("kafka-python", 50.0, timed)
+    assert row.after_poll_ms == pytest.approx({"p50": 10.0, "p99": 10.6})  # 96.03rd of 98
+    assert "poll to ack p50 10.0 / p99 10.6 ms" in row.text()
+    doc = E2EResult(latency=[row]).as_dict()["latency"]["kafka-python"]
+    assert doc["poll_to_ack_ms"] == {"p50": 10.0, "p99": 10.6}
+    unknown = Latency.of("kafka-python", 50.0, Timed(np.full(3, 0.04), 3, 3, 1.0))
+    assert unknown.after_poll_ms == {} and "poll to ack" not in unknown.text()
