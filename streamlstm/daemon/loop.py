@@ -11,10 +11,9 @@ or librdkafka's, ``kafka.client``), and the producer runs in a child process
 
 The engine never waits for the network, nor for the producer's per-record work: outputs
 of batch k are produced in the child while batch k+1 is polled, decoded and predicted.
-What happens after the send (acknowledgements, resends, backpressure, commits) is
-:mod:`streamlstm.daemon.delivery`; what the daemon counts and logs is
-:mod:`streamlstm.daemon.telemetry`; which member trains and how its weights reach every
-member is :mod:`streamlstm.daemon.modelsync`.
+After the send (acknowledgements, resends, backpressure, commits) is
+:mod:`streamlstm.daemon.delivery`; what the daemon counts and logs, :mod:`.telemetry`;
+which member trains and how its weights reach every member, :mod:`.modelsync`.
 
 The broker may be down at start or go away: the daemon retries with backoff, says so on
 ``/readyz``, and carries on. On SIGTERM it finishes the batch at hand, flushes, commits
@@ -245,10 +244,11 @@ class Daemon:
 
     def _process(self, polled: Polled) -> None:
         """Decode, predict, send; everything this poll sent becomes one ticket."""
-        assert self.delivery.sink is not None
+        assert self.delivery.sink is not None and self.source is not None
         batch, rejections = self.decoder.decode(polled.payloads)
+        at = batch.source
         applied = self.partitions.skip(
-            batch.keys, polled.partition[batch.source], polled.offset[batch.source]
+            batch.keys, polled.partition[at], polled.offset[at], self.source.highwater
         )
         if applied is not None:  # re-read events the restored state already reflects
             batch = batch.take(np.flatnonzero(~applied))

@@ -14,7 +14,12 @@ Restoring reads the changelog partition with a consumer outside the group from i
 to the high watermark of the fetch responses (never compaction-dependent: the last record
 of a key wins, a tombstone deletes), then loads the rows. Re-read events at or below a
 restored key's offset are skipped (:meth:`Partitions.skip`), checked only while a
-partition's polled offsets can still be at or below the highest restored offset.
+partition's polled offsets can still be at or below the highest restored offset. Unless
+the partition's first fetch shows it ends at or below that offset: the events the keys
+reflect are not in it (the input topic was recreated, or an unclean leader election cut
+its tail), so its events are all new to them and none is skipped. The end is the fetch
+response's high watermark, never a separate end-offsets request (some brokers
+under-count those).
 
 With ``state.dir`` set, a partition's local snapshot (:mod:`streamlstm.daemon.localstate`)
 is loaded first and only the changelog from its offset on is read; any doubt about it
@@ -72,6 +77,7 @@ class Partitions:
         self.owned: set[int] = set()
         self.queued: list[int] = []  # assigned, not restored yet
         self.horizon: dict[int, int] = {}  # partition -> highest offset a held key reflects
+        self.confirmed: set[int] = set()  # horizons the partition's fetched end is above
         self.reader: ChangelogReader | None = None
         self.beat: Callable[[], None] | None = None  # the loop's liveness, while restoring
 
@@ -295,14 +301,22 @@ class Partitions:
             )
 
     def _set_horizon(self, partition: int) -> None:
+        self.confirmed.discard(partition)
         slots = self.store.slots_of_partition(partition)
         if len(slots):
             self.horizon[partition] = int(self.store.offset[slots].max())
         else:
             self.horizon.pop(partition, None)
 
-    def skip(self, keys: list[str], partition: np.ndarray, offset: np.ndarray) -> np.ndarray | None:
-        """Mask of events already applied (None: none can be). Counted."""
+    def skip(
+        self,
+        keys: list[str],
+        partition: np.ndarray,
+        offset: np.ndarray,
+        highwater: Callable[[int], int | None],
+    ) -> np.ndarray | None:
+        """Mask of events already applied (None: none can be). Counted. ``highwater``:
+        a partition's end as its fetches report it (the source's)."""
         if not self.horizon:
             return None
         check = False
@@ -312,7 +326,7 @@ class Partitions:
                 continue
             if offset[mine].min() > high:
                 del self.horizon[p]  # offsets only grow from here on
-            else:
+            elif p in self.confirmed or not self._beyond_end(p, high, highwater(p)):
                 check = True
         if not check:
             return None
@@ -321,6 +335,24 @@ class Partitions:
         if skipped:
             self.metrics.events_skipped.inc(skipped)
         return applied if skipped else None
+
+    def _beyond_end(self, partition: int, high: int, end: int | None) -> bool:
+        """Whether the restored keys reflect offsets the partition does not hold (its
+        horizon is then dropped: nothing of it is skipped). Unknown ``end``: asked again
+        at the next batch."""
+        if end is None:
+            return False
+        if high < end:
+            self.confirmed.add(partition)
+            return False
+        del self.horizon[partition]
+        log.error(
+            "partition %d: the restored keys reflect input offsets up to %d, but the "
+            "partition ends at %d: their events are not in it (the input topic was "
+            "recreated, or lost its tail); none of its events is skipped as re-read",
+            *(partition, high, end),
+        )
+        return True
 
     def _close_reader(self) -> None:
         if self.reader is not None:

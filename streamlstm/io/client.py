@@ -86,6 +86,9 @@ class Source(Protocol):
 
     def last_heartbeat(self) -> float | None: ...
 
+    def highwater(self, partition: int) -> int | None:
+        """The partition's end as the last fetch response gave it (None: no fetch yet)."""
+
     def lag(self) -> dict[int, int]: ...
 
     def pause(self) -> None: ...

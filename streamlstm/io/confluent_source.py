@@ -248,6 +248,15 @@ class ConfluentSource:
         cgrp = self._stats.get("cgrp") or {}
         return self._stats_at if cgrp.get("state") == "up" else None
 
+    def highwater(self, partition: int) -> int | None:
+        """The end the fetches reported (librdkafka's cached watermark; no request)."""
+        tp = TopicPartition(self.topic, partition)
+        try:
+            _, high = self.consumer.get_watermark_offsets(theirs({tp: -1001})[0], cached=True)
+        except Exception:  # revoked meanwhile
+            return None
+        return int(high) if high >= 0 else None
+
     def lag(self) -> dict[int, int]:
         """High watermark (of the fetches) minus position, per assigned partition."""
         out: dict[int, int] = {}
@@ -256,11 +265,8 @@ class ConfluentSource:
             return out
         positions = self.consumer.position(theirs(dict.fromkeys(assigned, -1001)))
         for tp, pos in zip(assigned, positions, strict=True):
-            try:
-                _, high = self.consumer.get_watermark_offsets(theirs({tp: -1001})[0], cached=True)
-            except Exception:  # revoked meanwhile
-                continue
-            if high >= 0 and pos.offset >= 0:
+            high = self.highwater(tp.partition)
+            if high is not None and pos.offset >= 0:
                 out[tp.partition] = max(0, high - pos.offset)
         return out
 

@@ -222,13 +222,19 @@ class KafkaPythonSource:
         value = getattr(heartbeat, "last_receive", None)
         return value if isinstance(value, float) and value > 0 else None
 
+    def highwater(self, partition: int) -> int | None:
+        try:
+            return self.consumer.highwater(KafkaTopicPartition(self.topic, partition))
+        except Exception:  # not assigned (revoked meanwhile)
+            return None
+
     def lag(self) -> dict[int, int]:
         """Records between the consumer's position and the high watermark, per partition."""
         out = {}
         for ours in list(self.assigned):
             tp = KafkaTopicPartition(ours.topic, ours.partition)
+            high = self.highwater(ours.partition)
             try:
-                high = self.consumer.highwater(tp)
                 pos = self.consumer.position(tp, timeout_ms=0) if high is not None else None
             except Exception:  # partition revoked meanwhile, or no position yet
                 continue

@@ -95,6 +95,9 @@ class _QueueSource:
     def last_heartbeat(self) -> float | None:
         return None
 
+    def highwater(self, partition: int) -> int | None:
+        return None
+
     def lag(self) -> dict[int, int]:
         return {}
 

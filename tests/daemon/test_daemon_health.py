@@ -52,6 +52,9 @@ class FakeSource:
     def last_heartbeat(self) -> float | None:
         return time.monotonic()
 
+    def highwater(self, partition: int) -> int | None:
+        return None
+
     def lag(self) -> dict[int, int]:
         return {}
 

@@ -13,6 +13,7 @@ from kafka import TopicPartition
 import streamlstm.daemon.partitions as partitions_module
 from streamlstm.daemon import Daemon
 from streamlstm.daemon.delivery import Fatal
+from streamlstm.daemon.partitions import Partitions
 from streamlstm.io.changelog import Restored, encode
 
 TOPIC = "in"
@@ -88,12 +89,58 @@ def test_restore_loads_rows_and_skips_applied_events(monkeypatch: pytest.MonkeyP
     assert daemon.metrics.changelog_rejected._value.get() == 1  # the junk record, counted
     # Re-read events: at or below the key's offset (same partition) are skipped.
     keys = ["a", "a", "b", "b", "c"]
-    mask = parts.skip(keys, np.array([1, 1, 1, 1, 1]), np.array([9, 11, 3, 4, 2]))
+    asked: list[int] = []
+
+    def ends(partition: int) -> int:  # the fetches' high watermark
+        asked.append(partition)
+        return 500
+
+    mask = parts.skip(keys, np.array([1, 1, 1, 1, 1]), np.array([9, 11, 3, 4, 2]), ends)
     assert mask is not None and mask.tolist() == [True, False, True, False, False]
     assert daemon.metrics.events_skipped._value.get() == 2
+    assert parts.skip(["b"], np.array([1]), np.array([3]), ends) is not None
+    assert asked == [1]  # the partition's end is confirmed once
     # Once a partition's polled offsets pass every restored offset, nothing is checked.
-    assert parts.skip(["a"], np.array([1]), np.array([11])) is None
+    assert parts.skip(["a"], np.array([1]), np.array([11]), ends) is None
     assert 1 not in parts.horizon
+
+
+def _restored(monkeypatch: pytest.MonkeyPatch) -> tuple[Daemon, Partitions]:
+    """Keys a (offset 10) and b (3) restored on partition 1."""
+    daemon = _daemon()
+    parts = daemon.partitions
+    _serve(monkeypatch, _Reader({1: _changelog(daemon, {"a": 10, "b": 3})}))
+    parts.assigned({TopicPartition(TOPIC, 1)})
+    parts.restore(_source())  # type: ignore[arg-type]
+    return daemon, parts
+
+
+@pytest.mark.parametrize("end", [10, 4, 0])
+def test_a_partition_ending_at_or_below_the_restored_offsets_skips_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, end: int
+) -> None:
+    """The input topic was recreated (or lost its tail): offsets 0.. are new events, not
+    the ones the restored keys reflect; skipping them would drop them silently."""
+    daemon, parts = _restored(monkeypatch)
+    offsets = np.array([0, 1, 2, 3])
+    with caplog.at_level("ERROR"):
+        got = parts.skip(["a", "b", "a", "b"], np.ones(4, int), offsets, lambda p: end)
+    assert got is None and 1 not in parts.horizon
+    assert daemon.metrics.events_skipped._value.get() == 0
+    assert f"input offsets up to 10, but the partition ends at {end}" in caplog.text
+    assert parts.skip(["a"], np.array([1]), np.array([5]), lambda p: 1 / 0) is None
+
+
+def test_an_unknown_partition_end_skips_as_before_and_is_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, parts = _restored(monkeypatch)
+    ends = iter([None, 11])
+    mask = parts.skip(["a", "b"], np.array([1, 1]), np.array([2, 3]), lambda p: next(ends))
+    assert mask is not None and mask.tolist() == [True, True]
+    mask = parts.skip(["a", "b"], np.array([1, 1]), np.array([4, 5]), lambda p: next(ends))
+    assert mask is not None and mask.tolist() == [True, False]  # 11 > 10: confirmed
+    assert parts.confirmed == {1}
 
 
 def test_impossible_records_are_rejected_counted_and_those_keys_start_afresh(
