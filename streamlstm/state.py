@@ -182,13 +182,13 @@ class KeyedState:
         """Give the keys at positions ``missing`` fresh slots, written into ``slots``."""
         missing_keys = [keys[i] for i in missing.tolist()]
         new_keys = list(dict.fromkeys(missing_keys))
-        needed = len(self._slot_of) + len(new_keys)
-        if needed > self.max_keys:
-            low_water = self.max_keys - self.capacity_headroom
-            self._evict_least_recent(needed - low_water, keep_from=self._tick)
         if len(self._slot_of) + len(new_keys) > self.max_keys:
+            low_water = self.max_keys - self.capacity_headroom
+            needed = len(self._slot_of) + len(new_keys)
+            self._evict_least_recent(needed - low_water, keep_from=self._tick)
+        needed = len(self._slot_of) + len(new_keys)  # after any eviction
+        if needed > self.max_keys:
             raise ValueError("one batch holds more distinct keys than state.max_keys")
-        needed = len(self._slot_of) + len(new_keys)
         if needed > self.capacity:
             self._grow(min(self.max_keys, max(needed, 2 * self.capacity)))
         new_slots = [self._free.pop() for _ in new_keys]
