@@ -244,12 +244,11 @@ class Daemon:
 
     def _process(self, polled: Polled) -> None:
         """Decode, predict, send; everything this poll sent becomes one ticket."""
-        assert self.delivery.sink is not None and self.source is not None
+        assert self.delivery.sink is not None
         batch, rejections = self.decoder.decode(polled.payloads)
-        at = batch.source
-        applied = self.partitions.skip(
-            batch.keys, polled.partition[at], polled.offset[at], self.source.highwater
-        )
+        at, source = batch.source, self.source
+        ends = source.highwater if source is not None else lambda partition: None
+        applied = self.partitions.skip(batch.keys, polled.partition[at], polled.offset[at], ends)
         if applied is not None:  # re-read events the restored state already reflects
             batch = batch.take(np.flatnonzero(~applied))
         ticket = Ticket(ends=polled.ends, polled_at=polled.polled_at, event_ts=batch.ts)
