@@ -361,6 +361,9 @@ class FakeSource:
     async def _commit_async(self, offsets: dict) -> None:
         self.committed.append(offsets)
 
+    def highwater(self, partition: int) -> int | None:
+        return None  # no fetch seen: restored offsets are never second-guessed
+
     def close(self, timeout_ms: int = 0) -> None:
         pass
 
