@@ -35,6 +35,17 @@ far value still needs the distribution-free test below.
 
 A value far outside the key's usual range is evidence too, with a distribution-free
 bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are rarely Gaussian.
+
+So is a value that repeats exactly where the key's values rarely do: a stuck sensor, a
+flat-lined feed, a counter that stopped. Every forecaster predicts a flat line perfectly,
+so its errors are no evidence at all. The key keeps counts over its long window (of
+events, of exact repeats of its last values, of events after a repeat and of repeats
+after a repeat); a repeat's evidence is ``-log10 P(repeat)``, and each further repeat in
+a run adds ``-log10 P(repeat | repeat)`` (both with one pseudo-event each way, so an
+unseen outcome has a probability, never 0). The counts learn during a run, so a key whose
+runs are its habit (a feed of zeros at night) soon finds them ordinary, while a key that
+never repeated shows about ``log10(1 / long_alpha)`` decades at its first repeat, and
+more as the run goes on.
 Evidence is counted in decades of improbability, ``-log10 p``, less the
 decades that picking the most surprising of several tests costs (Bonferroni).
 
@@ -101,12 +112,17 @@ _LOG10 = math.log(10.0)
 SCALE = 5.0
 _SCALES = torch.tensor(SCALES)
 MAX_VALUE_Z = 1e6
-# The cost, in decades, of taking the most surprising of the error scales and the value test.
-TESTS = math.log10(len(SCALES) + 1)
+# The cost, in decades, of taking the most surprising of the error scales, the value
+# test and the repeat test.
+TESTS = math.log10(len(SCALES) + 2)
 
 
 # The state row's columns (``rows.RowLayout``) holding AnomalyStats' fields, in order.
-COLUMNS = ("err_scales", "err_mean", "err_var", "err_count", "err_peak", "err_since", "err_gap")
+COLUMNS: tuple[str, ...] = ("err_scales", "err_mean", "err_var", "err_count", "err_peak")
+COLUMNS += ("err_since", "err_gap", "err_repeats")
+# The columns of ``repeats``: repeats seen, events after a repeat, repeats after a repeat
+# (all over the long window), and the current run of repeats.
+REPEAT_COUNTS = 4
 
 
 @dataclass
@@ -120,6 +136,7 @@ class AnomalyStats:
     peak: torch.Tensor  # [B] recent peak evidence (decades), decaying
     since: torch.Tensor  # [B] events since the key's last incident start
     gap: torch.Tensor  # [B] events between its last two starts; < 0: the last was on rhythm
+    repeats: torch.Tensor  # [B, REPEAT_COUNTS] counts of exact repeats of the key's values
 
     @staticmethod
     def zeros(batch: int) -> AnomalyStats:
@@ -132,6 +149,7 @@ class AnomalyStats:
             torch.zeros(batch),
             torch.zeros(batch),
             torch.zeros(batch),
+            torch.zeros(batch, REPEAT_COUNTS),
         )
 
 
@@ -202,6 +220,34 @@ def _reachable(stats: AnomalyStats, spread: torch.Tensor, max_error: float) -> t
     return torch.maximum(_decades(worst).amax(1), value) - TESTS
 
 
+def _repeat_evidence(stats: AnomalyStats, repeat: torch.Tensor, long_alpha: float) -> torch.Tensor:
+    """Decades of improbability of ``repeat`` (the key's values equal its last ones) and
+    of the run it continues, by the key's counts before this event; then counts it.
+
+    >>> stats = AnomalyStats.zeros(1)
+    >>> stats.count.fill_(999.0)  # 999 events compared, none a repeat
+    tensor([999.])
+    >>> round(float(_repeat_evidence(stats, torch.tensor([True]), 0.001)), 2)
+    3.0
+    >>> # again: one repeat seen now (2.7 decades), and a run that goes on (0.3 more)
+    >>> round(float(_repeat_evidence(stats, torch.tensor([True]), 0.001)), 2)
+    3.0
+    """
+    seen, followed, again, run = stats.repeats.unbind(1)
+    window = 1.0 / long_alpha
+    first = (seen + 1.0) / (stats.count.clamp(max=window) + 2.0)
+    more = (again + 1.0) / (followed + 2.0)
+    after = run > 0.0
+    run_next = torch.where(repeat, run + 1.0, 0.0)
+    decades = torch.where(repeat, -torch.log10(first) - (run_next - 1.0) * torch.log10(more), 0.0)
+    keep = torch.where(stats.count + 1.0 > window, 1.0 - long_alpha, 1.0)  # the long window
+    seen.copy_(seen * keep + repeat)
+    followed.copy_(followed * keep + after)
+    again.copy_(again * keep + (after & repeat))
+    run.copy_(run_next)
+    return decades
+
+
 def update(
     stats: AnomalyStats,
     error: torch.Tensor,
@@ -210,12 +256,14 @@ def update(
     long_alpha: float,
     min_events: int,
     max_error: float = math.inf,
+    repeat: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score ``error`` (std units, one per key) and fold it into ``stats`` in place.
 
     ``value_z`` is how far the key's values sit from their running mean, in std units
     (the largest over features); ``max_error`` is the most an error can be (the engine
-    clips errors at ``engine.input_clip``).
+    clips errors at ``engine.input_clip``); ``repeat`` whether each key's values equal
+    its last ones exactly (None: none does).
     """
     alphas = short_alpha * _SCALES
     # The fastest scale sees an error only as far as the value itself is from the key's
@@ -244,6 +292,9 @@ def update(
     by_scale = _decades((stats.short - stats.mean.unsqueeze(1)) / spread).amax(1)
     # Cantelli's bound, two-sided.
     by_value = torch.log10(1.0 + z * z)
+    if repeat is None:
+        repeat = torch.zeros_like(stats.count, dtype=torch.bool)
+    by_value = torch.maximum(by_value, _repeat_evidence(stats, repeat, long_alpha))
     decades = (torch.maximum(by_scale, by_value) - TESTS).clamp(min=0.0)
     decades = torch.where(stats.count >= min_events, decades, 0.0)
     # One alarm per incident: report only what exceeds the key's decaying recent peak,

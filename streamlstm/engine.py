@@ -276,7 +276,8 @@ class Engine:
         combine.learn(hedge, forecasters, x, std_before, pending)  # their forecasts of x
         delta = x - mean  # from the key's mean before this event: novelty, then the scaler
         value_z = torch.where(seen, (delta.abs() / std_before).amax(1), 0.0)
-        score = self._score(field, std_err, value_z, pending)
+        repeat = seen & (x == last).all(1)  # exactly the key's last values: a stuck feed?
+        score = self._score(field, std_err, value_z, repeat, pending)
         # The change since the key's last event, in the units its last prediction was made
         # in: the correction that prediction should have made (its training target), and
         # the network's input when model.inputs is "change".
@@ -331,7 +332,7 @@ class Engine:
             err = torch.where(labelled, target_err.mean(1), err)
             squared = torch.where(labelled, (target_diff * target_diff).mean(1), squared)
             target_std_err = (target_err / std).clamp(max=clip).mean(1)
-            target_score = self._score(field, target_std_err, value_z, labelled)
+            target_score = self._score(field, target_std_err, value_z, repeat, labelled)
             score = torch.where(labelled, target_score, score)
             std_err = torch.where(labelled, target_std_err, std_err)
             scored = pending | labelled
@@ -360,6 +361,7 @@ class Engine:
         field: Callable[[str], torch.Tensor],
         std_err: torch.Tensor,
         value_z: torch.Tensor,
+        repeat: torch.Tensor,
         scored: torch.Tensor,
     ) -> torch.Tensor:
         """Anomaly score for rows in ``scored``; other rows' statistics are left alone."""
@@ -375,6 +377,7 @@ class Engine:
             cfg.anomaly_long_alpha,
             cfg.anomaly_min_events,
             self.settings.engine.input_clip,  # std_err is clipped there
+            repeat,
         )
         if partial_rows:
             for name, old in zip(anomaly.COLUMNS, before, strict=True):

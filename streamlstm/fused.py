@@ -47,7 +47,8 @@ _COLUMNS: tuple[str, ...] = (
     "err_var",
     "count",
 )
-_COLUMNS += ("has_pending", "err_mean", "err_count", "err_peak", "err_since", "err_gap", "ph_mean")
+_COLUMNS += ("has_pending", "err_mean", "err_count", "err_peak", "err_since", "err_gap")
+_COLUMNS += ("err_repeats", "ph_mean")
 # The C functions' arguments: I an int64, P an address.
 _SIGNATURES = {
     "fused_before": "IPIPPPPIPIPPPPPPP",

@@ -18,7 +18,7 @@
 
 enum { COL_MEAN, COL_VAR, COL_FORECASTERS, COL_STEP, COL_HEDGE, COL_SCALES, COL_SVAR,
        COL_COUNT, COL_HAS_PENDING, COL_ERR_MEAN, COL_ERR_COUNT, COL_ERR_PEAK,
-       COL_ERR_SINCE, COL_ERR_GAP, COL_PH,
+       COL_ERR_SINCE, COL_ERR_GAP, COL_ERR_REPEATS, COL_PH,
        COL_RECURRENT, COL_HALVES /* the state's first column; its columns of float16 pairs */ };
 enum { PRM_CLIP, PRM_WINDOW, PRM_SHORT_ALPHA, PRM_LONG_ALPHA, PRM_MIN_EVENTS, PRM_MAX_STEP,
        PRM_LEVEL, PRM_DRIFT, PRM_PH_DELTA, PRM_PH_THRESHOLD, PRM_PH_ALPHA, PRM_PH_MIN,
@@ -152,8 +152,28 @@ static float incidents(float *row, const int64_t *col, const double *prm, float 
     return held ? 0.0f : fresh;
 }
 
+/* anomaly._repeat_evidence: decades of a repeat of the key's last values (and of the run
+ * it continues) by the counts before it; then counts it. */
+static float repeat_evidence(float *row, const int64_t *col, const double *prm, int repeat) {
+    float *seen = row + col[COL_ERR_REPEATS], *followed = seen + 1, *again = seen + 2;
+    float *run = seen + 3, count = row[col[COL_ERR_COUNT]];
+    float window = (float)(1.0 / prm[PRM_LONG_ALPHA]), d = 0.0f;
+    float first = (*seen + 1.0f) / ((count > window ? window : count) + 2.0f);
+    float more = (*again + 1.0f) / (*followed + 2.0f);
+    float keep = count + 1.0f > window ? (float)(1.0 - prm[PRM_LONG_ALPHA]) : 1.0f;
+    int after = *run > 0.0f;
+    float run_next = repeat ? *run + 1.0f : 0.0f;
+    if (repeat) d = -log10f(first) - (run_next - 1.0f) * log10f(more);
+    *seen = *seen * keep + (float)repeat;
+    *followed = *followed * keep + (float)after;
+    *again = *again * keep + (float)(after && repeat);
+    *run = run_next;
+    return d;
+}
+
 /* anomaly.update for one key: score error (std units) and fold it into the statistics. */
-static float anomaly(float *row, const int64_t *col, const double *prm, float error, float value_z) {
+static float anomaly(float *row, const int64_t *col, const double *prm, float error, float value_z,
+                     int repeat) {
     float *shrt = row + col[COL_SCALES], *svar = row + col[COL_SVAR];
     float *mean = row + col[COL_ERR_MEAN], *count = row + col[COL_ERR_COUNT];
     float *peak = row + col[COL_ERR_PEAK], by_scale = -INFINITY, z, by_value, d, p, fresh, a;
@@ -171,7 +191,7 @@ static float anomaly(float *row, const int64_t *col, const double *prm, float er
         by_scale = nmax(by_scale, decades((shrt[s] - *mean) / spread));
         reach = nmax(reach, decades((clip - *mean) / spread));
     }
-    by_value = log10f(1.0f + z * z);
+    by_value = nmax(log10f(1.0f + z * z), repeat_evidence(row, col, prm, repeat));
     d = cmin(nmax(by_scale, by_value) - (float)prm[PRM_TESTS], 0.0f);
     if (!(*count >= (float)prm[PRM_MIN_EVENTS])) d = 0.0f;
     reach = nmax(reach, (float)log10(1.0 + prm[PRM_MAX_VALUE_Z] * prm[PRM_MAX_VALUE_Z]));
@@ -225,7 +245,9 @@ void fused_before(int64_t n, float *table, int64_t w, const int64_t *slots, cons
         for (int64_t j = 0; j < f; j++)
             value_z = nmax(value_z, fabsf(xi[j] - mean[j]) / std_before[j]);
         if (!seen) value_z = 0.0f;
-        score[i] = is_pending ? anomaly(row, col, prm, std_err[i], value_z) : 0.0f;
+        int repeat = seen; /* exactly the key's last values: a stuck feed? */
+        for (int64_t j = 0; j < f; j++) repeat = repeat && xi[j] == last[j];
+        score[i] = is_pending ? anomaly(row, col, prm, std_err[i], value_z, repeat) : 0.0f;
         for (int64_t j = 0; j < f; j++) {
             float moved = xi[j] - last[j];
             change[i * f + j] = seen ? moved / std_before[j] : 0.0f;

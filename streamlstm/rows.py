@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from streamlstm.anomaly import SCALES
+from streamlstm.anomaly import REPEAT_COUNTS, SCALES
 from streamlstm.combine import EXPERTS
 
 # state.recurrent_dtype: how a row stores the recurrent state
@@ -70,6 +70,7 @@ class RowLayout:
             "hedge": len(EXPERTS) * width,  # discounted losses of the forecasters, per value
             "err_scales": len(SCALES),  # error averages over the anomaly time scales
             "err_var": len(SCALES),  # each average's long variance (autocorrelated errors)
+            "err_repeats": REPEAT_COUNTS,  # exact repeats of the key's values (stuck feeds)
         }
         if typical_step:  # only engine.max_step reads it: a layout without it is 8% smaller
             sizes["step"] = width  # the key's typical absolute step-to-step change

@@ -31,6 +31,8 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
     alphas = short * np.array(anomaly.SCALES)
     avg, m, v, n, peak = np.zeros(3), 0.0, np.zeros(3), 0, 0.0
     since, gap, span = 0.0, 0.0, 1 / (short * anomaly.SCALES[-1])  # the incidents' rhythm
+    seen, followed, again, run = 0.0, 0.0, 0.0, 0  # exact repeats of the last values
+    tests = math.log10(len(anomaly.SCALES) + 2)  # error scales, value, repeat
     predictions, scores = [], []
     for x in values:
         score = math.nan
@@ -48,11 +50,22 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             spread = np.sqrt(v + 1e-4)  # each average's own spread
             by_scale = float((-log_ndtr(-(avg - m) / spread) / math.log(10)).max())
             by_value = math.log10(1 + value_z**2)
-            d = max(max(by_scale, by_value) - math.log10(4), 0.0) if n >= least else 0.0
+            # a repeat of the last values: P(repeat) over the long window, then for each
+            # further one in the run P(repeat | repeat), one pseudo-event each way
+            repeat, after = bool((x == last).all()), run > 0  # after: the last one was
+            run = run + 1 if repeat else 0
+            if repeat:
+                first = (seen + 1) / (min(n, 1 / long) + 2)
+                more = (again + 1) / (followed + 2)
+                by_value = max(by_value, -math.log10(first) - (run - 1) * math.log10(more))
+            keep = 1 - long if n + 1 > 1 / long else 1.0
+            seen, followed = seen * keep + repeat, followed * keep + after
+            again = again * keep + (after and repeat)
+            d = max(max(by_scale, by_value) - tests, 0.0) if n >= least else 0.0
             # never more than an event could show now: an error at the clip, a value
             # MAX_VALUE_Z stds out
             worst = float((-log_ndtr(-(clip - m) / spread) / math.log(10)).max())
-            reach = max(worst, math.log10(1 + anomaly.MAX_VALUE_Z**2)) - math.log10(4)
+            reach = max(worst, math.log10(1 + anomaly.MAX_VALUE_Z**2)) - tests
             decayed = min(peak * (1 - long), reach)
             fresh, peak = max(d - decayed, 0.0), max(decayed, d)
             nxt, counting = since + 1, n >= least
@@ -95,6 +108,7 @@ def test_forecast_mix_and_anomaly_score_match_the_numpy_reference() -> None:
     }
     series["a"][300] += 25.0  # a spike
     series["a"][340:] += 12.0  # a level shift
+    series["b"][180:200] = series["b"][179]  # stuck for 20 events: a run of exact repeats
     order = [("a", t) for t in range(150)]
     for t in range(150, 400):
         order += [("a", t), ("b", t - 150)]
@@ -125,3 +139,5 @@ def test_forecast_mix_and_anomaly_score_match_the_numpy_reference() -> None:
         np.testing.assert_allclose(prediction[mine], pred, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(anomaly_score[mine], score, atol=1e-5, equal_nan=True)
     assert reference(series["a"], 10_000, 10.0, 0.5, 0.01, 20)[1][300] > 0.5  # the spike
+    stuck = anomaly_score[np.array([k == "b" for k in keys])][180:200]
+    assert stuck[0] > 0.1 and stuck.max() == stuck[0]  # one alarm, where the feed stuck

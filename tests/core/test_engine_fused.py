@@ -58,6 +58,8 @@ def _stream() -> list[EventBatch]:
         t = np.arange(40.0) + 40 * b
         values = np.sin(t[:, None] / 5 + np.arange(WIDTH)) * (1 + 3 * (b == 4))
         values = values + 0.2 * rng.normal(size=(40, WIDTH))
+        keys[-3:] = ["stuck"] * 3  # a feed that sends the same values, then other ones
+        values[-3:] = 0.5 if b < 4 else -0.5
         if b == 3:
             values[5] = 1e38  # overflows the key's variance: a non-finite row, reset
         target = None
@@ -124,6 +126,33 @@ def test_without_a_learner_the_whole_step_is_one_c_call_and_agrees(
     _agree({"state.recurrent_dtype": "float32"}, tolerance=1e-5, learner=False)
 
 
+@needs_compiler
+@pytest.mark.parametrize("learner", [True, False], ids=["blocked", "one-call"])
+def test_fused_and_plain_engines_score_a_stuck_feed_alike(learner: bool) -> None:
+    """A key whose values never repeated, then a run of exact repeats (a stuck feed):
+    the repeat evidence and its counts agree, event by event."""
+    rng = np.random.default_rng(5)
+    stuck = rng.normal(size=(60, WIDTH)).astype(np.float32)
+    stuck[40:] = stuck[39]  # stuck from its 41st event on
+    plain, fast = (_engine(f, **{"state.recurrent_dtype": "float32"}) for f in (False, True))
+    if learner:
+        plain.attach_learner(_Steps())
+        fast.attach_learner(_Steps())
+    scores = []
+    for start in range(0, 60, 4):  # 4 events of the stuck key and 4 of a noisy one a batch
+        rows = np.empty((8, WIDTH), np.float32)
+        rows[::2], rows[1::2] = stuck[start : start + 4], rng.normal(size=(4, WIDTH))
+        batch = EventBatch.from_arrays(["stuck", "noisy"] * 4, np.arange(8.0) + start, rows)
+        a, b = plain.process(batch), fast.process(batch)
+        np.testing.assert_allclose(b.anomaly_score, a.anomaly_score, rtol=1e-6, atol=1e-5)
+        scores += a.anomaly_score[::2].tolist()
+    field = plain.store.layout.field
+    for engine in (plain, fast):
+        counts = field(engine.store.table, "err_repeats")[engine.store.slot("stuck")]
+        assert counts[3] == 20  # the run: its last 20 values repeat
+    assert max(scores[40:]) > 0.1 > max(scores[3:40])  # stuck: evidence the noise never had
+
+
 def _agree(overrides: dict[str, object], tolerance: float, learner: bool = True) -> None:
     plain, fast = _engine(False, **overrides), _engine(True, **overrides)
     assert plain.fused_step is None and fast.fused_step is not None
@@ -143,6 +172,8 @@ def _agree(overrides: dict[str, object], tolerance: float, learner: bool = True)
             drifts += int(a.drift.sum())
     assert plain.store.resets["non_finite"] == fast.store.resets["non_finite"] == 1
     assert top_score > 0.1  # the anomaly statistics were exercised
+    runs = plain.store.layout.field(plain.store.table, "err_repeats")[plain.store.slot("stuck")]
+    assert runs[3] == 5  # the repeat counts were exercised: a run of 5 since the change
     if plain.drift.enabled:
         assert drifts > 0
     assert len(taps[0].steps) == len(taps[1].steps) > (10 if learner else -1)
