@@ -39,13 +39,14 @@ bound (Cantelli: ``P(|z| >= k) <= 1 / (1 + k^2)``), since values are rarely Gaus
 So is a value that repeats exactly where the key's values rarely do: a stuck sensor, a
 flat-lined feed, a counter that stopped. Every forecaster predicts a flat line perfectly,
 so its errors are no evidence at all. The key keeps counts over its long window (of
-events, of exact repeats of its last values, of events after a repeat and of repeats
-after a repeat); a repeat's evidence is ``-log10 P(repeat)``, and each further repeat in
-a run adds ``-log10 P(repeat | repeat)`` (both with one pseudo-event each way, so an
-unseen outcome has a probability, never 0). The counts learn during a run, so a key whose
-runs are its habit (a feed of zeros at night) soon finds them ordinary, while a key that
-never repeated shows about ``log10(1 / long_alpha)`` decades at its first repeat, and
-more as the run goes on.
+exact repeats of its last values, of events after a repeat and of repeats after a
+repeat); the evidence of a run of repeats is its probability as the key's counts predict
+it step by step: ``-log10 P(repeat)`` for the first, plus ``-log10 P(repeat | repeat)``
+for each further one (one pseudo-event each way, so an unseen outcome has a
+probability, never 0). The counts learn during the run, so a key whose runs are its
+habit (a feed of zeros at night) soon finds them ordinary, while a key that never
+repeated shows about ``log10(1 / long_alpha)`` decades at its first repeat, and
+``log10(r + 1)`` more after ``r`` further ones.
 Evidence is counted in decades of improbability, ``-log10 p``, less the
 decades that picking the most surprising of several tests costs (Bonferroni).
 
@@ -121,7 +122,7 @@ TESTS = math.log10(len(SCALES) + 2)
 COLUMNS: tuple[str, ...] = ("err_scales", "err_mean", "err_var", "err_count", "err_peak")
 COLUMNS += ("err_since", "err_gap", "err_repeats")
 # The columns of ``repeats``: repeats seen, events after a repeat, repeats after a repeat
-# (all over the long window), and the current run of repeats.
+# (all over the long window), and the evidence of the current run (decades; 0: none).
 REPEAT_COUNTS = 4
 
 
@@ -221,30 +222,29 @@ def _reachable(stats: AnomalyStats, spread: torch.Tensor, max_error: float) -> t
 
 
 def _repeat_evidence(stats: AnomalyStats, repeat: torch.Tensor, long_alpha: float) -> torch.Tensor:
-    """Decades of improbability of ``repeat`` (the key's values equal its last ones) and
-    of the run it continues, by the key's counts before this event; then counts it.
+    """Decades of improbability of the run of repeats that ``repeat`` (the key's values
+    equal its last ones) starts or continues, each step by the key's counts before it;
+    then counts it.
 
     >>> stats = AnomalyStats.zeros(1)
     >>> stats.count.fill_(999.0)  # 999 events compared, none a repeat
     tensor([999.])
-    >>> round(float(_repeat_evidence(stats, torch.tensor([True]), 0.001)), 2)
-    3.0
-    >>> # again: one repeat seen now (2.7 decades), and a run that goes on (0.3 more)
-    >>> round(float(_repeat_evidence(stats, torch.tensor([True]), 0.001)), 2)
-    3.0
+    >>> [round(float(_repeat_evidence(stats, torch.tensor([True]), 0.001)), 2) for _ in "abc"]
+    [3.0, 3.3, 3.48]
+    >>> float(_repeat_evidence(stats, torch.tensor([False]), 0.001))  # the run ends
+    0.0
     """
     seen, followed, again, run = stats.repeats.unbind(1)
     window = 1.0 / long_alpha
-    first = (seen + 1.0) / (stats.count.clamp(max=window) + 2.0)
-    more = (again + 1.0) / (followed + 2.0)
-    after = run > 0.0
-    run_next = torch.where(repeat, run + 1.0, 0.0)
-    decades = torch.where(repeat, -torch.log10(first) - (run_next - 1.0) * torch.log10(more), 0.0)
+    first = (seen + 1.0) / (stats.count.clamp(max=window) + 2.0)  # P(repeat)
+    more = (again + 1.0) / (followed + 2.0)  # P(repeat | repeat)
+    after = run > 0.0  # the last event was a repeat too
+    decades = torch.where(repeat, run - torch.log10(torch.where(after, more, first)), 0.0)
     keep = torch.where(stats.count + 1.0 > window, 1.0 - long_alpha, 1.0)  # the long window
     seen.copy_(seen * keep + repeat)
     followed.copy_(followed * keep + after)
     again.copy_(again * keep + (after & repeat))
-    run.copy_(run_next)
+    run.copy_(decades)
     return decades
 
 

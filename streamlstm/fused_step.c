@@ -152,8 +152,8 @@ static float incidents(float *row, const int64_t *col, const double *prm, float 
     return held ? 0.0f : fresh;
 }
 
-/* anomaly._repeat_evidence: decades of a repeat of the key's last values (and of the run
- * it continues) by the counts before it; then counts it. */
+/* anomaly._repeat_evidence: decades of the run of repeats of the key's last values that
+ * this event starts or continues, each step by the counts before it; then counts it. */
 static float repeat_evidence(float *row, const int64_t *col, const double *prm, int repeat) {
     float *seen = row + col[COL_ERR_REPEATS], *followed = seen + 1, *again = seen + 2;
     float *run = seen + 3, count = row[col[COL_ERR_COUNT]];
@@ -162,12 +162,11 @@ static float repeat_evidence(float *row, const int64_t *col, const double *prm, 
     float more = (*again + 1.0f) / (*followed + 2.0f);
     float keep = count + 1.0f > window ? (float)(1.0 - prm[PRM_LONG_ALPHA]) : 1.0f;
     int after = *run > 0.0f;
-    float run_next = repeat ? *run + 1.0f : 0.0f;
-    if (repeat) d = -log10f(first) - (run_next - 1.0f) * log10f(more);
+    if (repeat) d = *run - log10f(after ? more : first);
     *seen = *seen * keep + (float)repeat;
     *followed = *followed * keep + (float)after;
     *again = *again * keep + (float)(after && repeat);
-    *run = run_next;
+    *run = d;
     return d;
 }
 

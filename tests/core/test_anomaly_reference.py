@@ -31,7 +31,7 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
     alphas = short * np.array(anomaly.SCALES)
     avg, m, v, n, peak = np.zeros(3), 0.0, np.zeros(3), 0, 0.0
     since, gap, span = 0.0, 0.0, 1 / (short * anomaly.SCALES[-1])  # the incidents' rhythm
-    seen, followed, again, run = 0.0, 0.0, 0.0, 0  # exact repeats of the last values
+    seen, followed, again, run = 0.0, 0.0, 0.0, 0.0  # exact repeats of the last values
     tests = math.log10(len(anomaly.SCALES) + 2)  # error scales, value, repeat
     predictions, scores = [], []
     for x in values:
@@ -52,12 +52,13 @@ def reference(values: np.ndarray, window: int, clip: float, short: float, long: 
             by_value = math.log10(1 + value_z**2)
             # a repeat of the last values: P(repeat) over the long window, then for each
             # further one in the run P(repeat | repeat), one pseudo-event each way
+            # a run of exact repeats of the last values: its probability step by step,
+            # P(repeat) for the first, P(repeat | repeat) for each further one, by the
+            # counts so far (one pseudo-event each way); run: its decades so far
             repeat, after = bool((x == last).all()), run > 0  # after: the last one was
-            run = run + 1 if repeat else 0
-            if repeat:
-                first = (seen + 1) / (min(n, 1 / long) + 2)
-                more = (again + 1) / (followed + 2)
-                by_value = max(by_value, -math.log10(first) - (run - 1) * math.log10(more))
+            p = (again + 1) / (followed + 2) if after else (seen + 1) / (min(n, 1 / long) + 2)
+            run = run - math.log10(p) if repeat else 0.0
+            by_value = max(by_value, run)
             keep = 1 - long if n + 1 > 1 / long else 1.0
             seen, followed = seen * keep + repeat, followed * keep + after
             again = again * keep + (after and repeat)

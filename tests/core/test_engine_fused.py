@@ -149,7 +149,7 @@ def test_fused_and_plain_engines_score_a_stuck_feed_alike(learner: bool) -> None
     field = plain.store.layout.field
     for engine in (plain, fast):
         counts = field(engine.store.table, "err_repeats")[engine.store.slot("stuck")]
-        assert counts[3] == 20  # the run: its last 20 values repeat
+        assert counts[0] == 20 and counts[3] > 0  # 20 repeats seen, the run's evidence
     assert max(scores[40:]) > 0.1 > max(scores[3:40])  # stuck: evidence the noise never had
 
 
@@ -173,7 +173,7 @@ def _agree(overrides: dict[str, object], tolerance: float, learner: bool = True)
     assert plain.store.resets["non_finite"] == fast.store.resets["non_finite"] == 1
     assert top_score > 0.1  # the anomaly statistics were exercised
     runs = plain.store.layout.field(plain.store.table, "err_repeats")[plain.store.slot("stuck")]
-    assert runs[3] == 5  # the repeat counts were exercised: a run of 5 since the change
+    assert runs[0] == 16 and runs[3] > 0  # repeats counted (11, then 5 since the change)
     if plain.drift.enabled:
         assert drifts > 0
     assert len(taps[0].steps) == len(taps[1].steps) > (10 if learner else -1)
