@@ -31,9 +31,9 @@ class RowLayout:
 
     >>> layout = RowLayout(state_shape=(1, 2, 4), width=3)
     >>> layout.columns["mean"], layout.width  # the 8 float16 state values: 4 columns
-    (slice(4, 7, None), 48)
+    (slice(4, 7, None), 52)
     >>> RowLayout(state_shape=(1, 2, 4), width=3, recurrent_dtype="float32").width
-    52
+    56
     """
 
     # Page-Hinkley statistics of the key's error stream (``streamlstm.drift``) live here too,

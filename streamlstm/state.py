@@ -24,7 +24,7 @@ non-finite (an overflow; a fault) is reset to a fresh key's row and counted
 >>> store.assign(["a", "b", "a"], ts=np.array([0.0, 1.0, 2.0])).tolist()
 [0, 1, 0]
 >>> len(store), store.layout.width, store.bytes_per_row
-(2, 60, 269)
+(2, 64, 285)
 """
 
 from __future__ import annotations
