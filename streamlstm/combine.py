@@ -1,7 +1,9 @@
 """Per-key online combination of forecasters: never much worse than the best of them.
 
 Every key runs three forecasters side by side: the recurrent network, persistence (the
-key's last values) and an exponentially weighted moving average of its values. Each
+key's last values) and an exponentially weighted moving average of its values; a fourth,
+seasonal-naive (the key's values one period ago), where ``engine.season_events`` says
+what a period is (until a key has seen a whole period, it forecasts persistence). Each
 event, every forecaster's previous forecast is scored in the key's own standard
 deviations, and each of the key's values is forecast by the mixture
 
@@ -38,6 +40,18 @@ from __future__ import annotations
 import torch
 
 EXPERTS = ("network", "persistence", "ewma")
+# With ``engine.season_events`` set, a fourth: the key's value one period ago.
+SEASONAL = "seasonal"
+
+
+def experts(seasonal: bool) -> tuple[str, ...]:
+    """The forecasters a key's row holds, in their order there.
+
+    >>> experts(True)
+    ('network', 'persistence', 'ewma', 'seasonal')
+    """
+    return (*EXPERTS, SEASONAL) if seasonal else EXPERTS
+
 
 # Squared errors are clipped at this many std units squared: one wild event must not
 # decide the weights for the next hundred.

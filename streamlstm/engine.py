@@ -83,6 +83,7 @@ class Engine:
             initial_capacity=settings.state.initial_capacity,
             typical_step=settings.engine.max_step is not None,
             recurrent_dtype=settings.state.recurrent_dtype,
+            season=settings.engine.season_events,
         )
         self.fused_step: FusedStep | None = None  # None: the plain step runs
         self._inference_model = self._prepare(model)
@@ -115,12 +116,12 @@ class Engine:
     def leader_shares(self) -> dict[str, float]:
         """Share of the live keys each forecaster leads: the combination as a metric summary
         (never per key: keys are unbounded)."""
-        rows = self.store.table[self.store.occupied()]
+        rows, names = self.store.table[self.store.occupied()], self.store.layout.experts
         if len(rows) == 0:
-            return dict.fromkeys(combine.EXPERTS, 0.0)
+            return dict.fromkeys(names, 0.0)
         led = combine.leaders(self.store.layout.losses(rows))
-        counts = torch.bincount(led, minlength=len(combine.EXPERTS)).tolist()
-        return {name: n / len(rows) for name, n in zip(combine.EXPERTS, counts, strict=True)}
+        counts = torch.bincount(led, minlength=len(names)).tolist()
+        return {name: n / len(rows) for name, n in zip(names, counts, strict=True)}
 
     def attach_learner(self, learner: StepConsumer | None) -> None:
         """Hand every batched step to ``learner`` (None detaches)."""
@@ -288,6 +289,8 @@ class Engine:
             step = field("step")
             step.add_(rate * (moved.abs() - step))
         last.copy_(x)
+        if self.store.layout.season:
+            _seasonal(field, x, count.long(), self.store.layout.season)
         if bool(seen.all()):
             ewma.add_(combine.EWMA_ALPHA * (x - ewma))
         else:
@@ -315,7 +318,7 @@ class Engine:
             limit = cfg.engine.max_step * field("step")
             move = torch.maximum(torch.minimum(move, limit), -limit)
         stored.copy_(new_state)  # rounded once, to nearest even, where stored as float16
-        field("net_pending").copy_(x + move)  # `last` and `ewma` already hold theirs
+        field("net_pending").copy_(x + move)  # the other forecasters already hold theirs
         pred = combine.mix(hedge, forecasters)
 
         # 4. With an explicit target the prediction is scored at once, not left pending.
@@ -384,3 +387,13 @@ class Engine:
                 keep = scored.unsqueeze(1) if old.dim() == 2 else scored
                 field(name).copy_(torch.where(keep, field(name), old))
         return torch.where(scored, score, 0.0)
+
+
+def _seasonal(field: Callable[[str], torch.Tensor], x: torch.Tensor, n: torch.Tensor, season: int):
+    """Keep ``x`` (event ``n`` of each key, from 0) in the key's ring of its last
+    ``season`` values, at ``n % season``, and forecast event ``n + 1`` by the one a period
+    before it; persistence until a key has seen a whole period."""
+    ring, keys = field("season").view(len(x), season, x.shape[1]), torch.arange(len(x))
+    ring[keys, n % season] = x
+    ahead = ring[keys, (n + 1) % season]  # event n + 1 - season
+    field("seasonal").copy_(torch.where((n + 1 >= season).unsqueeze(1), ahead, x))

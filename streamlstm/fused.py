@@ -156,6 +156,8 @@ class FusedStep:
         kernels build here; else None (the engine runs the plain step)."""
         if not settings.engine.fused or settings.model.quantize or model.cell != "lstm":
             return None
+        if settings.engine.season_events is not None:  # four forecasters: the C file has 3
+            return None
         lib = load()
         return None if lib is None else cls(lib, model, layout, settings)
 

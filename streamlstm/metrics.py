@@ -197,7 +197,7 @@ class Metrics:
         self.forecaster_lead_share = Gauge(
             "streamlstm_forecaster_lead_share",
             "Share of the live keys whose forecast combination each forecaster leads "
-            "(network, persistence, ewma).",
+            "(network, persistence, ewma; seasonal with engine.season_events).",
             ["forecaster"],
             registry=r,
         )

@@ -20,7 +20,7 @@ import math
 import torch
 
 from streamlstm.anomaly import REPEAT_COUNTS, SCALES
-from streamlstm.combine import EXPERTS
+from streamlstm.combine import experts
 
 # state.recurrent_dtype: how a row stores the recurrent state
 RECURRENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -48,11 +48,14 @@ class RowLayout:
         width: int,
         typical_step: bool = False,
         recurrent_dtype: str = "float16",
+        season: int | None = None,
     ) -> None:
         if recurrent_dtype not in RECURRENT_DTYPES:
             raise ValueError(f"recurrent_dtype must be one of {sorted(RECURRENT_DTYPES)}")
         self.state_shape = state_shape
         self.value_width = width
+        self.season = season  # engine.season_events: the seasonal forecaster's period
+        self.experts = experts(season is not None)
         self.recurrent_dtype = RECURRENT_DTYPES[recurrent_dtype]
         self.state_values = math.prod(state_shape)
         # float32 columns the state takes: two float16 values per column
@@ -61,17 +64,21 @@ class RowLayout:
             "recurrent": -(-self.state_values // per_column),
             "mean": width,
             "var": width,
-            # The forecasters' own next values, side by side in ``combine.EXPERTS`` order
-            # (one [B, 3, F] view, no copy): the network's, persistence's (the key's last
-            # values, also its change inputs and labels) and the EWMA's level.
+            # The forecasters' own next values, side by side in ``experts`` order (one
+            # [B, K, F] view, no copy): the network's, persistence's (the key's last
+            # values, also its change inputs and labels), the EWMA's level and, with a
+            # season, the value one period before the next event.
             "net_pending": width,
             "last": width,
             "ewma": width,
-            "hedge": len(EXPERTS) * width,  # discounted losses of the forecasters, per value
+            **({"seasonal": width} if season else {}),
+            "hedge": len(self.experts) * width,  # the forecasters' discounted losses
             "err_scales": len(SCALES),  # error averages over the anomaly time scales
             "err_var": len(SCALES),  # each average's long variance (autocorrelated errors)
             "err_repeats": REPEAT_COUNTS,  # exact repeats of the key's values (stuck feeds)
         }
+        if season:  # the key's last `season` values, a ring: event n at n % season
+            sizes["season"] = season * width
         if typical_step:  # only engine.max_step reads it: a layout without it is 8% smaller
             sizes["step"] = width  # the key's typical absolute step-to-step change
         sizes.update(dict.fromkeys(self.SCALARS, 1))
@@ -106,15 +113,14 @@ class RowLayout:
         return rows[:, self.columns[first].start : self.columns[last].stop]
 
     def forecasters(self, rows: torch.Tensor) -> torch.Tensor:
-        """A ``[B, len(EXPERTS), width]`` view of the forecasters' next values."""
-        first = self.columns["net_pending"].start
-        return rows[:, first : first + len(EXPERTS) * self.value_width].view(
-            len(rows), len(EXPERTS), self.value_width
-        )
+        """A ``[B, len(experts), width]`` view of the forecasters' next values."""
+        first, k = self.columns["net_pending"].start, len(self.experts)
+        return rows[:, first : first + k * self.value_width].view(len(rows), k, self.value_width)
 
     def losses(self, rows: torch.Tensor) -> torch.Tensor:
-        """A ``[B, len(EXPERTS), width]`` view of the forecasters' discounted losses."""
-        return self.field(rows, "hedge").view(len(rows), len(EXPERTS), self.value_width)
+        """A ``[B, len(experts), width]`` view of the forecasters' discounted losses."""
+        k = len(self.experts)
+        return self.field(rows, "hedge").view(len(rows), k, self.value_width)
 
     def field(self, rows: torch.Tensor, name: str) -> torch.Tensor:
         """A view of one field of ``rows`` ([B, width]); scalars come as ``[B]``, the

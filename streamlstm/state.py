@@ -64,8 +64,9 @@ class KeyedState:
         clock: Callable[[], float] = time.time,
         typical_step: bool = False,
         recurrent_dtype: str = "float16",
+        season: int | None = None,
     ) -> None:
-        self.layout = RowLayout(state_shape, width, typical_step, recurrent_dtype)
+        self.layout = RowLayout(state_shape, width, typical_step, recurrent_dtype, season)
         self.state_shape = state_shape
         self.width = width
         self.max_keys = max_keys

@@ -166,6 +166,14 @@ class EngineSettings(Section):
         description="Cap on how far a prediction moves from the key's last values, in "
         "multiples of its typical step-to-step change (None: no cap).",
     )
+    season_events: int | None = Field(
+        None,
+        ge=2,
+        le=10_000,
+        description="The keys' seasonal period in events (24: hourly data with a daily "
+        "cycle): adds a seasonal-naive forecaster (the value one period ago) to each "
+        "key's combination, at 4 bytes per value per event of the period (None: none).",
+    )
     anomaly_threshold: float = Field(
         0.5,
         ge=0.0,
