@@ -19,7 +19,8 @@ the partition's first fetch shows it ends at or below that offset: the events th
 reflect are not in it (the input topic was recreated, or an unclean leader election cut
 its tail), so its events are all new to them and none is skipped. The end is the fetch
 response's high watermark, never a separate end-offsets request (some brokers
-under-count those).
+under-count those). A new leader can briefly report a lower high watermark; that false
+alarm re-applies re-read events (at-least-once, as without a changelog), never drops any.
 
 With ``state.dir`` set, a partition's local snapshot (:mod:`streamlstm.daemon.localstate`)
 is loaded first and only the changelog from its offset on is read; any doubt about it
