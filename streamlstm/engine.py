@@ -290,7 +290,7 @@ class Engine:
             step.add_(rate * (moved.abs() - step))
         last.copy_(x)
         if self.store.layout.season:
-            _seasonal(field, x, count.long(), self.store.layout.season)
+            _seasonal(field, x, count, self.store.layout.season)
         if bool(seen.all()):
             ewma.add_(combine.EWMA_ALPHA * (x - ewma))
         else:
@@ -389,11 +389,12 @@ class Engine:
         return torch.where(scored, score, 0.0)
 
 
-def _seasonal(field: Callable[[str], torch.Tensor], x: torch.Tensor, n: torch.Tensor, season: int):
-    """Keep ``x`` (event ``n`` of each key, from 0) in the key's ring of its last
-    ``season`` values, at ``n % season``, and forecast event ``n + 1`` by the one a period
-    before it; persistence until a key has seen a whole period."""
-    ring, keys = field("season").view(len(x), season, x.shape[1]), torch.arange(len(x))
-    ring[keys, n % season] = x
-    ahead = ring[keys, (n + 1) % season]  # event n + 1 - season
-    field("seasonal").copy_(torch.where((n + 1 >= season).unsqueeze(1), ahead, x))
+def _seasonal(field: Callable[[str], torch.Tensor], x: torch.Tensor, seen: torch.Tensor, k: int):
+    """Ring ``x`` in at the ring's own next slot (a float32 count stops at 2**24); forecast
+    the next event by the value a period before it, persistence until a whole period."""
+    ring, keys = field("season").view(len(x), k, x.shape[1]), torch.arange(len(x))
+    at = field("season_at")[:, 0]
+    ring[keys, at.long()] = x
+    at.copy_((at + 1) % k)  # the slot written a period before the next event
+    full = (seen + 1 >= k).unsqueeze(1)  # seen: the key's events before this one
+    field("seasonal").copy_(torch.where(full, ring[keys, at.long()], x))

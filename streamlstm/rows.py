@@ -77,8 +77,9 @@ class RowLayout:
             "err_var": len(SCALES),  # each average's long variance (autocorrelated errors)
             "err_repeats": REPEAT_COUNTS,  # exact repeats of the key's values (stuck feeds)
         }
-        if season:  # the key's last `season` values, a ring: event n at n % season
+        if season:  # the key's last `season` values, a ring, and its next slot
             sizes["season"] = season * width
+            sizes["season_at"] = 1
         if typical_step:  # only engine.max_step reads it: a layout without it is 8% smaller
             sizes["step"] = width  # the key's typical absolute step-to-step change
         sizes.update(dict.fromkeys(self.SCALARS, 1))

@@ -78,8 +78,8 @@ def test_before_a_whole_period_it_forecasts_persistence() -> None:
 def test_the_row_holds_the_period_and_its_own_fingerprint() -> None:
     plain, seasonal = _engine(None).store.layout, _engine(PERIOD).store.layout
     width = 2
-    # the ring, the seasonal forecast and its losses
-    assert seasonal.width - plain.width == PERIOD * width + 2 * width
+    # the ring and its next slot, the seasonal forecast and its losses
+    assert seasonal.width - plain.width == PERIOD * width + 1 + 2 * width
     assert seasonal.fingerprint != plain.fingerprint  # a changelog of the other is refused
     assert seasonal.experts == (*plain.experts, "seasonal")
 
@@ -93,3 +93,18 @@ def test_a_season_runs_the_plain_step() -> None:
 def test_a_season_outside_2_to_10000_events_is_refused(season: int) -> None:
     with pytest.raises(ConfigError, match=r"^engine\.season_events: "):
         load_settings(overrides={"engine.season_events": season})
+
+
+def test_the_ring_keeps_turning_past_the_last_exact_float32_count() -> None:
+    """A key's event count is a float32 and stops growing at 2**24 (194 days at one event
+    a second); the seasonal forecast must still be the value one period back."""
+    engine = _engine(PERIOD)
+    values = _daily(days=3)
+    _replay(engine, values[:PERIOD])
+    store = engine.store
+    store.layout.field(store.table, "count")[store.slot("k")] = 2.0**24
+    _replay(engine, values[PERIOD : 2 * PERIOD + 5])
+    rows = store.table[[store.slot("k")]]
+    np.testing.assert_allclose(  # next: event 2 * PERIOD + 5, a period after PERIOD + 5
+        store.layout.field(rows, "seasonal").numpy()[0], values[PERIOD + 5].astype(np.float32)
+    )
