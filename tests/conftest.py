@@ -260,6 +260,25 @@ def live_exposition() -> str:
 # -- daemons as processes -----------------------------------------------------------
 
 
+def run_until_predicted(settings: Settings, predictions: int, timeout: float = 60.0):
+    """Run a :class:`~streamlstm.daemon.Daemon` in a thread until it has predicted
+    ``predictions`` events, then stop it gracefully (flush, commit, changelog) and
+    return it for its metrics."""
+    import threading
+
+    from streamlstm.daemon import Daemon
+
+    daemon = Daemon(settings)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: daemon.live.predictions >= predictions, timeout, what="predictions")
+    finally:
+        daemon.request_stop()
+        thread.join(timeout=30)
+    return daemon
+
+
 def start_daemon(bootstrap: str, overrides: dict[str, str], log) -> subprocess.Popen:
     """``streamlstm run`` as a child process, JSON log lines appended to ``log`` (a Path)."""
     cmd = [sys.executable, "-m", "streamlstm.cli", "run", "--bootstrap", bootstrap, "--log-json"]

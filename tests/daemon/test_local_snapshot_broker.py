@@ -4,17 +4,15 @@ them and reads only the changelog's tail, and its predictions equal a clean sing
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
-from conftest import KafkaTools, daemon_overrides, wait_for
+from conftest import KafkaTools, daemon_overrides, run_until_predicted
 
-from streamlstm.config import Settings, load_settings
-from streamlstm.daemon import Daemon
+from streamlstm.config import load_settings
 from streamlstm.engine import Engine
 from streamlstm.events import EventBatch
 from streamlstm.io import ensure_topics
@@ -39,17 +37,6 @@ def _events(steps: range) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def _run(settings: Settings, predictions: int) -> None:
-    daemon = Daemon(settings)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: daemon.live.predictions >= predictions, 60, what="predictions")
-    finally:
-        daemon.request_stop()
-        thread.join(timeout=30)
-
-
 def test_a_restart_from_local_snapshots_equals_a_clean_pass(
     kafka_tools: KafkaTools, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -64,11 +51,11 @@ def test_a_restart_from_local_snapshots_equals_a_clean_pass(
     ensure_topics(settings.kafka, changelog_topic=settings.changelog_topic)
     half = STEPS // 2
     kafka_tools.produce(settings.kafka.input_topic, _events(range(half)))
-    _run(settings, KEYS * half)
+    run_until_predicted(settings, KEYS * half)
     assert sorted(p.name for p in tmp_path.glob("*.snap"))  # written by the graceful stop
     kafka_tools.produce(settings.kafka.input_topic, _events(range(half, STEPS)))
     with caplog.at_level(logging.INFO, logger="streamlstm.daemon.partitions"):
-        _run(settings, KEYS * (STEPS - half))
+        run_until_predicted(settings, KEYS * (STEPS - half))
     assert "from a local snapshot and" in caplog.text
     assert "local snapshot ignored" not in caplog.text
     got = {}

@@ -5,15 +5,13 @@ those offsets as "re-read" would drop them silently; the fetched end says they a
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 
 import orjson
 import pytest
-from conftest import KafkaTools, daemon_overrides, wait_for
+from conftest import KafkaTools, daemon_overrides, run_until_predicted
 
-from streamlstm.config import Settings, load_settings
-from streamlstm.daemon import Daemon
+from streamlstm.config import load_settings
 from streamlstm.io import ensure_topics
 
 pytestmark = [pytest.mark.integration]
@@ -29,18 +27,6 @@ def _events(steps: range) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def _run(settings: Settings, predictions: int) -> Daemon:
-    daemon = Daemon(settings)
-    thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: daemon.live.predictions >= predictions, 60, what="predictions")
-    finally:
-        daemon.request_stop()
-        thread.join(timeout=30)
-    return daemon
-
-
 def test_a_recreated_input_topic_has_none_of_its_events_skipped(
     kafka_tools: KafkaTools, client: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -54,7 +40,7 @@ def test_a_recreated_input_topic_has_none_of_its_events_skipped(
     old = load_settings(overrides=overrides)
     ensure_topics(old.kafka, changelog_topic=old.changelog_topic)
     kafka_tools.produce(old.kafka.input_topic, _events(range(5)))
-    _run(old, KEYS * 5)  # the keys' rows reflect offsets up to ~60 of the old log
+    run_until_predicted(old, KEYS * 5)  # the keys' rows reflect offsets up to ~60 of the old log
 
     # The same group and changelog on a fresh log (offsets from 0 again): the topic as
     # deleting and creating it leaves it.
@@ -62,7 +48,7 @@ def test_a_recreated_input_topic_has_none_of_its_events_skipped(
     ensure_topics(new.kafka, changelog_topic=new.changelog_topic)
     kafka_tools.produce(new.kafka.input_topic, _events(range(5, 7)))
     with caplog.at_level(logging.INFO, logger="streamlstm.daemon.partitions"):
-        daemon = _run(new, KEYS * 2)
+        daemon = run_until_predicted(new, KEYS * 2)
     assert daemon.metrics.restored_keys._value.get() == KEYS  # the state came back
     assert daemon.metrics.events_skipped._value.get() == 0
     assert "their events are not in it (the input topic was recreated" in caplog.text
