@@ -393,8 +393,8 @@ def _seasonal(field: Callable[[str], torch.Tensor], x: torch.Tensor, seen: torch
     """Ring ``x`` in at the ring's own next slot (a float32 count stops at 2**24); forecast
     the next event by the value a period before it, persistence until a whole period."""
     ring, keys = field("season").view(len(x), k, x.shape[1]), torch.arange(len(x))
-    at = field("season_at")[:, 0]
-    ring[keys, at.long()] = x
-    at.copy_((at + 1) % k)  # the slot written a period before the next event
+    at = field("season_at")[:, 0]  # a corrupt restored value still lands in the ring
+    ring[keys, at.long() % k] = x
+    at.copy_((at.long() % k + 1) % k)  # the slot written a period before the next event
     full = (seen + 1 >= k).unsqueeze(1)  # seen: the key's events before this one
     field("seasonal").copy_(torch.where(full, ring[keys, at.long()], x))

@@ -108,3 +108,19 @@ def test_the_ring_keeps_turning_past_the_last_exact_float32_count() -> None:
     np.testing.assert_allclose(  # next: event 2 * PERIOD + 5, a period after PERIOD + 5
         store.layout.field(rows, "seasonal").numpy()[0], values[PERIOD + 5].astype(np.float32)
     )
+
+
+@pytest.mark.parametrize("slot", [-3.0, 1e9, 1e30])
+def test_a_ring_slot_out_of_range_in_a_restored_row_stays_in_the_ring(slot: float) -> None:
+    """A finite but impossible slot (a changelog row from elsewhere) must not stop the
+    batch: it lands in the ring, and a period later the forecast is one period back."""
+    engine = _engine(PERIOD)
+    values = _daily(days=3)
+    _replay(engine, values[:PERIOD])
+    store = engine.store
+    store.layout.field(store.table, "season_at")[store.slot("k")] = slot
+    _replay(engine, values[PERIOD : 2 * PERIOD + 1])
+    rows = store.table[[store.slot("k")]]
+    np.testing.assert_allclose(
+        store.layout.field(rows, "seasonal").numpy()[0], values[PERIOD + 1].astype(np.float32)
+    )
